@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lsn_exp.errors import UserError
+from lsn_exp.tracking import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ def ensure_converted(cfg, cache_dir: str | None = None) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    identity = {"id": cfg.get("reference", cfg.name), "gguf": src.name, "gguf_sha256": _sha256(src),
+    identity = {"id": cfg.get("reference", cfg.name), "gguf": src.name, "gguf_sha256": sha256_file(src),
                 "package": cfg.package, "package_version": _dist_version(cfg.package)}
     (tmp / "lsn_source.json").write_text(json.dumps(identity, indent=2))
     shutil.rmtree(out, ignore_errors=True)
@@ -219,14 +220,6 @@ def _dist_version(module_name: str) -> str | None:
         except PackageNotFoundError:
             continue
     return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fingerprint(path: Path) -> str:
@@ -248,7 +241,10 @@ def _load_tiny(cfg, cache_dir: str | None):
     from omegaconf import OmegaConf
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(ensure_converted(cfg.tokenizer, cache_dir)))
+    from lsn_exp import CONF_DIR
+
+    tokenizer_cfg = OmegaConf.load(CONF_DIR / "model" / f"{cfg.tokenizer_model}.yaml")
+    tokenizer = AutoTokenizer.from_pretrained(str(ensure_converted(tokenizer_cfg, cache_dir)))
     arch = OmegaConf.to_container(cfg.arch, resolve=True)
     model_type = arch.pop("model_type")
     config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,

@@ -1,0 +1,240 @@
+"""Stage 1b: turn a Recording into neuron sets (lape, baseline, random) and patch values.
+
+LAPE follows Tang et al. (2024): activation probability p = count / tokens per language,
+entropy of p normalised over languages, keep the lowest-entropy ``top_rate`` share of neurons
+that pass the ``filter_rate`` quantile of all p, and assign each to every language whose p
+exceeds the ``bar_rate`` quantile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lsn_exp.record import Recording
+
+NEURON_SETS = ("lape", "baseline", "random")
+
+
+@dataclass
+class NeuronArtifact:
+    """Neuron sets and patch values for every recorded language. Masks are bool [K, L, d_ff]."""
+
+    languages: list[str]
+    masks: dict[str, torch.Tensor]  # set name -> bool [K, L, d_ff]
+    p_max: torch.Tensor  # float32 [K, L, d_ff]: max over the stat sentences of the sentence-mean activation
+    p_median: torch.Tensor  # float32 [K, L, d_ff]: lower median (50th of 100 sorted values)
+    activation_prob: torch.Tensor  # float32 [K, L, d_ff]: count / tokens
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return self.p_max.shape[1]
+
+    @property
+    def d_ff(self) -> int:
+        return self.p_max.shape[2]
+
+    def lang_index(self, code: str) -> int:
+        if code not in self.languages:
+            raise KeyError(f"language {code} was not recorded; recorded: {' '.join(self.languages)}")
+        return self.languages.index(code)
+
+    def mask(self, set_name: str, code: str) -> torch.Tensor:
+        """bool [L, d_ff]: the neurons of ``code`` in ``set_name``."""
+        return self.masks[set_name][self.lang_index(code)]
+
+    def neurons(self, set_name: str, code: str) -> list[torch.Tensor]:
+        """Per layer, the int64 indices of ``code``'s neurons in ``set_name``."""
+        return [row.nonzero().flatten() for row in self.mask(set_name, code)]
+
+    def counts_per_layer(self, set_name: str) -> torch.Tensor:
+        """int64 [K, L]: how many neurons each language has in each layer."""
+        return self.masks[set_name].sum(dim=2)
+
+
+def activation_probability(recording: Recording) -> torch.Tensor:
+    tokens = recording.tokens.clamp(min=1).to(torch.float64)
+    return (recording.counts.to(torch.float64) / tokens[:, None, None]).to(torch.float32)
+
+
+def kth_value(values: torch.Tensor, rate: float) -> float:
+    """The value at 1-based rank round(rate * n) of the sorted values (Tang et al.'s kthvalue)."""
+    flat = values.flatten().to(torch.float64)
+    rank = min(max(round(rate * flat.numel()), 1), flat.numel())
+    return flat.kthvalue(rank).values.item()
+
+
+def lape_masks(prob: torch.Tensor, top_rate: float, filter_rate: float, bar_rate: float) -> tuple[torch.Tensor, dict]:
+    """LAPE selection on p [K, L, d]; returns bool [K, L, d] and the thresholds used."""
+    n_langs, n_layers, d_ff = prob.shape
+    p = prob.to(torch.float64).permute(1, 2, 0)  # [L, d, K]
+    total = p.sum(dim=-1, keepdim=True)
+    normed = torch.where(total > 0, p / total.clamp(min=1e-300), torch.zeros_like(p))
+    plogp = torch.where(normed > 0, normed * normed.clamp(min=1e-300).log(), torch.zeros_like(normed))
+    entropy = -plogp.sum(dim=-1)  # [L, d]
+    tau = kth_value(prob, filter_rate)
+    entropy[(p > tau).sum(dim=-1) == 0] = float("inf")
+    n_candidates = round(top_rate * n_layers * d_ff)
+    candidates = entropy.flatten().topk(n_candidates, largest=False).indices
+    candidates = candidates[entropy.flatten()[candidates].isfinite()]
+    bar = kth_value(prob, bar_rate)
+    selected = torch.zeros(n_layers * d_ff, n_langs, dtype=torch.bool)
+    selected[candidates] = p.reshape(-1, n_langs)[candidates] > bar
+    masks = selected.T.reshape(n_langs, n_layers, d_ff).contiguous()
+    kept = int(selected.any(dim=1).sum())
+    return masks, {"tau_filter": tau, "bar": bar, "n_candidates": n_candidates,
+                   "n_dropped_candidates": n_candidates - kept}
+
+
+def random_masks(reference: torch.Tensor, seed: int) -> torch.Tensor:
+    """For each language and layer, as many random neurons as ``reference`` holds there."""
+    n_langs, n_layers, d_ff = reference.shape
+    counts = reference.sum(dim=2)
+    out = torch.zeros_like(reference)
+    generator = torch.Generator().manual_seed(seed)
+    for k in range(n_langs):
+        for layer in range(n_layers):
+            picks = torch.randperm(d_ff, generator=generator)[: int(counts[k, layer])]
+            out[k, layer, picks] = True
+    return out
+
+
+def identify(recording: Recording, top_rate: float, filter_rate: float, bar_rate: float,
+             seed: int) -> NeuronArtifact:
+    prob = activation_probability(recording)
+    lape, thresholds = lape_masks(prob, top_rate, filter_rate, bar_rate)
+    masks = {"lape": lape, "baseline": recording.always_active.clone(), "random": random_masks(lape, seed)}
+    meta = {"thresholds": thresholds, "rates": {"top": top_rate, "filter": filter_rate, "bar": bar_rate},
+            "seed": seed, "tokens": recording.tokens.tolist(), "sentences": recording.sentences.tolist()}
+    return NeuronArtifact(languages=list(recording.languages), masks=masks, p_max=recording.p_max,
+                          p_median=recording.p_median, activation_prob=prob, meta=meta)
+
+
+# --- cached stage entry ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class IdentifyResult:
+    artifact: NeuronArtifact
+    recorded: bool  # False when the recording came from the cache
+    key: str
+    data_files: list
+
+
+def recording_to_tensors(rec: Recording) -> tuple[dict, dict]:
+    tensors = {name: getattr(rec, name) for name in
+               ("counts", "tokens", "sentences", "p_max", "p_median", "always_active")}
+    return tensors, {"languages": rec.languages}
+
+
+def recording_from_tensors(tensors: dict, meta: dict) -> Recording:
+    return Recording(languages=meta["languages"], **tensors)
+
+
+def artifact_to_tensors(art: NeuronArtifact) -> tuple[dict, dict]:
+    tensors = {f"mask.{name}": mask for name, mask in art.masks.items()}
+    tensors.update(p_max=art.p_max, p_median=art.p_median, activation_prob=art.activation_prob)
+    return tensors, {"languages": art.languages, **art.meta}
+
+
+def artifact_from_tensors(tensors: dict, meta: dict) -> NeuronArtifact:
+    masks = {name.split(".", 1)[1]: t for name, t in tensors.items() if name.startswith("mask.")}
+    meta = dict(meta)
+    return NeuronArtifact(languages=meta.pop("languages"), masks=masks, p_max=tensors["p_max"],
+                          p_median=tensors["p_median"], activation_prob=tensors["activation_prob"], meta=meta)
+
+
+def build(identify_cfg, handle, data_root, store, seed: int, force: bool = False) -> IdentifyResult:
+    """The neuron artifact for ``handle``: recorded once per key, selected once per thresholds."""
+    from lsn_exp import data
+    from lsn_exp.record import record
+
+    langs = data.languages(list(identify_cfg.languages))
+    corpora = {lang.code: data.flores(data_root, lang, identify_cfg.split) for lang in langs}
+    files = [c.path for c in corpora.values() if c.path is not None]
+    record_spec = {
+        "model": handle.identity,
+        "corpus": {code: (f"sha256:{_sha(c.path)}" if c.path else f"hub:{data.FLORES_HUB_ID}")
+                   for code, c in corpora.items()},
+        "split": identify_cfg.split, "max_tokens": int(identify_cfg.max_tokens),
+        "n_stat_sentences": int(identify_cfg.n_stat_sentences), "add_bos": bool(identify_cfg.add_bos),
+    }
+    batch_size = int(identify_cfg.batch_size or handle.batch_size)
+
+    def compute_recording():
+        rec = record(handle, {code: c.sentences for code, c in corpora.items()}, record_spec["max_tokens"],
+                     record_spec["n_stat_sentences"], record_spec["add_bos"], batch_size)
+        return recording_to_tensors(rec)
+
+    rec_entry = store.get_or_compute("recording", record_spec, compute_recording, force=force)
+    recording = recording_from_tensors(rec_entry.tensors, rec_entry.meta)
+    select_spec = {"recording": rec_entry.path.name, "top_rate": float(identify_cfg.top_rate),
+                   "filter_rate": float(identify_cfg.filter_rate), "bar_rate": float(identify_cfg.bar_rate),
+                   "seed": seed}
+
+    def compute_artifact():
+        return artifact_to_tensors(identify(recording, select_spec["top_rate"], select_spec["filter_rate"],
+                                            select_spec["bar_rate"], seed))
+
+    art_entry = store.get_or_compute("neurons", select_spec, compute_artifact, force=force or rec_entry.computed)
+    artifact = artifact_from_tensors(art_entry.tensors, art_entry.meta)
+    return IdentifyResult(artifact, recorded=rec_entry.computed, key=art_entry.path.name, data_files=files)
+
+
+def _sha(path) -> str:
+    from lsn_exp.tracking import sha256_file
+
+    return sha256_file(path)
+
+
+def jaccard(masks: torch.Tensor) -> torch.Tensor:
+    """float [K, K]: overlap |A∩B| / |A∪B| of the languages' neuron sets (bool [K, L, d])."""
+    flat = masks.flatten(1).to(torch.float32)
+    inter = flat @ flat.T
+    sizes = flat.sum(dim=1)
+    union = sizes[:, None] + sizes[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))
+
+
+def write_outputs(artifact: NeuronArtifact, out_dir) -> tuple[dict, dict]:
+    """CSV of neurons per language x layer for each set, a per-layer plot and the LAPE overlap heatmap."""
+    import csv
+    from pathlib import Path
+
+    from lsn_exp import plots
+
+    out_dir = Path(out_dir)
+    tables, images = {}, {}
+    for name in ("lape", "baseline"):
+        per_layer = artifact.counts_per_layer(name)
+        path = out_dir / f"neurons_{name}_per_layer.csv"
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["lang", *[f"L{l}" for l in range(artifact.n_layers)], "total"])
+            for code, row in zip(artifact.languages, per_layer.tolist()):
+                writer.writerow([code, *row, sum(row)])
+        tables[f"identify/neurons_{name}"] = path
+    images["identify/lape_per_layer"] = plots.lines(
+        {code: row for code, row in zip(artifact.languages, artifact.counts_per_layer("lape").tolist())},
+        "LAPE neurons per layer", "layer", "neurons", out_dir / "neurons_lape_per_layer.png")
+    images["identify/lape_overlap"] = plots.heatmap(
+        jaccard(artifact.masks["lape"]).numpy(), artifact.languages, artifact.languages,
+        "LAPE neuron overlap (Jaccard)", out_dir / "lape_overlap.png", fmt=".2f")
+    return tables, images
+
+
+def summary(artifact: NeuronArtifact, top_overlaps: int = 5) -> dict:
+    lape = artifact.masks["lape"]
+    overlap = jaccard(lape)
+    langs = artifact.languages
+    pairs = sorted(((overlap[i, j].item(), langs[i], langs[j]) for i in range(len(langs))
+                    for j in range(i + 1, len(langs))), reverse=True)[:top_overlaps]
+    return {
+        "lape_neurons": {code: int(n) for code, n in zip(langs, lape.flatten(1).sum(1).tolist())},
+        "lape_union": int(lape.any(dim=0).sum()),
+        "baseline_neurons": {code: int(n) for code, n in
+                             zip(langs, artifact.masks["baseline"].flatten(1).sum(1).tolist())},
+        "largest_overlaps": [{"pair": f"{a}-{b}", "jaccard": round(v, 4)} for v, a, b in pairs],
+        **{k: v for k, v in artifact.meta.get("thresholds", {}).items()},
+    }

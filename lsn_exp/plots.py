@@ -1,0 +1,47 @@
+"""Matplotlib figures written as PNG (headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def heatmap(matrix, rows: list[str], cols: list[str], title: str, path: Path, fmt: str = ".2f",
+            cmap: str = "viridis", center: float | None = None, xlabel: str = "", ylabel: str = "") -> Path:
+    values = np.asarray(matrix, dtype=float)
+    fig, ax = plt.subplots(figsize=(0.55 * len(cols) + 2.5, 0.45 * len(rows) + 1.8))
+    kwargs = {}
+    if center is not None:
+        span = np.nanmax(np.abs(values - center)) or 1.0
+        kwargs = {"vmin": center - span, "vmax": center + span}
+    image = ax.imshow(values, cmap=cmap, aspect="auto", **kwargs)
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    if values.size <= 400:
+        for (i, j), v in np.ndenumerate(values):
+            if np.isfinite(v):
+                ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7, color="w")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def lines(series: dict[str, list[float]], title: str, xlabel: str, ylabel: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for label, values in series.items():
+        ax.plot(range(len(values)), values, marker=".", label=label)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.legend(ncol=3, fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
