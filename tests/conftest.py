@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random models of every supported family, the data root, CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from lsn_exp import CONF_DIR, REPO_ROOT, data, models
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Extra config keys each family needs for a tiny shape (on top of conf/model/tiny.yaml).
+FAMILY_ARCH = {
+    "llama": {},
+    "qwen2": {},
+    "mistral": {"sliding_window": None},
+    "gemma": {"hidden_act": "gelu_pytorch_tanh"},
+    "gemma2": {"query_pre_attn_scalar": 16, "sliding_window": 64},
+    "gemma3_text": {"query_pre_attn_scalar": 16, "sliding_window": 64},
+}
+
+
+def tiny_config(model_type: str = "llama", seed: int = 0, **arch):
+    cfg = OmegaConf.load(CONF_DIR / "model" / "tiny.yaml")
+    cfg.arch.model_type = model_type
+    cfg.seed = seed
+    for key, value in {**FAMILY_ARCH[model_type], **arch}.items():
+        cfg.arch[key] = value
+    return cfg
+
+
+def load_tiny(model_type: str = "llama", seed: int = 0, **arch) -> models.ModelHandle:
+    return models.load(tiny_config(model_type, seed, **arch))
+
+
+@pytest.fixture(scope="session")
+def tiny() -> models.ModelHandle:
+    return load_tiny("llama")
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = data.resolve_root(os.environ.get(data.DATA_ENV))
+    if root is None:
+        pytest.skip("no local data root: tests read ../shared/data (or LSN_DATA)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def flores_dev(data_root):
+    return {lang.code: data.flores(data_root, lang, "dev").sentences for lang in data.languages(["en", "fr", "ja"])}
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m lsn_exp ARGS`` from the repo root, as a user would run it."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "lsn_exp", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=full_env)

@@ -1,0 +1,97 @@
+"""The Hydra app as a user drives it: composition, dry runs, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+
+from lsn_exp import CONF_DIR
+from lsn_exp.data import language_registry
+from conftest import run_cli
+
+MODEL_NAMES = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+
+
+def test_model_registry_is_complete():
+    assert set(MODEL_NAMES) == {"gemma3_270m", "smollm2_135m", "qwen", "gemma", "seallm", "qwen_mini",
+                                "gemma_mini", "seallm_mini", "llama", "tiny"}
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_model_config_composes(name):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"model={name}"])
+    model = cfg.model
+    assert model.name == name
+    assert model.source in {"hub", "gguf_package", "tiny"}
+    for key in ("revision", "dtype", "device", "batch_size"):
+        assert key in model, f"{name} lacks {key}"
+    if model.source == "hub":
+        assert "/" in model.id
+    if model.source == "gguf_package":
+        assert model.package and model.gguf_file.endswith(".gguf")
+
+
+def test_language_registry_matches_the_data_readme(data_root):
+    rows = list(csv.DictReader(open(data_root / "languages.tsv"), delimiter="\t"))
+    registry = language_registry()
+    assert len(registry) == 18 == len(rows)
+    by_flores = {lang.flores: lang for lang in registry.values()}
+    for row in rows:
+        lang = by_flores[row["flores200"]]
+        for field in ("xcopa", "xwinograd", "mlama"):
+            expected = None if row[field] == "-" else row[field]
+            assert getattr(lang, field) == expected, (lang.code, field)
+        assert (data_root / "flores200" / "dev" / f"{lang.flores}.txt").exists()
+
+
+def test_cfg_job_prints_the_composed_llama_job():
+    result = run_cli("model=llama", "lang=id", "factor=5", "--cfg", "job", timeout=60)
+    assert result.returncode == 0, result.stderr
+    cfg = yaml.safe_load(result.stdout)
+    assert cfg["model"]["id"] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert cfg["lang"]["code"] == "id" and cfg["lang"]["flores"] == "ind_Latn"
+    assert cfg["factor"] == 5
+
+
+def test_dry_run_sweep_writes_eight_job_dirs_without_loading(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli("-m", "model=gemma3_270m,smollm2_135m", "lang=id,fr", "factor=2,pmax", "dry_run=true",
+                     f"hydra.sweep.dir={sweep}", timeout=60)
+    assert result.returncode == 0, result.stderr
+    summaries = set()
+    for num in range(8):
+        job = sweep / str(num)
+        assert (job / "config.yaml").exists()
+        assert not (job / "results.json").exists()
+        summaries.add((job / "dry_run.txt").read_text().strip())
+    assert len(summaries) == 8
+    assert "model=smollm2_135m lang=fr factor=pmax stage=run" in summaries
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model=nosuch", "Available options in 'model'"),
+    ("lang=xx", "Available options in 'lang'"),
+    ("factor=abc", "factor='abc' is not allowed"),
+    ("data.root=/nonexistent/data", "LSN_DATA"),
+    ("stage=nosuch", "stage=nosuch is not one of"),
+])
+def test_user_errors_exit_nonzero_without_traceback(override, expected, tmp_path):
+    result = run_cli(override, "model=tiny", "logger=none", f"hydra.run.dir={tmp_path}", timeout=60) \
+        if not override.startswith("model=") else run_cli(override, "logger=none", f"hydra.run.dir={tmp_path}")
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    if not expected.startswith("Available"):
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_hub_model_offline_is_a_clear_error_not_a_hang(tmp_path):
+    result = run_cli("model=qwen_mini", "logger=none", f"hydra.run.dir={tmp_path}", timeout=120,
+                     env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    assert "cannot load hub model Qwen/Qwen2.5-0.5B-Instruct@main" in result.stderr
+    assert "Traceback" not in result.stderr

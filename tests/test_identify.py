@@ -1,0 +1,107 @@
+"""LAPE, baseline and random sets, worked out by hand; the cached stage entry."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from lsn_exp import identify
+from lsn_exp.artifacts import ArtifactStore
+from lsn_exp.record import Recording
+
+
+def hand_recording() -> Recording:
+    """3 languages, 1 layer, 4 neurons; 20 tokens each, so p = counts / 20.
+
+    n0 [0.90 0.00 0.00]  only lang 0         entropy 0
+    n1 [0.80 0.80 0.00]  shared by langs 0,1  entropy ln 2
+    n2 [0.10 0.10 0.10]  below tau            entropy inf
+    n3 [0.30 0.00 0.05]  not above tau        entropy inf
+    Sorted p (12): 0 0 0 0 .05 .1 .1 .1 .3 .8 .8 .9
+    """
+    counts = torch.tensor([[18, 16, 2, 6], [0, 16, 2, 0], [0, 0, 2, 1]], dtype=torch.int64)[:, None, :]
+    k, l, d = counts.shape
+    return Recording(languages=["a", "b", "c"], counts=counts, tokens=torch.tensor([20, 20, 20]),
+                     sentences=torch.tensor([5, 5, 5]), p_max=torch.ones(k, l, d), p_median=torch.ones(k, l, d),
+                     always_active=torch.zeros(k, l, d, dtype=torch.bool))
+
+
+def test_lape_by_hand_with_a_shared_neuron_and_a_dropped_candidate():
+    # filter = bar = rank round(0.75*12)=9 -> 0.3. Candidates: round(0.75*4)=3 lowest entropy: n0, n1, one inf.
+    art = identify.identify(hand_recording(), top_rate=0.75, filter_rate=0.75, bar_rate=0.75, seed=0)
+    lape = art.masks["lape"][:, 0, :]
+    assert lape.tolist() == [[True, True, False, False], [False, True, False, False], [False] * 4]
+    assert art.meta["thresholds"]["tau_filter"] == pytest.approx(0.3)
+    assert art.meta["thresholds"]["n_candidates"] == 3
+    assert art.meta["thresholds"]["n_dropped_candidates"] == 1  # the infinite-entropy candidate
+
+
+def test_lape_bar_above_the_filter_drops_the_shared_neuron():
+    # bar: rank round(0.8*12)=10 -> 0.8; n1 has p = 0.8, not > 0.8, so it is a candidate above no bar.
+    art = identify.identify(hand_recording(), top_rate=0.75, filter_rate=0.75, bar_rate=0.8, seed=0)
+    assert art.masks["lape"][:, 0, :].tolist() == [[True, False, False, False], [False] * 4, [False] * 4]
+    assert art.meta["thresholds"]["n_dropped_candidates"] == 2
+
+
+def test_entropy_convention_zero_log_zero_and_all_zero_neurons():
+    prob = torch.tensor([[[0.0, 0.5]], [[0.0, 0.5]]])  # n0 never active anywhere, n1 even split
+    masks, th = identify.lape_masks(prob, top_rate=1.0, filter_rate=0.5, bar_rate=0.5)
+    # tau = 2nd of [0, 0, .5, .5] = 0; n0 has no p above tau -> inf entropy -> dropped; n1 -> both languages
+    assert masks[:, 0, :].tolist() == [[False, True], [False, True]]
+    assert th["n_dropped_candidates"] == 1
+
+
+def test_random_set_matches_lape_counts_per_layer_and_is_seeded():
+    lape = torch.zeros(2, 3, 50, dtype=torch.bool)
+    lape[0, 0, :4] = True
+    lape[1, 2, 10:17] = True
+    a, b, c = (identify.random_masks(lape, s) for s in (7, 7, 8))
+    assert torch.equal(a.sum(dim=2), lape.sum(dim=2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_baseline_is_always_active_and_jaccard_is_symmetric():
+    rec = hand_recording()
+    rec.always_active[0, 0, :2] = True
+    rec.always_active[1, 0, 1:3] = True
+    art = identify.identify(rec, 0.75, 0.75, 0.75, seed=0)
+    assert torch.equal(art.masks["baseline"], rec.always_active)
+    overlap = identify.jaccard(art.masks["baseline"])
+    assert overlap[0, 1].item() == pytest.approx(1 / 3) and overlap[1, 0].item() == pytest.approx(1 / 3)
+    assert overlap[2, 2].item() == 0.0  # an empty set overlaps nothing
+    assert [t.tolist() for t in art.neurons("lape", "a")] == [[0, 1]]
+
+
+def _identify_cfg(**overrides):
+    base = {"languages": ["en", "fr", "ja"], "split": "dev", "max_tokens": 600, "n_stat_sentences": 10,
+            "add_bos": True, "top_rate": 0.05, "filter_rate": 0.95, "bar_rate": 0.95, "batch_size": 8}
+    return OmegaConf.create({**base, **overrides})
+
+
+def test_artifact_cache_reuses_recomputes_on_key_change_and_recovers_from_damage(tiny, data_root, tmp_path):
+    store = ArtifactStore(tmp_path)
+    first = identify.build(_identify_cfg(), tiny, data_root, store, seed=0)
+    again = identify.build(_identify_cfg(), tiny, data_root, store, seed=0)
+    assert first.recorded and not again.recorded
+    assert torch.equal(first.artifact.masks["lape"], again.artifact.masks["lape"])
+    assert torch.equal(first.artifact.p_max, again.artifact.p_max)
+    assert identify.build(_identify_cfg(max_tokens=500), tiny, data_root, store, seed=0).recorded
+    reselected = identify.build(_identify_cfg(top_rate=0.02), tiny, data_root, store, seed=0)
+    assert not reselected.recorded and reselected.key != first.key
+    # damage the cached recording: it is detected and recomputed
+    entry = next((tmp_path / "recording").glob("*/tensors.safetensors"))
+    entry.write_bytes(b"garbage")
+    assert any(identify.build(_identify_cfg(max_tokens=m), tiny, data_root, store, seed=0).recorded
+               for m in (600, 500))
+
+
+def test_sentence_statistics_span_real_sentences(tiny, data_root, tmp_path):
+    result = identify.build(_identify_cfg(), tiny, data_root, ArtifactStore(tmp_path), seed=0)
+    art = result.artifact
+    assert art.languages == ["en", "fr", "ja"]
+    assert (art.p_max >= art.p_median).all()
+    assert all(0 < t <= 600 for t in art.meta["tokens"])
+    assert math.isfinite(art.meta["thresholds"]["tau_filter"])
