@@ -1,0 +1,63 @@
+"""Recording throughput vs a plain forward on the same batches (Gemma-3-270M, real FLORES text).
+
+    .venv/bin/python benchmarks/bench_record.py [--lang en] [--sentences 96] [--repeats 3]
+
+Both paths run the decoder without its LM head on identical batches; the recording path adds the
+act_fn hooks (counts + stat-sentence means). Rounds alternate between the two paths and the median
+is reported, so load on the machine affects both alike. Goal: ratio >= 0.90.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from omegaconf import OmegaConf
+
+from lsn_exp import CONF_DIR, data, models
+from lsn_exp.record import ActivationRecorder, make_batches, tokenize
+
+
+def plain_forward(handle, batches) -> None:
+    with torch.inference_mode():
+        for batch in batches:
+            handle.adapter.decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="gemma3_270m")
+    parser.add_argument("--lang", default="en")
+    parser.add_argument("--sentences", type=int, default=96)
+    parser.add_argument("--n-stat", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    handle = models.load(OmegaConf.load(CONF_DIR / "model" / f"{args.model}.yaml"))
+    lang = data.languages([args.lang])[0]
+    sentences = data.flores(data.resolve_root(None), lang, "dev").sentences[: args.sentences]
+    ids = tokenize(handle.tokenizer, sentences, add_bos=True)
+    batches = make_batches(ids, 1, args.n_stat, args.batch_size, handle.tokenizer.pad_token_id)
+    n_tokens = sum(len(row) - 1 for row in ids)
+
+    def record_once():
+        ActivationRecorder(handle, args.n_stat).run(batches, desc="record")
+
+    timings = {"forward": [], "record": []}
+    plain_forward(handle, batches[:1])  # warm-up
+    for _ in range(args.repeats):
+        for name, fn in (("forward", lambda: plain_forward(handle, batches)), ("record", record_once)):
+            start = time.perf_counter()
+            fn()
+            timings[name].append(time.perf_counter() - start)
+    forward, rec = (statistics.median(timings[k]) for k in ("forward", "record"))
+    print(f"model={args.model} lang={args.lang} tokens={n_tokens} batches={len(batches)} threads={torch.get_num_threads()}")
+    print(f"plain forward: {n_tokens / forward:8.1f} tok/s   recording: {n_tokens / rec:8.1f} tok/s")
+    print(f"recording / forward throughput ratio: {forward / rec:.3f}  (goal >= 0.90)")
+
+
+if __name__ == "__main__":
+    main()
