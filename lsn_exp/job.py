@@ -1,22 +1,98 @@
-"""One job: cfg -> ModelHandle -> NeuronArtifact -> Patch -> Evaluation -> RunRecord."""
+"""One job: cfg -> ModelHandle -> NeuronArtifact -> Patch -> Evaluation -> RunRecord.
+
+A stage is a list of steps; each step reads the job context and adds results, tables and images
+to the run record. The record is saved (atomically) before anything is sent to W&B.
+"""
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lsn_exp import data
 from lsn_exp.errors import UserError
-from lsn_exp.patch import parse_factor
-from lsn_exp.tracking import RunRecord, log_to_wandb, provenance
+from lsn_exp.patch import Factor, parse_factor
+from lsn_exp.tracking import RESULTS_FILE, RunRecord, log_to_wandb, provenance
 
 log = logging.getLogger(__name__)
 
-STAGES = ("run", "identify")
+
+@dataclass
+class JobContext:
+    cfg: DictConfig
+    factor: Factor
+    run_dir: Path
+    record: RunRecord
+    data_root: Path | None
+    handle: Any = None
+    store: Any = None
+    artifact: Any = None
+    data_files: list = field(default_factory=list)
+
+    def patch(self, target: str | None = None):
+        from lsn_exp.patch import Patch, PatchSpec
+
+        spec = PatchSpec.from_config(self.cfg.patch, self.factor, target or self.cfg.lang.code)
+        return Patch(self.handle, self.artifact, spec)
+
+
+def load_model(ctx: JobContext) -> None:
+    from lsn_exp import models
+    from lsn_exp.artifacts import ArtifactStore
+
+    ctx.handle = models.load(ctx.cfg.model, ctx.cfg.cache_dir)
+    ctx.store = ArtifactStore(models.cache_root(ctx.cfg.cache_dir) / "artifacts" / ctx.cfg.model.name)
+
+
+def identify_neurons(ctx: JobContext) -> None:
+    from lsn_exp import identify
+
+    result = identify.build(ctx.cfg.identify, ctx.handle, ctx.data_root, ctx.store, seed=int(ctx.cfg.seed),
+                            force=bool(ctx.cfg.force))
+    ctx.artifact = result.artifact
+    ctx.data_files += result.data_files
+    ctx.record.results["identify"] = {**identify.summary(result.artifact), "recorded": result.recorded,
+                                      "artifact_key": result.key}
+    tables, images = identify.write_outputs(result.artifact, ctx.run_dir)
+    ctx.record.tables.update(tables)
+    ctx.record.images.update(images)
+
+
+def generate_demo(ctx: JobContext) -> None:
+    """Greedy continuations of neutral English prompts, unpatched and patched, with detected language."""
+    from lsn_exp import generate
+
+    target = ctx.cfg.lang.code
+    patch = ctx.patch()
+    before = generate.generate_labelled(ctx.handle)
+    after = generate.generate_labelled(ctx.handle, patch=patch)
+    path = ctx.run_dir / "generations.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["prompt", "unpatched", "unpatched_lang", "patched", "patched_lang"])
+        for b, a in zip(before, after):
+            writer.writerow([b.prompt, b.text, b.label, a.text, a.label])
+            print(f"{b.prompt!r}\n  unpatched [{b.label}] {b.text!r}\n  {patch.spec.describe()} [{a.label}] {a.text!r}")
+    ctx.record.tables["generate/continuations"] = path
+    ctx.record.results["generate"] = {"patch": patch.spec.describe(), "n_prompts": len(before),
+                                      "target_share_unpatched": generate.share_in(before, target),
+                                      "target_share_patched": generate.share_in(after, target)}
+
+
+STAGES: dict[str, list[Callable[[JobContext], None]]] = {
+    "identify": [load_model, identify_neurons],
+    "generate": [load_model, identify_neurons, generate_demo],
+    "run": [load_model, identify_neurons, generate_demo],
+}
 
 
 def run_job(cfg: DictConfig) -> RunRecord | None:
@@ -31,33 +107,64 @@ def run_job(cfg: DictConfig) -> RunRecord | None:
         print(f"[dry run] {summary} -> {run_dir}")
         return None
 
+    digest = config_hash(cfg)
+    if not cfg.force and completed(run_dir, digest):
+        note_attempt(run_dir, "skipped: complete results exist for this config")
+        log.info("%s | complete results exist (config %s): skipped; force=true recomputes", summary, digest)
+        return None
+    note_attempt(run_dir, "started")
     started = time.time()
-    data_root = data.resolve_root(cfg.data.root)
-    from lsn_exp import identify, models
-    from lsn_exp.artifacts import ArtifactStore
-
-    handle = models.load(cfg.model, cfg.cache_dir)
-    store = ArtifactStore(models.cache_root(cfg.cache_dir) / "artifacts" / cfg.model.name)
-    ident = identify.build(cfg.identify, handle, data_root, store, seed=int(cfg.seed), force=bool(cfg.force))
-    record.results["identify"] = {**identify.summary(ident.artifact), "recorded": ident.recorded,
-                                  "artifact_key": ident.key}
-    tables, images = identify.write_outputs(ident.artifact, run_dir)
-    record.tables.update(tables)
-    record.images.update(images)
-    record.results["stages_done"] = ["load_model", "identify"]
+    ctx = JobContext(cfg=cfg, factor=factor, run_dir=run_dir, record=record,
+                     data_root=data.resolve_root(cfg.data.root))
+    steps = STAGES[cfg.stage]
+    for step in steps:
+        step(ctx)
+    record.results["stages_done"] = [step.__name__ for step in steps]
     record.results["wall_time_s"] = round(time.time() - started, 2)
-    record.provenance = provenance(handle.identity, ident.data_files)
-    record.provenance["data_root"] = str(data_root) if data_root else "hf-hub"
+    record.results["config_hash"] = digest
+    record.provenance = provenance(ctx.handle.identity, ctx.data_files)
+    record.provenance["data_root"] = str(ctx.data_root) if ctx.data_root else "hf-hub"
     path = record.save()
+    note_attempt(run_dir, "completed")
     log.info("%s | %s | wrote %s", summary, headline(record.results), path)
     log_to_wandb(record, cfg.logger, group=sweep_group(), name=f"{cfg.model.name}-{cfg.lang.code}-{factor}",
                  job_type=cfg.stage)
     return record
 
 
+IGNORED_FOR_RESUME = ("force", "dry_run", "logger")  # settings that cannot change a cell's results
+
+
+def config_hash(cfg: DictConfig) -> str:
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    kept = {k: v for k, v in resolved.items() if k not in IGNORED_FOR_RESUME}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def completed(run_dir: Path, digest: str) -> bool:
+    path = run_dir / RESULTS_FILE
+    if not path.exists():
+        return False
+    try:
+        return json.loads(path.read_text())["results"].get("config_hash") == digest
+    except (ValueError, KeyError):
+        return False
+
+
+def note_attempt(run_dir: Path, what: str) -> None:
+    """One line per attempt in attempts.log: the resume marker the report and tests read."""
+    with open(run_dir / "attempts.log", "a") as handle:
+        handle.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {what}\n")
+
+
 def headline(results: dict) -> str:
-    lape = results.get("identify", {}).get("lape_neurons", {})
-    return f"LAPE neurons total={sum(lape.values())} | {results.get('wall_time_s')} s"
+    parts = [f"LAPE neurons={sum(results.get('identify', {}).get('lape_neurons', {}).values())}"]
+    if "generate" in results:
+        gen = results["generate"]
+        parts.append(f"target-language continuations {gen['target_share_unpatched']:.2f} -> "
+                     f"{gen['target_share_patched']:.2f}")
+    parts.append(f"{results.get('wall_time_s')} s")
+    return " | ".join(parts)
 
 
 def sweep_group() -> str:
