@@ -122,16 +122,6 @@ class IdentifyResult:
     data_files: list
 
 
-def recording_to_tensors(rec: Recording) -> tuple[dict, dict]:
-    tensors = {name: getattr(rec, name) for name in
-               ("counts", "tokens", "sentences", "p_max", "p_median", "always_active")}
-    return tensors, {"languages": rec.languages}
-
-
-def recording_from_tensors(tensors: dict, meta: dict) -> Recording:
-    return Recording(languages=meta["languages"], **tensors)
-
-
 def artifact_to_tensors(art: NeuronArtifact) -> tuple[dict, dict]:
     tensors = {f"mask.{name}": mask for name, mask in art.masks.items()}
     tensors.update(p_max=art.p_max, p_median=art.p_median, activation_prob=art.activation_prob)
@@ -146,30 +136,34 @@ def artifact_from_tensors(tensors: dict, meta: dict) -> NeuronArtifact:
 
 
 def build(identify_cfg, handle, data_root, store, seed: int, force: bool = False) -> IdentifyResult:
-    """The neuron artifact for ``handle``: recorded once per key, selected once per thresholds."""
+    """The neuron artifact for ``handle``: each language recorded once per key, selection once per thresholds.
+
+    Recordings are cached per language, so an interrupted run resumes at the language it stopped in
+    and adding a language records only that one.
+    """
     from lsn_exp import data
-    from lsn_exp.record import record
+    from lsn_exp.record import language_stats, stack_languages
 
     langs = data.languages(list(identify_cfg.languages))
     corpora = {lang.code: data.flores(data_root, lang, identify_cfg.split) for lang in langs}
-    files = [c.path for c in corpora.values() if c.path is not None]
-    record_spec = {
-        "model": handle.identity,
-        "corpus": {code: (f"sha256:{_sha(c.path)}" if c.path else f"hub:{data.FLORES_HUB_ID}")
-                   for code, c in corpora.items()},
-        "split": identify_cfg.split, "max_tokens": int(identify_cfg.max_tokens),
-        "n_stat_sentences": int(identify_cfg.n_stat_sentences), "add_bos": bool(identify_cfg.add_bos),
-    }
+    settings = {"model": handle.identity, "split": identify_cfg.split,
+                "max_tokens": int(identify_cfg.max_tokens),
+                "n_stat_sentences": int(identify_cfg.n_stat_sentences), "add_bos": bool(identify_cfg.add_bos)}
     batch_size = int(identify_cfg.batch_size or handle.batch_size)
-
-    def compute_recording():
-        rec = record(handle, {code: c.sentences for code, c in corpora.items()}, record_spec["max_tokens"],
-                     record_spec["n_stat_sentences"], record_spec["add_bos"], batch_size)
-        return recording_to_tensors(rec)
-
-    rec_entry = store.get_or_compute("recording", record_spec, compute_recording, force=force)
-    recording = recording_from_tensors(rec_entry.tensors, rec_entry.meta)
-    select_spec = {"recording": rec_entry.path.name, "top_rate": float(identify_cfg.top_rate),
+    stats, entries = {}, []
+    for code, corpus in corpora.items():
+        spec = {**settings, "lang": code,
+                "corpus": f"sha256:{_sha(corpus.path)}" if corpus.path else f"hub:{data.FLORES_HUB_ID}"}
+        entry = store.get_or_compute(
+            "recording", spec, force=force,
+            compute=lambda c=corpus, k=code: (language_stats(
+                handle, c.sentences, settings["max_tokens"], settings["n_stat_sentences"], settings["add_bos"],
+                batch_size, desc=f"record {k}"), {"lang": k}))
+        stats[code] = entry.tensors
+        entries.append(entry)
+    recording = stack_languages(stats)
+    recorded = any(e.computed for e in entries)
+    select_spec = {"recordings": [e.path.name for e in entries], "top_rate": float(identify_cfg.top_rate),
                    "filter_rate": float(identify_cfg.filter_rate), "bar_rate": float(identify_cfg.bar_rate),
                    "seed": seed}
 
@@ -177,9 +171,10 @@ def build(identify_cfg, handle, data_root, store, seed: int, force: bool = False
         return artifact_to_tensors(identify(recording, select_spec["top_rate"], select_spec["filter_rate"],
                                             select_spec["bar_rate"], seed))
 
-    art_entry = store.get_or_compute("neurons", select_spec, compute_artifact, force=force or rec_entry.computed)
+    art_entry = store.get_or_compute("neurons", select_spec, compute_artifact, force=force)
     artifact = artifact_from_tensors(art_entry.tensors, art_entry.meta)
-    return IdentifyResult(artifact, recorded=rec_entry.computed, key=art_entry.path.name, data_files=files)
+    files = [c.path for c in corpora.values() if c.path is not None]
+    return IdentifyResult(artifact, recorded=recorded, key=art_entry.path.name, data_files=files)
 
 
 def _sha(path) -> str:

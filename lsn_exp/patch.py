@@ -79,6 +79,8 @@ class PatchSpec:
     others_value: float | None = None
 
     def __post_init__(self) -> None:
+        if self.layers is not None:  # any iterable of ints -> sorted unique tuple
+            object.__setattr__(self, "layers", parse_layers(list(self.layers)))
         _check_choice("patch.neuron_set", self.neuron_set, NEURON_SETS)
         _check_choice("patch.op", self.op, OPS)
         if self.stat is not None:

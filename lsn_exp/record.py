@@ -140,19 +140,19 @@ def record_language(handle: ModelHandle, sentences: list[str], max_tokens: int, 
     return recorder.counts.cpu(), n_tokens, n_kept, recorder.means.cpu()
 
 
-def record(handle: ModelHandle, corpora: dict[str, list[str]], max_tokens: int, n_stat: int,
-           add_bos: bool, batch_size: int) -> Recording:
-    """Record every language of ``corpora`` (code -> sentences) in order."""
-    counts, tokens, sentences, p_max, p_median, always = [], [], [], [], [], []
-    for code, text in corpora.items():
-        c, n_tok, n_sent, means = record_language(handle, text, max_tokens, n_stat, add_bos, batch_size,
-                                                  desc=f"record {code}")
-        counts.append(c)
-        tokens.append(n_tok)
-        sentences.append(n_sent)
-        p_max.append(means.max(dim=0).values)
-        p_median.append(means.median(dim=0).values)
-        always.append((means > 0).all(dim=0))
-    return Recording(languages=list(corpora), counts=torch.stack(counts), tokens=torch.tensor(tokens),
-                     sentences=torch.tensor(sentences), p_max=torch.stack(p_max),
-                     p_median=torch.stack(p_median), always_active=torch.stack(always))
+def language_stats(handle: ModelHandle, sentences: list[str], max_tokens: int, n_stat: int, add_bos: bool,
+                   batch_size: int, desc: str = "record") -> dict[str, torch.Tensor]:
+    """One language's statistics as tensors (the unit the artifact cache stores)."""
+    counts, n_tokens, n_sentences, means = record_language(handle, sentences, max_tokens, n_stat, add_bos,
+                                                           batch_size, desc)
+    return {"counts": counts, "tokens": torch.tensor(n_tokens), "sentences": torch.tensor(n_sentences),
+            "p_max": means.max(dim=0).values, "p_median": means.median(dim=0).values,
+            "always_active": (means > 0).all(dim=0)}
+
+
+def stack_languages(stats: dict[str, dict[str, torch.Tensor]]) -> Recording:
+    """Per-language stats (code -> language_stats output) -> one Recording, languages in order."""
+    field = lambda name: torch.stack([s[name] for s in stats.values()])  # noqa: E731
+    return Recording(languages=list(stats), counts=field("counts"), tokens=field("tokens"),
+                     sentences=field("sentences"), p_max=field("p_max"), p_median=field("p_median"),
+                     always_active=field("always_active"))

@@ -8,9 +8,26 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from lsn_exp import CONF_DIR, REPO_ROOT, data, models
+
+# Tiny models gain nothing from threads, and on a shared CPU oversubscribed threads cost a lot;
+# tests marked slow (the real Gemma-3-270M) get torch's default back.
+DEFAULT_THREADS = torch.get_num_threads()
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _threads_for_real_models(request):
+    if request.node.get_closest_marker("slow"):
+        torch.set_num_threads(DEFAULT_THREADS)
+        yield
+        torch.set_num_threads(1)
+    else:
+        yield
+
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

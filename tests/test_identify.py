@@ -91,11 +91,21 @@ def test_artifact_cache_reuses_recomputes_on_key_change_and_recovers_from_damage
     assert identify.build(_identify_cfg(max_tokens=500), tiny, data_root, store, seed=0).recorded
     reselected = identify.build(_identify_cfg(top_rate=0.02), tiny, data_root, store, seed=0)
     assert not reselected.recorded and reselected.key != first.key
-    # damage the cached recording: it is detected and recomputed
-    entry = next((tmp_path / "recording").glob("*/tensors.safetensors"))
-    entry.write_bytes(b"garbage")
-    assert any(identify.build(_identify_cfg(max_tokens=m), tiny, data_root, store, seed=0).recorded
-               for m in (600, 500))
+
+
+def test_recordings_are_cached_per_language_and_damage_is_recomputed(tiny, data_root, tmp_path):
+    store = ArtifactStore(tmp_path)
+    identify.build(_identify_cfg(languages=["en", "fr"]), tiny, data_root, store, seed=0)
+    assert len(list((tmp_path / "recording").glob("*/meta.json"))) == 2
+    grown = identify.build(_identify_cfg(), tiny, data_root, store, seed=0)  # + ja: records only ja
+    assert grown.recorded and len(list((tmp_path / "recording").glob("*/meta.json"))) == 3
+    for entry in (tmp_path / "recording").glob("*/tensors.safetensors"):
+        entry.write_bytes(b"garbage")
+        break
+    again = identify.build(_identify_cfg(), tiny, data_root, store, seed=0)
+    assert again.recorded  # the damaged language was detected and recorded again
+    assert torch.equal(again.artifact.masks["lape"], grown.artifact.masks["lape"])
+    assert not identify.build(_identify_cfg(), tiny, data_root, store, seed=0).recorded
 
 
 def test_sentence_statistics_span_real_sentences(tiny, data_root, tmp_path):

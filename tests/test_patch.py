@@ -3,12 +3,14 @@ per-sample statistics, padding invariance (right-padded scoring, left-padded gen
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
+from transformers import DynamicCache
 
 from lsn_exp import identify
 from lsn_exp.errors import UserError
@@ -35,7 +37,7 @@ HOOK_SPECS = [
     PatchSpec("id", op="set", source="pmax"),
     PatchSpec("id", op="set", source="pmedian"),
     PatchSpec("id", op="add", value=0.5),
-    PatchSpec("id", op="mul", value=3.0, others_op="set", others_value=0.0),
+    PatchSpec("id", op="mul", value=3.0, others_op="set", others_value=0.0),  # weight edit only, no hook
     PatchSpec("id", op="add", stat="max", layers=(1, 2)),
     PatchSpec("id", op="mul", stat="percentile", coef=75.0),
 ]
@@ -43,11 +45,18 @@ HOOK_SPECS = [
 
 # --- fixtures: tiny models (loaded once) and synthetic artifacts -----------------------------------
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and on a busy CPU each parallel region waits (~20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(model_type: str):
     cfg = OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml")
     cfg.arch.model_type = model_type
-    if "tokenizer" not in cfg:  # tiny.yaml names the model whose cached tokenizer it reuses
-        cfg.tokenizer = OmegaConf.load(REPO / "conf" / "model" / f"{cfg.tokenizer_model}.yaml")
     return cfg
 
 
@@ -86,6 +95,12 @@ def encode(handle: ModelHandle, texts: list[str], side: str = "right") -> dict[s
 @torch.inference_mode()
 def logits(handle: ModelHandle, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return handle.model(**batch).logits  # [B, T, vocab]
+
+
+@torch.inference_mode()
+def hidden(handle: ModelHandle, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The decoder's output [B, T, d_model]: logits without the (here 262k-wide, slow) LM head."""
+    return handle.adapter.decoder(**batch).last_hidden_state
 
 
 @torch.inference_mode()
@@ -219,14 +234,14 @@ def test_noop_patches_are_bit_identical(arch):
 def test_exit_restores_every_bit_and_hook(spec):
     handle, artifact = tiny("llama"), artifact_for("llama")
     batch = encode(handle, TEXTS)
-    reference, bits, hooks = logits(handle, batch), state_bits(handle), hook_registry(handle)
+    reference, bits, hooks = hidden(handle, batch), state_bits(handle), hook_registry(handle)
     with Patch(handle, artifact, spec) as patch:
         assert not patch.is_noop
-        assert not torch.equal(logits(handle, batch), reference)
+        assert not torch.equal(hidden(handle, batch), reference)
         greedy(handle, encode(handle, TEXTS[:2], side="left"), new_tokens=3)
     assert hook_registry(handle) == hooks
     assert_bits_equal(bits, state_bits(handle))
-    assert torch.equal(logits(handle, batch), reference)
+    assert torch.equal(hidden(handle, batch), reference)
 
 
 def test_exit_restores_after_an_error():
@@ -252,11 +267,11 @@ def test_weight_edit_equals_hook(arch, spec):
     hooks = hook_registry(handle)
     with Patch(handle, artifact, spec) as edit:
         assert edit.summary()["hook_layers"] == 0 and hook_registry(handle) == hooks  # weights only
-        by_weights = logits(handle, batch)
+        by_weights = hidden(handle, batch)
     with Patch(handle, artifact, spec, weight_edit=False) as hooked:
         assert hooked.summary()["weight_edit_layers"] == 0
-        by_hook = logits(handle, batch)
-    assert not torch.equal(by_hook, logits(handle, batch))
+        by_hook = hidden(handle, batch)
+    assert not torch.equal(by_hook, hidden(handle, batch))
     torch.testing.assert_close(by_weights, by_hook, rtol=1e-5, atol=1e-5)
 
 
@@ -294,9 +309,9 @@ def test_layer0_activations_follow_the_spec(spec):
     """Layer 0 sees unpatched inputs, so its patched activations can be checked against the spec exactly."""
     handle, artifact = tiny("llama"), artifact_for("llama")
     batch = encode(handle, TEXTS)
-    [before] = gate_capture(handle, 0, lambda: logits(handle, batch))  # [B, T, d_ff]
+    [before] = gate_capture(handle, 0, lambda: hidden(handle, batch))  # [B, T, d_ff]
     with Patch(handle, artifact, spec, weight_edit=False):
-        [after] = gate_capture(handle, 0, lambda: logits(handle, batch))
+        [after] = gate_capture(handle, 0, lambda: hidden(handle, batch))
     idx = artifact.neurons(spec.neuron_set, spec.target)[0]
     rest = torch.ones(before.shape[-1], dtype=torch.bool)
     rest[idx] = False
@@ -323,8 +338,8 @@ def test_right_padded_batch_matches_each_sample_alone(arch, spec):
     lengths = batch["attention_mask"].sum(dim=1).tolist()
     assert len(TEXTS) == 8 and len(set(lengths)) > 4
     with Patch(handle, artifact, spec):
-        together = logits(handle, batch)
-        alone = [logits(handle, encode(handle, [text]))[0] for text in TEXTS]
+        together = hidden(handle, batch)
+        alone = [hidden(handle, encode(handle, [text]))[0] for text in TEXTS]
     for b, (length, single) in enumerate(zip(lengths, alone)):
         torch.testing.assert_close(together[b, :length], single, rtol=1e-4, atol=1e-4, msg=f"row {b}")
 
@@ -346,7 +361,7 @@ def test_decode_steps_reuse_each_samples_prefill_statistic():
     spec = PatchSpec("id", op="set", stat="mean", coef=4.0)
     batch = encode(handle, TEXTS[:3], side="left")
     idx = artifact.neurons("lape", "id")[0]
-    [prompt] = gate_capture(handle, 0, lambda: logits(handle, batch))  # unpatched prompt activations
+    [prompt] = gate_capture(handle, 0, lambda: hidden(handle, batch))  # unpatched prompt activations
     with Patch(handle, artifact, spec):
         prefill, *steps = gate_capture(handle, 0, lambda: greedy(handle, batch, new_tokens=4))
     real = batch["attention_mask"].bool()
@@ -362,7 +377,7 @@ def test_decode_steps_reuse_each_samples_prefill_statistic():
 def greedy_without_cache(handle: ModelHandle, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
     ids = input_ids
     for _ in range(new_tokens):
-        step = handle.model(input_ids=ids, use_cache=False).logits[:, -1].argmax(dim=-1, keepdim=True)
+        step = handle.model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1].argmax(dim=-1, keepdim=True)
         ids = torch.cat([ids, step], dim=1)
     return ids[:, input_ids.shape[1]:]
 
@@ -379,3 +394,52 @@ def test_generation_is_patched(arch, spec):
         recomputed = greedy_without_cache(handle, single["input_ids"], new_tokens=10)
     assert not torch.equal(patched, plain)
     assert torch.equal(patched, recomputed)  # cached decode steps are patched like full forwards
+
+
+# --- no host sync in the hooks ----------------------------------------------------------------------
+
+@contextlib.contextmanager
+def no_host_sync(device: str):
+    """On CUDA, any synchronising call (.item(), .tolist(), nonzero, ...) raises inside this block."""
+    if device != "cuda":
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param(
+    "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+@torch.inference_mode()
+def test_hooks_run_without_host_sync(device):
+    """The installed hooks, called directly on device tensors (prefill, then a cached step), never sync."""
+    cfg = tiny_config("llama")
+    cfg.device = device
+    handle, artifact = (tiny("llama") if device == "cpu" else load(cfg)), artifact_for("llama")
+    decoder, d_ff = handle.adapter.decoder, handle.adapter.d_ff
+    gate = torch.randn(3, 5, d_ff, device=device)  # [B, T, d_ff]
+    mask = torch.ones(3, 5, dtype=torch.long, device=device)
+    mask[0, 3:] = 0
+    cache = DynamicCache()  # a real cache holding the 5 prefill positions, as in generate's decode steps
+    cache.update(torch.zeros(3, 2, 5, 16, device=device), torch.zeros(3, 2, 5, 16, device=device), layer_idx=0)
+    step_mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long, device=device)], dim=1)  # [B, 6]
+    hooked = 0
+    for spec in [*HOOK_SPECS, *STAT_SPECS]:
+        with Patch(handle, artifact, spec):
+            pre_hooks = list(decoder._forward_pre_hooks.values())  # the statistic's mask capture
+            hooks = [(m, h) for m in handle.adapter.act_fns for h in m._forward_hooks.values()]
+            assert len(pre_hooks) == (spec.stat is not None)
+            hooked += bool(hooks)
+            with no_host_sync(device):
+                for pre_hook in pre_hooks:
+                    pre_hook(decoder, (), {"attention_mask": mask, "cache": None})
+                prefill = [hook(module, (gate,), gate.clone()) for module, hook in hooks]
+                for pre_hook in pre_hooks:
+                    pre_hook(decoder, (), {"attention_mask": step_mask, "cache": cache})
+                step = [hook(module, (gate[:, :1],), gate[:, :1].clone()) for module, hook in hooks]
+            assert all(out.shape == gate.shape and out.device == gate.device for out in prefill)
+            assert all(out.shape == (3, 1, d_ff) for out in step)
+    assert hooked == len(HOOK_SPECS) + len(STAT_SPECS) - 1  # all but the weight-only mul/set-0 spec

@@ -1,0 +1,303 @@
+"""LSS: mLAMA prompts over all local facts, the lm-eval tasks, scores checked by hand, the cached baseline
+with a no-op patch, batch-layout noise against the tolerance, and the factor search (tiny models, CPU)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from lsn_exp import evaluate, lss
+from lsn_exp.artifacts import ArtifactStore
+from lsn_exp.errors import UserError
+from lsn_exp.identify import NeuronArtifact
+from lsn_exp.patch import Patch, PatchSpec
+
+SOURCES = ["en", "ja", "th"]  # a spaced language and two written without spaces before the object
+
+
+def synthetic_artifact(handle, rate: float = 0.1, seed: int = 0) -> NeuronArtifact:
+    """Random neuron sets (about ``rate`` of each layer) for all 15 LSS languages, p_max > p_median > 0."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (len(lss.LSS_LANGS), handle.adapter.n_layers, handle.adapter.d_ff)
+    masks = {name: torch.rand(shape, generator=gen) < rate for name in ("lape", "baseline", "random")}
+    p_max = torch.rand(shape, generator=gen) + 0.5
+    return NeuronArtifact(languages=list(lss.LSS_LANGS), masks=masks, p_max=p_max, p_median=p_max / 3,
+                          activation_prob=torch.rand(shape, generator=gen), meta={"synthetic": True})
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny):
+    return synthetic_artifact(tiny)
+
+
+# --- prompts and data -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("template, subject, no_space, expected", [
+    ("[X] was born in [Y] .", "Ufa", False, ("Ufa was born in", " ")),
+    ("[X]は[Y]に生まれました。", "ウファ", True, ("ウファは", "")),  # [Y] not last, no space
+    ("[X] เกิดใน [Y]", "อูฟา", True, ("อูฟา เกิดใน", "")),  # th: the template's space is dropped
+    ("[X] est né à l'[Y] .", "Ufa", False, ("Ufa est né à l'", "")),  # no space before [Y] in the template
+    ("[X], [Y] ...", " Ufa ", False, ("Ufa,", " ")),  # subject stripped
+    ("[Y] is the capital of [X] .", "Ufa", False, "object_before_subject"),
+    ("[X] has no object .", "Ufa", False, "template_placeholders"),
+    ("[X] is [Y] .", "  ", False, "empty_subject"),
+])
+def test_build_prompt_cases(template, subject, no_space, expected):
+    assert lss.build_prompt(template, subject, no_space) == expected
+
+
+def test_every_local_fact_yields_a_prompt_and_objects_in_all_15_languages(data_root):
+    mlama = lss.read_mlama(data_root)
+    base = data_root / "mlama"
+    rows = {lang: {(r["predicate_id"], r["lineid"]): r for r in map(json.loads, (
+        base / "parallel15" / f"{lang}.jsonl").read_text(encoding="utf-8").splitlines())} for lang in lss.LSS_LANGS}
+    templates = {lang: {r["relation"]: r["template"] for r in map(json.loads, (
+        base / "templates" / f"{lang}.jsonl").read_text(encoding="utf-8").splitlines())} for lang in lss.LSS_LANGS}
+    assert len(mlama.facts) + sum(mlama.excluded.values()) == len(rows["en"]) == 4916
+    assert mlama.excluded == {}  # every local fact is usable (exclusions would be counted by reason)
+    for fact in mlama.facts:
+        relation, lineid = fact.fact_id.split(":")
+        for lang in lss.LSS_LANGS:
+            row = rows[lang][(relation, int(lineid))]
+            prompt, sep, obj = fact.prompts[lang], fact.seps[lang], fact.objects[lang]
+            assert prompt and prompt == prompt.strip() and "[X]" not in prompt and "[Y]" not in prompt
+            assert obj and obj == row["obj_label"].strip()
+            filled = templates[lang][relation].replace("[X]", row["sub_label"].strip())
+            gap = filled[len(prompt):filled.index("[Y]")]
+            assert filled.startswith(prompt) and row["sub_label"].strip() in prompt and gap.strip() == ""
+            assert sep == ("" if lang in lss.NO_SPACE_LANGS or not gap else " "), (fact.fact_id, lang)
+            assert fact.continuation(lang, lang) == sep + obj
+
+
+def test_sample_is_seeded_and_spread_over_relations(data_root):
+    facts = lss.read_mlama(data_root).facts
+    a, b, c = (lss.sample_facts(facts, 185, seed) for seed in (0, 0, 1))
+    assert len(a) == 185 and [f.fact_id for f in a] == [f.fact_id for f in b] != [f.fact_id for f in c]
+    available, picked = {}, {}
+    for fact in facts:
+        available[fact.relation] = available.get(fact.relation, 0) + 1
+    for fact in a:
+        picked[fact.relation] = picked.get(fact.relation, 0) + 1
+    top = max(picked.values())
+    assert len(available) == 40 and set(picked) == set(available)  # every relation is represented
+    assert all(min(available[r], top - 1) <= picked.get(r, 0) <= top for r in available)  # round robin
+    assert len(lss.sample_facts(facts, "all", 0)) == len(facts)
+    with pytest.raises(UserError, match="n_facts"):
+        lss.sample_facts(facts, 0, 0)
+
+
+def test_lss_tasks_load_through_the_task_manager(data_root):
+    manager = evaluate.task_manager(metadata={"data_root": str(data_root), "n_facts": 3, "seed": 0})
+    assert {f"lss_{lang}" for lang in lss.LSS_LANGS} <= set(manager.all_tasks)
+    tasks = manager.load(["lss_en", "lss_ja"])["tasks"]
+    for source, sep in (("en", " "), ("ja", "")):
+        task = tasks[f"lss_{source}"]
+        docs = list(task.eval_docs)
+        assert len(docs) == 3
+        instances = evaluate.build_instances(task)
+        assert len(instances) == 3 * 15
+        for inst in instances:
+            doc = docs[inst.doc_id]
+            assert inst.args == (doc["prompt"], doc["choices"][inst.idx])
+            assert inst.args[1].startswith(sep) and inst.args[1].strip() == inst.args[1][len(sep):]
+
+
+# --- lm-eval scoring -----------------------------------------------------------------------------
+
+def test_lsn_hflm_scores_like_plain_hflm_with_mask_and_fewer_logits(tiny, data_root):
+    from lm_eval.models.huggingface import HFLM
+
+    manager = evaluate.task_manager(metadata={"data_root": str(data_root), "n_facts": 3, "seed": 0})
+    tasks = manager.load(["lss_en", "lss_th"])["tasks"]
+    instances = [i for t in tasks.values() for i in evaluate.build_instances(t)]
+    seen = []
+    hook = tiny.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
+    try:
+        ours = evaluate.loglikelihoods(evaluate.hflm(tiny, 8), instances)
+    finally:
+        hook.remove()
+    plain = evaluate.loglikelihoods(HFLM(pretrained=tiny.model, tokenizer=tiny.tokenizer, batch_size=8), instances)
+    assert np.allclose(ours, plain, atol=1e-5, rtol=0)
+    assert seen and all(kw["attention_mask"].ndim == 2 for kw in seen)
+    keep = [kw["logits_to_keep"] for kw in seen]  # bool [B, T]: each row's continuation positions only
+    assert all(k.dtype == torch.bool and k.shape == kw["input_ids"].shape for k, kw in zip(keep, seen))
+    assert sum(int(k.sum()) for k in keep) < sum(k.numel() for k in keep) / 2
+
+
+def test_cell_stats_by_hand():
+    cell = lss.cell_stats("en", "fr", delta_base=[0.0, 1.0, 2.0, 3.0], delta_patched=[0.5, 0.8, 2.0005, 5.0],
+                          skipped=2, tol=1e-3, n_boot=500, seed=0)
+    # shifts 0.5, -0.2, 0.0005 (within tol: no win), 2.0 -> 2 wins of 4
+    assert cell["lss"] == 0.5 and cell["wins"] == 2 and cell["n"] == 4 and cell["skipped"] == 2
+    assert cell["within_tol"] == 1 and cell["mean_shift"] == pytest.approx((0.5 - 0.2 + 0.0005 + 2.0) / 4)
+    assert 0.0 <= cell["ci_low"] <= 0.5 <= cell["ci_high"] <= 1.0
+
+
+# --- three hand-made facts, LSS computed by hand -----------------------------------------------------
+
+HAND_FACTS = [  # (subject, objects by language); en and fr share "Canada", so that cell skips fact 2
+    ({"en": "Ufa", "fr": "Oufa", "ja": "ウファ"}, {"en": "Russia", "fr": "Russie", "ja": "ロシア"}),
+    ({"en": "Toronto", "fr": "Toronto", "ja": "トロント"}, {"en": "Canada", "fr": "Canada", "ja": "カナダ"}),
+    ({"en": "Lyon", "fr": "Lyon", "ja": "リヨン"}, {"en": "France", "fr": "la France", "ja": "フランス"}),
+]
+
+
+@pytest.fixture(scope="module")
+def hand_root(tmp_path_factory, data_root):
+    root = tmp_path_factory.mktemp("hand_mlama")
+    shutil.copytree(data_root / "mlama" / "templates", root / "mlama" / "templates")
+    (root / "mlama" / "parallel15").mkdir(parents=True)
+    for lang in lss.LSS_LANGS:
+        rows = [{"predicate_id": "P17", "lineid": i, "uuid": f"u{i}", "sub_uri": f"Qs{i}",
+                 "sub_label": subjects.get(lang, subjects["en"]), "obj_uri": f"Qo{i}",
+                 "obj_label": objects.get(lang, objects["en"] + "-" + lang)}
+                for i, (subjects, objects) in enumerate(HAND_FACTS)]
+        (root / "mlama" / "parallel15" / f"{lang}.jsonl").write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return root
+
+
+@torch.inference_mode()
+def logprob(handle, prompt: str, continuation: str) -> float:
+    """log P(continuation | prompt), tokenized as lm-eval does: the continuation is whole[len(ctx):]."""
+    ctx = handle.tokenizer.encode(prompt)
+    whole = handle.tokenizer.encode(prompt + continuation)
+    logits = handle.model(torch.tensor([whole[:-1]])).logits[0].double().log_softmax(-1)  # [T, vocab]
+    cont = whole[len(ctx):]
+    return sum(logits[len(ctx) - 1 + k, tok].item() for k, tok in enumerate(cont))
+
+
+def test_three_hand_made_facts_match_lss_computed_by_hand(tiny, artifact, hand_root):
+    langs = ["en", "fr", "ja"]
+    cfg = {"n_facts": "all", "sources": langs, "targets": langs, "bootstrap": 200, "batch_size": 4}
+    spec_for = lambda t: PatchSpec(t, op="mul", value=8.0)  # noqa: E731
+    result = lss.lss_matrix(tiny, artifact, spec_for, cfg, hand_root, store=None)
+    mlama = lss.read_mlama(hand_root)
+    assert len(mlama.facts) == 3
+    tol = lss.default_tol(torch.float32)
+    for target in langs:
+        with Patch(tiny, artifact, spec_for(target)):
+            patched = {(s, i, o): logprob(tiny, f.prompts[s], f.continuation(s, o))
+                       for i, f in enumerate(mlama.facts) for s in langs for o in (s, target)}
+        for source in (s for s in langs if s != target):
+            wins = n = 0
+            shifts = []
+            for i, fact in enumerate(mlama.facts):
+                obj_s, obj_t = fact.continuation(source, source), fact.continuation(source, target)
+                if obj_s == obj_t:
+                    continue
+                n += 1
+                base = logprob(tiny, fact.prompts[source], obj_t) - logprob(tiny, fact.prompts[source], obj_s)
+                after = patched[(source, i, target)] - patched[(source, i, source)]
+                shifts.append(after - base)
+                wins += after - base > tol
+            cell = next(c for c in result["cells"] if c["source"] == source and c["target"] == target)
+            assert (cell["n"], cell["skipped"]) == (n, 3 - n)
+            assert cell["wins"] == wins and cell["lss"] == pytest.approx(wins / n)
+            assert cell["mean_shift"] == pytest.approx(np.mean(shifts), abs=1e-4)
+            assert result["matrix"][source][target] == pytest.approx(wins / n)
+    en_fr = next(c for c in result["cells"] if c["source"] == "en" and c["target"] == "fr")
+    assert en_fr["skipped"] == 1  # "Canada" in both
+    assert result["matrix"]["en"]["en"] is None
+
+
+# --- the cached baseline: a no-op is exactly 0; batch layouts differ only within the tolerance ---------
+
+NOOPS = [PatchSpec("x", op="mul", value=1.0),  # installs nothing
+         PatchSpec("x", op="add", stat="max", coef=0.0)]  # runs a hook on every layer and adds 0
+
+
+def test_noop_patch_gives_lss_zero_everywhere_with_the_cached_baseline(tiny, artifact, data_root, tmp_path):
+    store = ArtifactStore(tmp_path)
+    cfg = {"n_facts": 4, "sources": SOURCES, "targets": SOURCES, "bootstrap": 100}
+    first = lss.LssEvaluator(tiny, {**cfg, "batch_size": 16}, data_root, store)
+    assert first.baseline_cached == {s: False for s in SOURCES}
+    cached = lss.LssEvaluator(tiny, {**cfg, "batch_size": 3}, data_root, store)  # another batch layout
+    assert cached.baseline_cached == {s: True for s in SOURCES}
+    for s in SOURCES:
+        assert np.array_equal(cached.baseline[s], first.baseline[s])
+    meta = json.loads(next((tmp_path / lss.BASELINE_KIND).glob("*/meta.json")).read_text())
+    assert meta["spec"]["model"] == tiny.identity and meta["meta"]["provenance"]["data_files"]
+    for noop in NOOPS:
+        result = lss.lss_matrix(tiny, artifact, lambda t, n=noop: PatchSpec(t, op=n.op, value=n.value, stat=n.stat,
+                                                                               coef=n.coef),
+                                cfg, data_root, store, evaluator=cached)
+        assert all(c["lss"] == 0.0 and c["wins"] == 0 and c["within_tol"] == c["n"] for c in result["cells"])
+        assert result["mean_offdiag"] == 0.0 and len(result["cells"]) == 6
+
+
+def test_batch_size_1_and_16_differ_only_within_the_tolerance(tiny, artifact, data_root):
+    cfg = {"n_facts": 5, "sources": SOURCES, "bootstrap": 0}
+    one = lss.LssEvaluator(tiny, {**cfg, "batch_size": 1}, data_root, store=None)
+    sixteen = lss.LssEvaluator(tiny, {**cfg, "batch_size": 16}, data_root, store=None)
+    tol = one.settings.tol
+    for s in SOURCES:
+        assert np.abs(one.baseline[s] - sixteen.baseline[s]).max() < tol / 10
+    for target in ("en", "ja"):
+        spec = PatchSpec(target, op="set", stat="max")  # per-sample statistic: needs the attention mask
+        a, _, _, _ = one.deltas(artifact, spec)
+        b, _, _, _ = sixteen.deltas(artifact, spec)
+        for source in a:
+            shift_a, shift_b = a[source][2] - a[source][1], b[source][2] - b[source][1]
+            assert np.abs(shift_a - shift_b).max() < tol / 10
+            differ = (shift_a > tol) != (shift_b > tol)
+            # a fact may flip only where its shift lies within the layout noise of the tolerance
+            assert np.all(np.abs(shift_a[differ] - tol) <= np.abs(shift_a - shift_b)[differ])
+            if not differ.any():
+                ca = lss.cell_stats(source, target, a[source][1], a[source][2], 0, tol, 0, 0)
+                cb = lss.cell_stats(source, target, b[source][1], b[source][2], 0, tol, 0, 0)
+                assert ca["lss"] == cb["lss"]
+
+
+# --- matrix outputs and the factor search -------------------------------------------------------------
+
+def test_factor_search_ranks_the_grid_and_saves_the_best(tiny, artifact, data_root, tmp_path):
+    store = ArtifactStore(tmp_path / "cache")
+    cfg = {"n_facts": 10, "bootstrap": 50, "search": {
+        "n_facts": 3, "sources": ["en", "ja"], "targets": ["en", "ja"],
+        "grid": [{"name": "x5", "factor": 5}, {"name": "set0", "op": "set", "value": 0.0},
+                 {"name": "pmax", "factor": "pmax"}, {"name": "noop", "factor": 1}]}}
+    assert lss.best_factor(tiny.identity, store) is None
+    with pytest.raises(UserError, match="factor_search"):
+        lss.resolve_best(tiny.identity, store, {"neuron_set": "lape"})
+    out = lss.factor_search(tiny, artifact, {"neuron_set": "lape"}, cfg, data_root, store, out_dir=tmp_path)
+    ranking = out["ranking"]
+    assert [r["rank"] for r in ranking] == [1, 2, 3, 4]
+    scores = [r["mean_offdiag_lss"] for r in ranking]
+    assert scores == sorted(scores, reverse=True) and next(r for r in ranking if r["name"] == "noop")[
+        "mean_offdiag_lss"] == 0.0
+    assert out["n_facts"] == 3 and (tmp_path / "factor_ranking.csv").exists()
+    assert (tmp_path / "factor_search" / "lss_x5_matrix.png").exists()
+    best = lss.best_factor(tiny.identity, store)
+    assert best["name"] == ranking[0]["name"] and best["mean_offdiag_lss"] == scores[0]
+    patch_cfg, factor = lss.resolve_best(tiny.identity, store, {"neuron_set": "lape"})
+    spec = PatchSpec.from_config(patch_cfg, factor, "ja")
+    assert spec == lss.grid_entry_spec(best["entry"], {"neuron_set": "lape"}, "ja")
+    assert lss.best_factor({**tiny.identity, "seed": 99}, store) is None
+
+
+def test_matrix_outputs_and_user_errors(tiny, artifact, data_root, tmp_path):
+    cfg = {"n_facts": 2, "sources": ["en", "fr"], "targets": ["fr"], "bootstrap": 20}
+    result = lss.lss_matrix(tiny, artifact, lambda t: PatchSpec(t, op="mul", value=5.0), cfg, data_root, None,
+                            out_dir=tmp_path, title="tiny x5")
+    assert set(result["matrix"]) == {"en", "fr"} and result["matrix"]["fr"]["fr"] is None
+    assert result["images"]["lss/heatmap"].exists() and result["tables"]["lss/matrix"].exists()
+    lines = result["tables"]["lss/matrix"].read_text().splitlines()
+    assert lines[0] == "source\\target,fr" and lines[1].startswith("en,") and lines[2] == "fr,"
+    json.dumps({k: v for k, v in result.items() if k not in ("tables", "images")})  # plain data for results.json
+    single = lss.lss_for_target(tiny, artifact, PatchSpec("en", op="mul", value=5.0), cfg, data_root, None,
+                                out_dir=tmp_path)
+    assert set(single["lss"]) == {"fr"} and single["mean_lss"] == single["lss"]["fr"]
+    assert single["tables"]["lss/cells"].read_text().startswith("source,target,lss,ci_low,ci_high")
+    with pytest.raises(UserError, match="lss.sources"):
+        lss.settings({"sources": ["en", "xx"]})
+    with pytest.raises(UserError, match="lss.n_facts"):
+        lss.settings({"n_facts": "many"})
+    with pytest.raises(UserError, match="lss.tol"):
+        lss.settings({"tol": -1})
+    with pytest.raises(UserError, match="not an LSS language"):
+        lss.LssEvaluator(tiny, cfg, data_root, None).score(artifact, PatchSpec("sw", op="mul", value=2.0))
