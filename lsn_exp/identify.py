@@ -233,3 +233,16 @@ def summary(artifact: NeuronArtifact, top_overlaps: int = 5) -> dict:
         "largest_overlaps": [{"pair": f"{a}-{b}", "jaccard": round(v, 4)} for v, a, b in pairs],
         **{k: v for k, v in artifact.meta.get("thresholds", {}).items()},
     }
+
+
+def load_with_artifact(model_name: str, identify_overrides: dict | None = None, seed: int = 0):
+    """(handle, artifact) for a model config with the default identify settings: for scripts and tests."""
+    from omegaconf import OmegaConf
+
+    from lsn_exp import CONF_DIR, data, models
+    from lsn_exp.artifacts import ArtifactStore
+
+    handle = models.load(OmegaConf.load(CONF_DIR / "model" / f"{model_name}.yaml"))
+    cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "identify" / "lape.yaml"), identify_overrides or {})
+    store = ArtifactStore(models.cache_root() / "artifacts" / model_name)
+    return handle, build(cfg, handle, data.resolve_root(None), store, seed=seed).artifact

@@ -38,11 +38,26 @@ class JobContext:
     artifact: Any = None
     data_files: list = field(default_factory=list)
 
-    def patch(self, target: str | None = None):
-        from lsn_exp.patch import Patch, PatchSpec
+    def patch_spec(self, target: str | None = None):
+        """The patch toward ``target`` (default: the job's lang); factor=best reads the factor search."""
+        from lsn_exp.patch import PatchSpec
 
-        spec = PatchSpec.from_config(self.cfg.patch, self.factor, target or self.cfg.lang.code)
-        return Patch(self.handle, self.artifact, spec)
+        patch_cfg, factor = self.cfg.patch, self.factor
+        if factor.kind == "best":
+            from lsn_exp.lss import resolve_best
+
+            patch_cfg, factor = resolve_best(self.handle.identity, self.store, self.cfg.patch)
+        return PatchSpec.from_config(patch_cfg, factor, target or self.cfg.lang.code)
+
+    def patch(self, target: str | None = None):
+        from lsn_exp.patch import Patch
+
+        return Patch(self.handle, self.artifact, self.patch_spec(target))
+
+    def add_outputs(self, result: dict) -> None:
+        self.record.tables.update(result.pop("tables", {}))
+        self.record.images.update(result.pop("images", {}))
+        self.data_files += [Path(p) for p in result.pop("data_files", [])]
 
 
 def load_model(ctx: JobContext) -> None:
@@ -88,10 +103,49 @@ def generate_demo(ctx: JobContext) -> None:
                                       "target_share_patched": generate.share_in(after, target)}
 
 
+def lss_scores(ctx: JobContext) -> None:
+    """LSS(s -> lang) for every mLAMA source s != lang, against the cached unpatched baseline."""
+    from lsn_exp import lss
+
+    target = ctx.cfg.lang.code
+    if target not in lss.LSS_LANGS:
+        ctx.record.results["lss"] = {"skipped": f"mLAMA has no {target}: LSS covers {' '.join(lss.LSS_LANGS)}"}
+        return
+    result = lss.lss_for_target(ctx.handle, ctx.artifact, ctx.patch_spec(), ctx.cfg.lss, ctx.data_root, ctx.store,
+                                out_dir=ctx.run_dir)
+    ctx.add_outputs(result)
+    ctx.record.results["lss"] = {**result, "mean": result["mean_lss"]}
+
+
+def lss_matrix(ctx: JobContext) -> None:
+    """The full sources x targets matrix for this factor in one model load."""
+    from lsn_exp import lss
+
+    result = lss.lss_matrix(ctx.handle, ctx.artifact, ctx.patch_spec, ctx.cfg.lss, ctx.data_root, ctx.store,
+                            out_dir=ctx.run_dir, title=f"LSS {ctx.cfg.model.name} factor={ctx.factor}")
+    ctx.add_outputs(result)
+    result.pop("cells", None)
+    ctx.record.results["lss_matrix"] = result
+
+
+def factor_search(ctx: JobContext) -> None:
+    from lsn_exp import lss
+
+    result = lss.factor_search(ctx.handle, ctx.artifact, ctx.cfg.patch, ctx.cfg.lss, ctx.data_root, ctx.store,
+                               out_dir=ctx.run_dir, artifact_key=ctx.record.results["identify"]["artifact_key"])
+    ctx.add_outputs(result)
+    ctx.record.results["factor_search"] = result
+    for row in result["ranking"]:
+        print(f"{row['rank']:>2}. {row['name']:<14} mean off-diagonal LSS {row['mean_offdiag_lss']:.3f}")
+
+
 STAGES: dict[str, list[Callable[[JobContext], None]]] = {
     "identify": [load_model, identify_neurons],
     "generate": [load_model, identify_neurons, generate_demo],
-    "run": [load_model, identify_neurons, generate_demo],
+    "lss": [load_model, identify_neurons, lss_scores],
+    "lss_matrix": [load_model, identify_neurons, lss_matrix],
+    "factor_search": [load_model, identify_neurons, factor_search],
+    "run": [load_model, identify_neurons, generate_demo, lss_scores],
 }
 
 
@@ -159,6 +213,10 @@ def note_attempt(run_dir: Path, what: str) -> None:
 
 def headline(results: dict) -> str:
     parts = [f"LAPE neurons={sum(results.get('identify', {}).get('lape_neurons', {}).values())}"]
+    if isinstance(results.get("lss"), dict) and "mean" in results["lss"]:
+        parts.append(f"mean LSS {results['lss']['mean']:.3f}")
+    if "lss_matrix" in results:
+        parts.append(f"mean off-diagonal LSS {results['lss_matrix']['mean_offdiag']:.3f}")
     if "generate" in results:
         gen = results["generate"]
         parts.append(f"target-language continuations {gen['target_share_unpatched']:.2f} -> "

@@ -38,7 +38,7 @@ NEURON_SETS = ("lape", "baseline", "random")  # as lsn_exp.identify.NEURON_SETS 
 class Factor:
     """``factor=`` parsed: multiply by ``value``, or set to the patched value ``kind``."""
 
-    kind: str  # "mul" | "pmax" | "pmedian"
+    kind: str  # "mul" | "pmax" | "pmedian" | "best" (the factor search's winner, resolved by the job)
     value: float | None = None
 
     def __str__(self) -> str:
@@ -51,13 +51,14 @@ def parse_factor(raw) -> Factor:
     if isinstance(raw, (int, float)):
         return Factor("mul", float(raw))
     text = str(raw).strip().lower()
-    if text in PATCHED_VALUES:
+    if text in PATCHED_VALUES or text == "best":
         return Factor(text)
     try:
         return Factor("mul", float(text))
     except ValueError:
         raise UserError(f"factor={raw!r} is not allowed: use a number (multiply, e.g. factor=5 or "
-                        f"factor=0.5) or one of {', '.join(PATCHED_VALUES)} (set to the patched value)"
+                        f"factor=0.5), one of {', '.join(PATCHED_VALUES)} (set to the patched value) or best "
+                        f"(the factor search's winner)"
                         ) from None
 
 

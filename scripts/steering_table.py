@@ -15,17 +15,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lsn_exp import CONF_DIR, data, generate, identify, models
-from lsn_exp.artifacts import ArtifactStore
+from lsn_exp import CONF_DIR, generate, identify
 from lsn_exp.patch import Patch, PatchSpec, parse_factor
-
-
-def load_default_artifact(model_name: str):
-    handle = models.load(OmegaConf.load(CONF_DIR / "model" / f"{model_name}.yaml"))
-    store = ArtifactStore(models.cache_root() / "artifacts" / model_name)
-    identify_cfg = OmegaConf.load(CONF_DIR / "identify" / "lape.yaml")
-    result = identify.build(identify_cfg, handle, data.resolve_root(None), store, seed=0)
-    return handle, result.artifact
 
 
 def steering_counts(handle, artifact, neuron_set: str, factor: str, targets: list[str]) -> dict:
@@ -45,7 +36,7 @@ def main() -> None:
     parser.add_argument("--factors", default="pmax,pmedian,5")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    handle, artifact = load_default_artifact(args.model)
+    handle, artifact = identify.load_with_artifact(args.model)
     targets = [code for code in artifact.languages if code != "en"]
     unpatched = generate.generate_labelled(handle)
     columns = [(s, f) for s in args.sets.split(",") for f in args.factors.split(",")]
