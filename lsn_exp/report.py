@@ -56,13 +56,15 @@ def collect(sweep_dir: Path) -> list[Cell]:
 
 
 def expected_cells(sweep_dir: Path) -> list[dict]:
-    """The sweep's grid from Hydra's multirun.yaml (comma lists in the task overrides)."""
+    """The sweep's grid (its sweep axes only) from Hydra's multirun.yaml, parsed as Hydra parses it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     path = sweep_dir / "multirun.yaml"
     if not path.exists():
         return []
     task = yaml.safe_load(path.read_text())["hydra"]["overrides"]["task"]
-    axes = [[(k, v) for v in values.split(",")] for k, values in (item.split("=", 1) for item in task)
-            if not k.startswith(("hydra", "+hydra"))]
+    axes = [[(o.get_key_element(), v) for v in o.sweep_string_iterator()]
+            for o in OverridesParser.create().parse_overrides(task) if o.is_sweep_override()]
     return [dict(combo) for combo in itertools.product(*axes)]
 
 

@@ -1,0 +1,63 @@
+"""Sweeps: a 2 x 2 multirun on a tiny model, the report, and resuming a sweep cell by cell."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lsn_exp.report import build_report
+from conftest import run_cli
+
+SMALL = ["model=tiny", "logger=none", "identify.languages=[en,fr,id]", "identify.max_tokens=1500",
+         "lss.n_facts=4", "lss.sources=[en,fr,id]", "lss.bootstrap=50"]
+GRID = ["lang=id,fr", "factor=2,pmax"]
+
+
+def attempts(cell) -> list[str]:
+    return [line.split(" ", 1)[1] for line in (cell / "attempts.log").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    sweep_dir = tmp_path_factory.mktemp("sweep") / "s"
+    result = run_cli("-m", *GRID, *SMALL, f"hydra.sweep.dir={sweep_dir}", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return sweep_dir
+
+
+def test_multirun_writes_four_cells_and_a_report_with_heatmaps(sweep):
+    cells = {}
+    for num in range(4):
+        payload = json.loads((sweep / str(num) / "results.json").read_text())
+        cells[(payload["config"]["lang"]["code"], str(payload["config"]["factor"]))] = payload["results"]
+    assert set(cells) == {("id", "2"), ("id", "pmax"), ("fr", "2"), ("fr", "pmax")}
+    assert all(0.0 <= r["lss"]["mean"] <= 1.0 for r in cells.values())
+    report = build_report(sweep).read_text()
+    assert "4 complete cell(s); 0 missing." in report
+    assert "## lss_mean by model x factor" in report
+    assert (sweep / "tiny_lss_mean.png").stat().st_size > 1000
+    assert (sweep / "report_cells.csv").read_text().count("\n") == 5
+
+
+def test_rerun_recomputes_only_the_cell_whose_results_were_deleted(sweep):
+    (sweep / "2" / "results.json").unlink()
+    assert "1 missing" in build_report(sweep).read_text()
+    result = run_cli("-m", *GRID, *SMALL, f"hydra.sweep.dir={sweep}", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for num in range(4):
+        history = attempts(sweep / str(num))
+        if num == 2:
+            assert history == ["started", "completed", "started", "completed"]
+        else:
+            assert history == ["started", "completed", "skipped: complete results exist for this config"]
+    assert "0 missing" in build_report(sweep).read_text()
+
+
+def test_report_cli_on_a_missing_dir_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "lsn_exp.report", str(tmp_path / "nope")], capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and "is not a directory" in result.stderr
