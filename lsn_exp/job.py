@@ -64,6 +64,10 @@ def load_model(ctx: JobContext) -> None:
     from lsn_exp import models
     from lsn_exp.artifacts import ArtifactStore
 
+    if ctx.cfg.threads:
+        import torch
+
+        torch.set_num_threads(int(ctx.cfg.threads))  # e.g. the CPUs SLURM gave this task
     ctx.handle = models.load(ctx.cfg.model, ctx.cfg.cache_dir)
     ctx.store = ArtifactStore(models.cache_root(ctx.cfg.cache_dir) / "artifacts" / ctx.cfg.model.name)
 

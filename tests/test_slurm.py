@@ -20,7 +20,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "slurm_local.sh"
-GRID = ["model=tiny", "lang=id,fr", "factor=2,pmax", "logger=none"]
+# Small identify/LSS settings: the test is about launching, not about the science.
+GRID = ["model=tiny", "lang=id,fr", "factor=2,pmax", "logger=none", "identify.languages=[en,fr,id]",
+        "identify.max_tokens=1500", "lss.n_facts=4", "lss.sources=[en,fr,id]", "lss.bootstrap=50"]
 CELLS = {("id", "2"), ("id", "pmax"), ("fr", "2"), ("fr", "pmax")}
 SWEEP_TIMEOUT_S = int(os.environ.get("LSN_TEST_SLURM_TIMEOUT", "300"))
 
