@@ -1,0 +1,161 @@
+"""lm-eval plumbing shared by every evaluation: our task directory, HFLM on a (patched) model in memory,
+and task runs that never reuse a response across patches.
+
+- ``task_manager``: a TaskManager over ``lsn_exp/tasks/`` (LSS, local XCOPA/XWinograd, FLORES ...), with
+  lm-eval's own tasks only when asked for (indexing them takes seconds).
+- ``hflm``: ``LsnHFLM(pretrained=handle.model)``. The Patch edits that model in place, so one HFLM serves
+  every patch of a job. No CachingLM (``use_cache``) anywhere: a cached response would belong to
+  whatever patch was active when it was written.
+- ``loglikelihoods``: a task's (or any) loglikelihood requests, deduplicated, in one batched call.
+- ``run_tasks``: ``simple_evaluate`` on an LM object with response and request caches off.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lm_eval.models.huggingface import HFLM
+
+if TYPE_CHECKING:
+    from lm_eval.api.instance import Instance
+    from lm_eval.tasks import TaskManager
+
+    from lsn_exp.models import ModelHandle
+
+log = logging.getLogger(__name__)
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+PAD_ID = 0  # lm-eval's pad_and_concat right-pads causal batches with token id 0
+
+
+def task_manager(metadata: dict[str, Any] | None = None, include_defaults: bool = False) -> TaskManager:
+    """Tasks from ``lsn_exp/tasks/`` (plus lm-eval's own with ``include_defaults``).
+
+    ``metadata`` reaches every task's ``custom_dataset`` as keyword arguments (e.g. data_root, n_facts).
+    """
+    from lm_eval.tasks import TaskManager
+
+    logging.getLogger("lm_eval.api.task").addFilter(_quiet)
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=include_defaults, metadata=metadata or {})
+
+
+_EXPECTED = ("Custom kwargs can be passed",  # per task: custom_dataset kwargs may come from --metadata (they do)
+             "model kwarg is not of type `str`", "Passed an already-initialized model")  # HFLM on our model
+
+
+def _quiet(record: logging.LogRecord) -> bool:
+    """Drop lm-eval's warnings about what we do on purpose; every other warning passes."""
+    return not any(text in record.getMessage() for text in _EXPECTED)
+
+
+class LsnHFLM(HFLM):
+    """HFLM on an in-memory model; the causal scoring call differs from HFLM's in two ways only.
+
+    1. It passes an attention mask for the right-padded batch (HFLM passes none). Scores of real tokens
+       do not need it (padding is on the right of a causal model), but a test-time statistic patch
+       (``patch.stat``) reads the mask to keep padding out of each sample's statistic.
+    2. It asks the model for logits only at the positions HFLM reads (each row's continuation; a boolean
+       ``logits_to_keep``): with a 262k vocabulary the LM head is a large part of the cost. The result
+       starts at the batch's first read position (HFLM's slicing treats dropped leading positions like
+       virtual tokens) and holds zeros where no row reads, so every score comes from the same position.
+    Both need each row's real length and continuation length. They come from the requests of the current
+    call, keyed by the row's tokens; a row that cannot be matched (or requests that contain the pad id 0,
+    which would make the padding ambiguous) fall back to HFLM's plain call, with a warning.
+    """
+
+    _rows: dict[tuple[int, ...], int] | None = None  # inp tokens -> longest continuation, per call
+    _warned = False
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        rows: dict[tuple[int, ...], int] | None = {}
+        if self.backend != "causal":
+            rows = None
+        for _, context, continuation in requests if rows is not None else ():
+            if PAD_ID in context or PAD_ID in continuation:
+                self._warn(f"a request contains token id {PAD_ID} (lm-eval's padding): scoring without an "
+                           "attention mask and with full logits (a patch.stat patch then sees padding)")
+                rows = None
+                break
+            key = tuple((context + continuation)[-(self.max_length + 1):][:-1])  # HFLM's inp
+            rows[key] = max(rows.get(key, 0), len(continuation))
+        self._rows = rows
+        try:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        finally:
+            self._rows = None
+
+    def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                    labels: torch.Tensor | None = None) -> torch.Tensor:
+        if attn_mask is not None or labels is not None or not self._rows:
+            return super()._model_call(inps, attn_mask, labels)
+        width = inps.shape[1]
+        lengths, conts = [], []
+        for row in inps.tolist():  # [B, T] right-padded with PAD_ID
+            length = width
+            while length and row[length - 1] == PAD_ID:
+                length -= 1
+            cont = self._rows.get(tuple(row[:length]))
+            if cont is None:
+                self._warn("a batch row matches no request: plain HFLM call for this batch")
+                return super()._model_call(inps)
+            lengths.append(length)
+            conts.append(cont)
+        positions = torch.arange(width, device=inps.device)[None, :]  # [1, T]
+        ends = torch.tensor(lengths, device=inps.device)[:, None]  # [B, 1]
+        mask = (positions < ends).long()  # [B, T] attention mask
+        read = (positions >= ends - torch.tensor(conts, device=inps.device)[:, None]) & (positions < ends)  # [B, T]
+        first = min(length - cont for length, cont in zip(lengths, conts))  # first position any row reads
+        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                             enabled=self.mixed_precision_dtype is not None):
+            kept = self.model(input_ids=inps, attention_mask=mask, logits_to_keep=read).logits  # [n_read, V]
+        logits = kept.new_zeros(len(lengths), width - first, kept.shape[-1])  # [B, T - first, V]
+        logits[read[:, first:]] = kept  # positions nobody reads stay 0 (HFLM slices them away)
+        return logits
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:
+            log.warning(message)
+            self._warned = True
+
+
+def hflm(handle: ModelHandle, batch_size: int | None = None) -> LsnHFLM:
+    """lm-eval's HF model around ``handle.model`` (patched in place by ``Patch``)."""
+    logging.getLogger("lm_eval.models.huggingface").addFilter(_quiet)
+    return LsnHFLM(pretrained=handle.model, tokenizer=handle.tokenizer,
+                   batch_size=int(batch_size or handle.batch_size), logits_cache=True)
+
+
+def build_instances(task) -> list[Instance]:
+    """The task's requests (0-shot, all docs), built fresh: lm-eval's request cache stays off."""
+    task.build_all_requests(cache_requests=False)
+    return list(task.instances)
+
+
+def loglikelihoods(lm, instances: list[Instance], disable_tqdm: bool = True) -> list[float]:
+    """Summed continuation log-prob of each loglikelihood request, through ``lm.loglikelihood`` (batched,
+    sorted by length by lm-eval). Identical (context, continuation) pairs are scored once."""
+    from lm_eval.api.instance import Instance
+
+    unique: dict[tuple[str, str], int] = {}
+    for inst in instances:
+        unique.setdefault(tuple(inst.args), len(unique))
+    if not unique:
+        return []
+    requests = [Instance("loglikelihood", {}, args, 0) for args in unique]
+    scores = [ll for ll, _greedy in lm.loglikelihood(requests, disable_tqdm=disable_tqdm)]
+    return [scores[unique[tuple(inst.args)]] for inst in instances]
+
+
+def run_tasks(lm, tasks: list[str], manager: TaskManager, limit: int | float | None = None,
+              num_fewshot: int | None = None, log_samples: bool = False, bootstrap_iters: int = 1000,
+              **kwargs) -> dict:
+    """``simple_evaluate`` on ``lm`` with no response cache (``use_cache=None``) and no request cache, so
+    every call scores the model as it is now (patched or not)."""
+    from lm_eval import simple_evaluate
+
+    return simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                           num_fewshot=num_fewshot, use_cache=None, cache_requests=False,
+                           log_samples=log_samples, bootstrap_iters=bootstrap_iters, **kwargs)

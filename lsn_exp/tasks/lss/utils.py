@@ -1,0 +1,13 @@
+"""Documents of the lss_<source> tasks, from the local mLAMA copy (prompts and sampling: lsn_exp/lss.py)."""
+
+import datasets
+
+from lsn_exp.lss import lss_docs
+
+
+def load_lss(source: str, data_root=None, n_facts=185, seed=0, **_metadata):
+    """``custom_dataset``: lm-eval passes the task metadata (TaskManager(metadata=...)) and dataset_kwargs.
+
+    data_root None: LSN_DATA, else ../shared/data beside the repo.
+    """
+    return {"test": datasets.Dataset.from_list(lss_docs(data_root, source, n_facts, int(seed)))}
