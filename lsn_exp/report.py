@@ -27,6 +27,7 @@ class Cell:
     overrides: dict
     results: dict | None  # None: no complete results
     config: dict = field(default_factory=dict)
+    images: dict = field(default_factory=dict)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -49,7 +50,8 @@ def collect(sweep_dir: Path) -> list[Cell]:
         results_path = run_dir / RESULTS_FILE
         if results_path.exists():
             payload = json.loads(results_path.read_text())
-            cells.append(Cell(run_dir, _overrides(run_dir), payload["results"], payload["config"]))
+            cells.append(Cell(run_dir, _overrides(run_dir), payload["results"], payload["config"],
+                              payload.get("images", {})))
         elif (run_dir / ".hydra").exists():
             cells.append(Cell(run_dir, _overrides(run_dir), None))
     return cells
@@ -85,8 +87,10 @@ def headline_metrics(results: dict, lang: str) -> dict:
     if "generate" in results:
         out["gen_target_unpatched"] = results["generate"]["target_share_unpatched"]
         out["gen_target_patched"] = results["generate"]["target_share_patched"]
-    if "lss" in results:
+    if "mean" in results.get("lss", {}):
         out["lss_mean"] = results["lss"]["mean"]
+    if "lss_matrix" in results:
+        out["lss_offdiag"] = results["lss_matrix"]["mean_offdiag"]
     for name, value in results.get("downstream", {}).get("summary", {}).items():
         out[f"downstream_{name}"] = value
     out["wall_time_s"] = results.get("wall_time_s")
@@ -132,7 +136,7 @@ def build_report(sweep_dir: Path) -> Path:
     rows = [[*c.key, *(headline_metrics(c.results, c.key[1]).get(m) for m in metric_names)] for c in done]
     header = ["model", "lang", "factor", *metric_names]
     write_csv(sweep_dir / "report_cells.csv", header, rows)
-    main_metric = next((m for m in ("lss_mean", "gen_target_patched") if m in metric_names), None)
+    main_metric = next((m for m in ("lss_mean", "lss_offdiag", "gen_target_patched") if m in metric_names), None)
     images = pivot_heatmaps(done, main_metric, sweep_dir) if main_metric else []
     missing = missing_cells(sweep_dir, cells)
 
@@ -149,6 +153,12 @@ def build_report(sweep_dir: Path) -> Path:
         lines += markdown_table(["model", "factor", main_metric, "n langs"],
                                 [[m, f, sum(v) / len(v), len(v)] for (m, f), v in sorted(agg.items())])
         lines += ["", *(f"![{p.stem}]({p.name})" for p in images), ""]
+    cell_images = [(c, Path(p)) for c in done for p in c.images.values()]
+    if cell_images:
+        lines += ["## Figures per cell", ""]
+        lines += [f"![{' '.join(c.key)} {p.stem}]({p.relative_to(sweep_dir) if p.is_relative_to(sweep_dir) else p})"
+                  for c, p in cell_images if "heatmap" in p.stem or "matrix" in p.stem]
+        lines.append("")
     if missing:
         lines += ["## Missing cells", "", *(f"- {' '.join(f'{k}={v}' for k, v in m.items())}" for m in missing), ""]
     path = sweep_dir / "report.md"
