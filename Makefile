@@ -28,3 +28,11 @@ test-all:
 
 clean-cache:
 	rm -rf $${LSN_CACHE:-$$HOME/.cache/lsn_exp}
+
+# make report SWEEP=multirun/2026-11-25_12-00-00
+report:
+	$(PY) -m lsn_exp.report $(SWEEP)
+
+# Greedy continuations of English prompts, unpatched and patched toward LANG (default ja).
+demo:
+	$(PY) -m lsn_exp stage=generate lang=$${LANG_CODE:-ja} logger=none

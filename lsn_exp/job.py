@@ -143,12 +143,23 @@ def factor_search(ctx: JobContext) -> None:
         print(f"{row['rank']:>2}. {row['name']:<14} mean off-diagonal LSS {row['mean_offdiag_lss']:.3f}")
 
 
+def downstream(ctx: JobContext) -> None:
+    """XCOPA, XWinograd, INCLUDE (online), FLORES MT and perplexity: patched vs cached unpatched."""
+    from lsn_exp.downstream import evaluate_downstream
+
+    result = evaluate_downstream(ctx.handle, ctx.artifact, ctx.patch_spec(), ctx.cfg.eval, ctx.data_root,
+                                 ctx.store, out_dir=ctx.run_dir)
+    ctx.add_outputs(result)
+    ctx.record.results["downstream"] = result
+
+
 STAGES: dict[str, list[Callable[[JobContext], None]]] = {
     "identify": [load_model, identify_neurons],
     "generate": [load_model, identify_neurons, generate_demo],
     "lss": [load_model, identify_neurons, lss_scores],
     "lss_matrix": [load_model, identify_neurons, lss_matrix],
     "factor_search": [load_model, identify_neurons, factor_search],
+    "downstream": [load_model, identify_neurons, downstream],
     "run": [load_model, identify_neurons, generate_demo, lss_scores],
 }
 

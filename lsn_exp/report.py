@@ -91,8 +91,10 @@ def headline_metrics(results: dict, lang: str) -> dict:
         out["lss_mean"] = results["lss"]["mean"]
     if "lss_matrix" in results:
         out["lss_offdiag"] = results["lss_matrix"]["mean_offdiag"]
-    for name, value in results.get("downstream", {}).get("summary", {}).items():
-        out[f"downstream_{name}"] = value
+    for family, metrics in results.get("downstream", {}).get("summary", {}).items():
+        for metric, entry in metrics.items():
+            out[f"{family}_{metric}_self"] = entry.get("self")
+            out[f"{family}_{metric}_cross"] = entry.get("cross")
     out["wall_time_s"] = results.get("wall_time_s")
     return out
 
@@ -129,6 +131,25 @@ def pivot_heatmaps(done: list[Cell], metric: str, out_dir: Path) -> list[Path]:
     return images
 
 
+def downstream_section(done: list[Cell], sweep_dir: Path) -> list[str]:
+    """Self- vs cross-language delta matrices (task language x patched language), per model and factor."""
+    from lsn_exp.downstream import downstream_matrices
+
+    groups = defaultdict(list)
+    for cell in done:
+        if "downstream" in cell.results:
+            groups[(cell.key[0], cell.key[2])].append(cell.results["downstream"])
+    lines = []
+    for (model, factor), results in sorted(groups.items()):
+        out_dir = sweep_dir / f"downstream_{model}_{factor}"
+        out_dir.mkdir(exist_ok=True)
+        made = downstream_matrices(results, out_dir, title=f"{model} factor={factor}")
+        lines += [f"## Downstream deltas: {model}, factor={factor}", ""]
+        lines += [f"![{key}]({Path(path).relative_to(sweep_dir)})" for key, path in made["images"].items()]
+        lines.append("")
+    return lines
+
+
 def build_report(sweep_dir: Path) -> Path:
     cells = collect(sweep_dir)
     done = [c for c in cells if c.results is not None]
@@ -153,6 +174,7 @@ def build_report(sweep_dir: Path) -> Path:
         lines += markdown_table(["model", "factor", main_metric, "n langs"],
                                 [[m, f, sum(v) / len(v), len(v)] for (m, f), v in sorted(agg.items())])
         lines += ["", *(f"![{p.stem}]({p.name})" for p in images), ""]
+    lines += downstream_section(done, sweep_dir)
     cell_images = [(c, Path(p)) for c in done for p in c.images.values()]
     if cell_images:
         lines += ["## Figures per cell", ""]
