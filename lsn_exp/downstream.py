@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lsn_exp.errors import UserError
+from lsn_exp.evaluate import plain_config
 
 if TYPE_CHECKING:
     from lsn_exp.artifacts import ArtifactStore
@@ -123,7 +124,7 @@ class EvalSettings:
 
 def settings(eval_cfg, handle: ModelHandle | None = None) -> EvalSettings:
     """``cfg.eval`` (conf/eval/default.yaml) -> EvalSettings, every mistake as a one-line UserError."""
-    cfg = _plain(eval_cfg) if eval_cfg is not None else {}
+    cfg = plain_config(eval_cfg) if eval_cfg is not None else {}
     families = cfg.get("tasks", "all")
     families = list(FAMILIES) if families in (None, "all") else [families] if isinstance(families, str) else families
     bad = [f for f in families if f not in FAMILIES]
@@ -865,16 +866,9 @@ def _pm(value, stderr, fmt: str, sign: bool = False) -> str:
     return text if stderr is None else f"{text} ± {format(stderr, fmt)}"
 
 
+
+
 def _slug(metric: str) -> str:
     return metric.replace("++", "pp").replace("+", "p")
 
 
-def _plain(cfg) -> dict:
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return dict(cfg)

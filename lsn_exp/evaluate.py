@@ -159,3 +159,10 @@ def run_tasks(lm, tasks: list[str], manager: TaskManager, limit: int | float | N
     return simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
                            num_fewshot=num_fewshot, use_cache=None, cache_requests=False,
                            log_samples=log_samples, bootstrap_iters=bootstrap_iters, **kwargs)
+
+
+def plain_config(cfg) -> dict:
+    """A config node (DictConfig or mapping) as a plain dict."""
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from lsn_exp.errors import UserError
+from lsn_exp.evaluate import plain_config
 
 if TYPE_CHECKING:
     from lsn_exp.artifacts import ArtifactStore
@@ -570,7 +571,7 @@ def factor_search(handle: ModelHandle, artifact: NeuronArtifact, patch_cfg, lss_
     names = [e.get("name") or _entry_label(e) for e in grid]
     if len(set(names)) != len(names):
         raise UserError(f"lss.search.grid has duplicate names: {names}")
-    scfg = {**_plain(lss_cfg), **{k: search.get(k) for k in ("n_facts", "sources", "targets")
+    scfg = {**plain_config(lss_cfg), **{k: search.get(k) for k in ("n_facts", "sources", "targets")
                                    if search.get(k) is not None}}
     scfg.pop("search", None)
     for entry, name in zip(grid, names):
@@ -651,14 +652,3 @@ def _entry_label(entry: dict) -> str:
 
 def _sortable(value) -> float:
     return float("-inf") if value is None or value != value else float(value)
-
-
-def _plain(cfg) -> dict:
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return dict(cfg)
