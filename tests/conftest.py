@@ -80,3 +80,15 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subpro
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "lsn_exp", *args], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=timeout, env=full_env)
+
+
+def synthetic_artifact(handle, languages: list[str], rate: float = 0.1, seed: int = 0):
+    """Random neuron sets (about ``rate`` of each layer) for ``languages``, p_max > p_median > 0."""
+    from lsn_exp.identify import NeuronArtifact
+
+    gen = torch.Generator().manual_seed(seed)
+    shape = (len(languages), handle.adapter.n_layers, handle.adapter.d_ff)
+    masks = {name: torch.rand(shape, generator=gen) < rate for name in ("lape", "baseline", "random")}
+    p_max = torch.rand(shape, generator=gen) + 0.5
+    return NeuronArtifact(languages=list(languages), masks=masks, p_max=p_max, p_median=p_max / 3,
+                          activation_prob=torch.rand(shape, generator=gen), meta={"synthetic": True})

@@ -16,20 +16,10 @@ import torch
 from lsn_exp import downstream, evaluate
 from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.errors import UserError
-from lsn_exp.identify import NeuronArtifact
 from lsn_exp.patch import PatchSpec, parse_factor
+from conftest import synthetic_artifact
 
 LOCAL = ["xcopa", "xwinograd", "flores_mt", "flores_ppl"]
-
-
-def synthetic_artifact(handle, rate: float = 0.1, seed: int = 0) -> NeuronArtifact:
-    """Random neuron sets for all 18 languages, p_max > p_median > 0."""
-    gen = torch.Generator().manual_seed(seed)
-    shape = (len(downstream.LANG_ORDER), handle.adapter.n_layers, handle.adapter.d_ff)
-    masks = {name: torch.rand(shape, generator=gen) < rate for name in ("lape", "baseline", "random")}
-    p_max = torch.rand(shape, generator=gen) + 0.5
-    return NeuronArtifact(languages=list(downstream.LANG_ORDER), masks=masks, p_max=p_max, p_median=p_max / 3,
-                          activation_prob=torch.rand(shape, generator=gen), meta={"synthetic": True})
 
 
 def requests(data_root, task: str, n: int = 1, **metadata) -> list[list[tuple]]:
@@ -190,7 +180,7 @@ def run(tiny, data_root, tmp_path_factory):
     evaluator = downstream.DownstreamEvaluator(tiny, cfg, data_root, store)
     spec = PatchSpec.from_config({"neuron_set": "lape"}, parse_factor("pmax"), "id")
     out_dir = tmp_path_factory.mktemp("job")
-    result = evaluator.score(synthetic_artifact(tiny), spec, out_dir=out_dir)
+    result = evaluator.score(synthetic_artifact(tiny, list(downstream.LANG_ORDER)), spec, out_dir=out_dir)
     return {"evaluator": evaluator, "result": result, "store": store, "cfg": cfg}
 
 
@@ -237,7 +227,7 @@ def test_cached_baseline_and_noop_patch(run, tiny, data_root, tmp_path):
     evaluator = downstream.DownstreamEvaluator(tiny, cfg, data_root, run["store"])
     assert evaluator.baseline_cached and all(evaluator.baseline_cached.values())
     noop = PatchSpec.from_config({"neuron_set": "lape"}, parse_factor(1), "id")
-    result = evaluator.score(synthetic_artifact(tiny), noop)
+    result = evaluator.score(synthetic_artifact(tiny, list(downstream.LANG_ORDER)), noop)
     assert set(result["tasks"]) == {"xcopa_local_id", "xcopa_local_th", "flores_mt_id", "flores_mt_ja", "flores_mt_th",
                                     "flores_ppl_id", "flores_ppl_ja", "flores_ppl_th"}
     for name, task in result["tasks"].items():

@@ -13,25 +13,15 @@ import torch
 from lsn_exp import evaluate, lss
 from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.errors import UserError
-from lsn_exp.identify import NeuronArtifact
 from lsn_exp.patch import Patch, PatchSpec
+from conftest import synthetic_artifact
 
 SOURCES = ["en", "ja", "th"]  # a spaced language and two written without spaces before the object
 
 
-def synthetic_artifact(handle, rate: float = 0.1, seed: int = 0) -> NeuronArtifact:
-    """Random neuron sets (about ``rate`` of each layer) for all 15 LSS languages, p_max > p_median > 0."""
-    gen = torch.Generator().manual_seed(seed)
-    shape = (len(lss.LSS_LANGS), handle.adapter.n_layers, handle.adapter.d_ff)
-    masks = {name: torch.rand(shape, generator=gen) < rate for name in ("lape", "baseline", "random")}
-    p_max = torch.rand(shape, generator=gen) + 0.5
-    return NeuronArtifact(languages=list(lss.LSS_LANGS), masks=masks, p_max=p_max, p_median=p_max / 3,
-                          activation_prob=torch.rand(shape, generator=gen), meta={"synthetic": True})
-
-
 @pytest.fixture(scope="module")
 def artifact(tiny):
-    return synthetic_artifact(tiny)
+    return synthetic_artifact(tiny, list(lss.LSS_LANGS))
 
 
 # --- prompts and data -----------------------------------------------------------------------------
