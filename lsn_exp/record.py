@@ -90,17 +90,17 @@ class ActivationRecorder:
         self.means = torch.zeros(n_stat, adapter.n_layers, adapter.d_ff, dtype=torch.float32,
                                  device=handle.device)
         self.batch: Batch | None = None
+        self.stat_pos: torch.Tensor | None = None  # batch rows that are stat sentences
+        self.stat_ids: torch.Tensor | None = None  # their index among the stat sentences
 
     def _hook(self, layer: int):
         def hook(module, inputs, output):  # output: [B, T, d_ff]
             mask = self.batch.count_mask.bool()
             self.counts[layer] += ((output > 0) & mask[..., None]).sum(dim=(0, 1))
-            stat = self.batch.stat_rows >= 0
-            if stat.any():
-                rows = self.batch.stat_rows[stat]
-                weights = mask[stat].to(output.dtype)
-                sums = torch.einsum("bt,btd->bd", weights, output[stat])
-                self.means[rows, layer] = (sums / weights.sum(dim=1, keepdim=True).clamp(min=1)).float()
+            if self.stat_pos is not None:  # decided on the host when the batch was built: no device sync
+                weights = mask.index_select(0, self.stat_pos).to(output.dtype)
+                sums = torch.einsum("bt,btd->bd", weights, output.index_select(0, self.stat_pos))
+                self.means[self.stat_ids, layer] = (sums / weights.sum(dim=1, keepdim=True).clamp(min=1)).float()
         return hook
 
     @contextmanager
@@ -119,6 +119,9 @@ class ActivationRecorder:
         decoder = self.handle.adapter.decoder
         with self.hooked():
             for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
+                positions = batch.stat_rows.ge(0).nonzero().flatten()  # on the host
+                self.stat_pos = positions.to(device) if len(positions) else None
+                self.stat_ids = batch.stat_rows[positions].to(device)
                 self.batch = Batch(*(t.to(device) for t in (batch.input_ids, batch.attention_mask,
                                                              batch.count_mask, batch.stat_rows)))
                 decoder(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask,
