@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lsn_exp.record import Recording
+from lsn_exp.tracking import sha256_file
 
 NEURON_SETS = ("lape", "baseline", "random")
 
@@ -153,7 +154,7 @@ def build(identify_cfg, handle, data_root, store, seed: int, force: bool = False
     stats, entries = {}, []
     for code, corpus in corpora.items():
         spec = {**settings, "lang": code,
-                "corpus": f"sha256:{_sha(corpus.path)}" if corpus.path else f"hub:{data.FLORES_HUB_ID}"}
+                "corpus": f"sha256:{sha256_file(corpus.path)}" if corpus.path else f"hub:{data.FLORES_HUB_ID}"}
         entry = store.get_or_compute(
             "recording", spec, force=force,
             compute=lambda c=corpus, k=code: (language_stats(
@@ -175,12 +176,6 @@ def build(identify_cfg, handle, data_root, store, seed: int, force: bool = False
     artifact = artifact_from_tensors(art_entry.tensors, art_entry.meta)
     files = [c.path for c in corpora.values() if c.path is not None]
     return IdentifyResult(artifact, recorded=recorded, key=art_entry.path.name, data_files=files)
-
-
-def _sha(path) -> str:
-    from lsn_exp.tracking import sha256_file
-
-    return sha256_file(path)
 
 
 def jaccard(masks: torch.Tensor) -> torch.Tensor:

@@ -82,8 +82,7 @@ def identify_neurons(ctx: JobContext) -> None:
     ctx.record.results["identify"] = {**identify.summary(result.artifact), "recorded": result.recorded,
                                       "artifact_key": result.key}
     tables, images = identify.write_outputs(result.artifact, ctx.run_dir)
-    ctx.record.tables.update(tables)
-    ctx.record.images.update(images)
+    ctx.add_outputs({"tables": tables, "images": images})
 
 
 def generate_demo(ctx: JobContext) -> None:
