@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 LSS_LANGS = ("en", "nl", "id", "ms", "vi", "ja", "zh", "fr", "pt", "ru", "et", "it", "ta", "th", "tr")
 NO_SPACE_LANGS = ("ja", "zh", "th")  # the object is glued on with no space, whatever the template has
 MLAMA_HUB_ID = "inayarhmns/MLAMA-dod-185"  # the paper's set (hub only; the local copy is used offline)
-LSS_VERSION = 1  # bump when prompts, scoring or the cached baseline's layout change
+LSS_VERSION = 2  # bump when prompts, scoring or the cached baseline's layout change
 BASELINE_KIND = "lss_baseline"
 BEST_FACTOR_KIND = "lss_best_factor"
 

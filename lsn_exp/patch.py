@@ -17,6 +17,7 @@ torch is imported lazily: job.py imports this module for ``parse_factor`` before
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -242,6 +243,14 @@ class _LayerPlan:
     actions: list[_Action] | None = None  # run by the layer's hook, in order
 
 
+_ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the Patch active on it
+
+
+def active_patch(model) -> Patch | None:
+    """The Patch currently installed on ``model`` (None when the model is unpatched)."""
+    return _ACTIVE.get(model)
+
+
 class Patch:
     """``with Patch(handle, artifact, spec): ...`` patches the model inside the block, restores it on exit.
 
@@ -273,6 +282,11 @@ class Patch:
         self._stats: dict[int, torch.Tensor] = {}  # layer -> [B] prefill statistic
 
     # -- planning (host side, once) --
+
+    @property
+    def reads_whole_rows(self) -> bool:
+        """A test-time statistic is taken over each row's real tokens: scoring must feed whole rows."""
+        return self._uses_stat
 
     @property
     def is_noop(self) -> bool:
@@ -358,10 +372,13 @@ class Patch:
                     weight[:, plan.edit_idx] = (original.float() * plan.edit_scale).to(weight.dtype)
             if plan.actions:
                 self._handles.append(adapter.act_fns[plan.layer].register_forward_hook(self._make_hook(plan)))
+        _ACTIVE[self.handle.model] = self
 
     def _remove(self) -> None:
         import torch
 
+        if _ACTIVE.get(self.handle.model) is self:
+            del _ACTIVE[self.handle.model]
         for handle in self._handles:
             handle.remove()
         self._handles = []

@@ -3,6 +3,7 @@ with a no-op patch, batch-layout noise against the tolerance, and the factor sea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 
@@ -98,24 +99,82 @@ def test_lss_tasks_load_through_the_task_manager(data_root):
 
 # --- lm-eval scoring -----------------------------------------------------------------------------
 
-def test_lsn_hflm_scores_like_plain_hflm_with_mask_and_fewer_logits(tiny, data_root):
+def _lss_instances(data_root, sources=("en", "th"), n_facts=3):
+    manager = evaluate.task_manager(metadata={"data_root": str(data_root), "n_facts": n_facts, "seed": 0})
+    tasks = manager.load([f"lss_{s}" for s in sources])["tasks"]
+    return [i for t in tasks.values() for i in evaluate.build_instances(t)]
+
+
+def _plain_hflm_scores(handle, instances, batch_size=8):
     from lm_eval.models.huggingface import HFLM
 
-    manager = evaluate.task_manager(metadata={"data_root": str(data_root), "n_facts": 3, "seed": 0})
-    tasks = manager.load(["lss_en", "lss_th"])["tasks"]
-    instances = [i for t in tasks.values() for i in evaluate.build_instances(t)]
+    lm = HFLM(pretrained=handle.model, tokenizer=handle.tokenizer, batch_size=batch_size)
+    return [answer for answer in lm.loglikelihood(instances, disable_tqdm=True)]
+
+
+def test_whole_row_path_scores_like_plain_hflm_with_mask_and_fewer_logits(tiny, data_root):
+    instances = _lss_instances(data_root)
     seen = []
     hook = tiny.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
+    lm = evaluate.hflm(tiny, 8)
+    lm.share_prompts = False
     try:
-        ours = evaluate.loglikelihoods(evaluate.hflm(tiny, 8), instances)
+        ours = evaluate.loglikelihoods(lm, instances)
     finally:
         hook.remove()
-    plain = evaluate.loglikelihoods(HFLM(pretrained=tiny.model, tokenizer=tiny.tokenizer, batch_size=8), instances)
+    plain = [ll for ll, _ in _plain_hflm_scores(tiny, instances)]
     assert np.allclose(ours, plain, atol=1e-5, rtol=0)
     assert seen and all(kw["attention_mask"].ndim == 2 for kw in seen)
     keep = [kw["logits_to_keep"] for kw in seen]  # bool [B, T]: each row's continuation positions only
     assert all(k.dtype == torch.bool and k.shape == kw["input_ids"].shape for k, kw in zip(keep, seen))
     assert sum(int(k.sum()) for k in keep) < sum(k.numel() for k in keep) / 2
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma", "gemma2", "gemma3_text"])
+def test_shared_prompt_path_matches_plain_hflm(family, data_root):
+    """Each context once + continuations from the KV cache = HFLM's whole rows, to fp32 layout noise;
+    greedy flags too. 15 objects per prompt, 1..n-token continuations, three scripts."""
+    from conftest import load_tiny
+
+    handle = load_tiny(family)
+    instances = _lss_instances(data_root, ("en", "ja", "th"))
+    calls = []
+    hook = handle.model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape),
+                                                  with_kwargs=True)
+    try:
+        ours = evaluate.hflm(handle, 4).loglikelihood(instances, disable_tqdm=True)
+    finally:
+        hook.remove()
+    plain = _plain_hflm_scores(handle, instances)
+    assert np.allclose([o[0] for o in ours], [p[0] for p in plain], atol=1e-5, rtol=1e-6)  # fp32 sums
+    assert [o[1] for o in ours] == [p[1] for p in plain]
+    assert sum(s[0] for s in calls) < len(instances)  # rows fed: far fewer than one per request
+
+
+def test_shared_prompt_path_under_a_patch_and_whole_rows_for_a_statistic(tiny, artifact, data_root):
+    instances = _lss_instances(data_root)
+    lm = evaluate.hflm(tiny, 8)
+    for spec in (PatchSpec(target="fr", op="set", source="pmax"), PatchSpec(target="fr", op="mul", value=3.0),
+                 PatchSpec(target="fr", op="set", stat="max")):
+        with Patch(tiny, artifact, spec):
+            ours = evaluate.loglikelihoods(lm, instances)
+            plain = [ll for ll, _ in _plain_hflm_scores(tiny, instances, batch_size=1)]  # no padding at all
+        assert np.allclose(ours, plain, atol=1e-5, rtol=1e-6), spec
+    def tokens_fed(lm, patch=None):  # positions the model runs, padding included
+        rows = []
+        hook = tiny.model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].numel()),
+                                                    with_kwargs=True)
+        try:
+            with patch or contextlib.nullcontext():
+                evaluate.loglikelihoods(lm, instances)
+        finally:
+            hook.remove()
+        return sum(rows)
+
+    whole = evaluate.hflm(tiny, 8)
+    whole.share_prompts = False
+    stat_patch = Patch(tiny, artifact, PatchSpec(target="fr", op="set", stat="max"))
+    assert tokens_fed(lm, stat_patch) == tokens_fed(whole) > 2 * tokens_fed(lm)  # a statistic: whole rows
 
 
 def test_cell_stats_by_hand():
