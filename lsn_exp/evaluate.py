@@ -202,7 +202,7 @@ def _score_context_batch(model, contexts: list[tuple[int, ...]], groups: dict, b
     step = batch_size * CONT_ROWS_PER_CONTEXT
     for start in range(0, len(rest), step):
         sub = rest[start: start + step]
-        for (b, cont), (lp, greedy) in zip(sub, _continuation_scores(model, out.past_key_values, mask,
+        for (b, cont), (lp, greedy) in zip(sub, _continuation_scores(model, out.cache, mask,
                                                                       [len(c) for c in contexts], sub)):
             score = scores[(contexts[b], cont)]
             score[0] += lp

@@ -9,9 +9,13 @@ Data: mLAMA facts present in all 15 languages (``mlama/`` in the data root), one
 ``lss_<source>`` per source language (lsn_exp/tasks/lss/). Each document is one fact: the source prompt
 and, as choices, its object in all 15 languages, so one task run gives the unpatched log-probs for
 every target at once. The unpatched log-probs depend only on the model and the sample: cached once
-per (model, sample, source) in the ArtifactStore and reused for every target and factor.
+per (model, sample, source, object language) in the ArtifactStore and reused for every target and factor;
+a job toward one target scores only the two columns it needs.
 
-Batch layout: requests are deduplicated and sorted by lm-eval, so the cached baseline and a patched
+Scoring goes through ``evaluate.LsnHFLM``: each prompt runs once and its continuations (2 objects under a
+patch, 15 for the baseline) are read from its KV cache.
+
+Batch layout: requests are deduplicated and grouped by prompt, so the cached baseline and a patched
 run are batched differently, which moves a score by ~1e-6..1e-4 nats in fp32. A win therefore needs a
 shift above ``lss.tol`` (auto: 1e-3 nats for fp32, 5e-2 for 16-bit), and every cell reports how many
 facts lie within the tolerance.
@@ -264,7 +268,8 @@ def settings(lss_cfg, handle: ModelHandle | None = None) -> LssSettings:
 # --- scoring ----------------------------------------------------------------------------------------
 
 class LssEvaluator:
-    """One model load, one HFLM, the lss_<source> requests built once, the baseline scored (or loaded) once.
+    """One model load, one HFLM, the lss_<source> requests built once, each baseline column scored (or loaded)
+    once, when a target first needs it (``ensure_baseline``).
 
     ``score(artifact, spec)`` patches toward ``spec.target`` and returns LSS(s→t) for every source s ≠ t.
     """
@@ -308,57 +313,59 @@ class LssEvaluator:
             blob = json.dumps([[d["fact_id"], d["prompt"], d["choices"]] for d in docs], ensure_ascii=False)
             self.sample_hash[source] = hashlib.sha256(blob.encode()).hexdigest()
         self.n = len(self.fact_ids or [])
-        self.baseline_cached: dict[str, bool] = {}
-        self.baseline: dict[str, np.ndarray] = self._load_baseline()  # source -> float64 [N, 15]
+        self.baseline_cached: dict[str, bool] = {}  # source -> every column in use came from the cache
+        self.baseline: dict[str, np.ndarray] = {s: np.full((self.n, n_langs), np.nan) for s in self.sources}
 
-    # -- the unpatched log-probs: once per (model, sample, source), in the artifact cache --
+    # -- the unpatched log-probs: once per (model, sample, source, object language), in the artifact cache --
 
-    def baseline_spec(self, source: str) -> dict:
+    def baseline_spec(self, source: str, lang: str) -> dict:
         from importlib.metadata import version
 
         return {"model": self.handle.identity, "dtype": str(self.handle.model.dtype),
                 "device": getattr(self.handle.device, "type", str(self.handle.device)), "source": source,
-                "n_facts": self.settings.n_facts, "seed": self.settings.seed, "sample": self.sample_hash[source],
-                "langs": list(LSS_LANGS), "lss_version": LSS_VERSION, "lm_eval": version("lm_eval")}
+                "object_lang": lang, "n_facts": self.settings.n_facts, "seed": self.settings.seed,
+                "sample": self.sample_hash[source], "lss_version": LSS_VERSION, "lm_eval": version("lm_eval")}
 
-    def _load_baseline(self):
+    def ensure_baseline(self, targets) -> None:
+        """Fill ``baseline[s][:, l]`` = unpatched log P(obj_l | prompt_s) for every source s and l in {s} ∪ targets.
+
+        Each (source, object language) column is loaded from the cache or scored once, so a job toward one
+        target scores 2 objects per prompt and a matrix scores all 15 in one batched call.
+        """
         import numpy as np
         import torch
 
         from lsn_exp import evaluate
         from lsn_exp.tracking import provenance
 
-        cached = {}
-        if self.store is not None:
-            for source in self.sources:
-                entry = self.store.load(BASELINE_KIND, self.baseline_spec(source))
-                if entry is not None:
-                    cached[source] = entry.tensors["loglik"].numpy()
-        missing = [s for s in self.sources if s not in cached]
-        computed = {}
-        if missing:
-            insts = [inst for s in missing for row in self.instances[s] for inst in row]
-            start = time.time()
-            ll = np.asarray(evaluate.loglikelihoods(self.lm, insts), dtype=np.float64).reshape(
-                len(missing), self.n, len(LSS_LANGS))
-            log.info("LSS baseline: %d requests for %d sources in %.1f s", len(insts), len(missing),
-                     time.time() - start)
-            computed = {s: ll[k] for k, s in enumerate(missing)}
-        out = {}
-        for source in self.sources:
-            if source in cached:
-                out[source], self.baseline_cached[source] = cached[source], True
-                continue
-            meta = {"fact_ids": self.fact_ids, "provenance": provenance(self.handle.identity, self.data_files),
-                    "batch_size": self.settings.batch_size, "what": "log P(object in lang | source prompt), "
-                    "summed over continuation tokens, [fact, lang] in lss.LSS_LANGS order"}
-            tensors = {"loglik": torch.from_numpy(computed[source])}
-            if self.store is not None:
-                entry = self.store.get_or_compute(BASELINE_KIND, self.baseline_spec(source), lambda: (tensors, meta))
-                out[source], self.baseline_cached[source] = entry.tensors["loglik"].numpy(), not entry.computed
+        wanted = [(s, lang) for s in self.sources for lang in LSS_LANGS
+                  if (lang == s or lang in targets) and np.isnan(self.baseline[s][:, LSS_LANGS.index(lang)]).all()]
+        missing = []
+        for source, lang in wanted:
+            entry = self.store.load(BASELINE_KIND, self.baseline_spec(source, lang)) if self.store else None
+            if entry is None:
+                missing.append((source, lang))
             else:
-                out[source], self.baseline_cached[source] = computed[source], False
-        return out
+                self.baseline[source][:, LSS_LANGS.index(lang)] = entry.tensors["loglik"].numpy()
+                self.baseline_cached.setdefault(source, True)
+        if not missing:
+            return
+        insts = [self.instances[s][i][LSS_LANGS.index(lang)] for s, lang in missing for i in range(self.n)]
+        start = time.time()
+        ll = np.asarray(evaluate.loglikelihoods(self.lm, insts, disable_tqdm=False), dtype=np.float64).reshape(len(missing), self.n)
+        log.info("LSS baseline: %d requests (%d source x object columns) in %.1f s", len(insts), len(missing),
+                 time.time() - start)
+        meta = {"fact_ids": self.fact_ids, "provenance": provenance(self.handle.identity, self.data_files),
+                "batch_size": self.settings.batch_size,
+                "what": "log P(object in object_lang | source prompt), summed over continuation tokens, per fact"}
+        for (source, lang), column in zip(missing, ll):
+            tensors = {"loglik": torch.from_numpy(column.copy())}
+            if self.store is not None:  # a job that got there first wins: every job then uses the same numbers
+                entry = self.store.get_or_compute(BASELINE_KIND, self.baseline_spec(source, lang),
+                                                  lambda t=tensors: (t, meta))
+                column = entry.tensors["loglik"].numpy()
+            self.baseline[source][:, LSS_LANGS.index(lang)] = column
+            self.baseline_cached[source] = False
 
     # -- one patched run --
 
@@ -383,9 +390,10 @@ class LssEvaluator:
             keep[source] = [i for i, row in enumerate(self.continuations[source]) if row[t] != row[s]]
             for i in keep[source]:
                 insts += [self.instances[source][i][s], self.instances[source][i][t]]
+        self.ensure_baseline([target])
         start = time.time()
         with Patch(self.handle, artifact, spec) as patch:
-            ll = np.asarray(evaluate.loglikelihoods(self.lm, insts), dtype=np.float64).reshape(-1, 2)
+            ll = np.asarray(evaluate.loglikelihoods(self.lm, insts, disable_tqdm=False), dtype=np.float64).reshape(-1, 2)
             patch_summary = patch.summary()
         seconds = time.time() - start
         out, offset = {}, 0
@@ -475,6 +483,7 @@ def lss_matrix(handle: ModelHandle, artifact: NeuronArtifact, spec_for: Callable
 
     evaluator = evaluator or LssEvaluator(handle, lss_cfg, data_root, store)
     sources, targets = list(evaluator.sources), list(evaluator.settings.targets)
+    evaluator.ensure_baseline(targets)  # every column in one batched call (15 objects share each prompt)
     matrix = np.full((len(sources), len(targets)), np.nan)
     cells, per_target, seconds = [], {}, 0.0
     for j, target in enumerate(targets):

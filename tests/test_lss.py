@@ -264,11 +264,16 @@ def test_noop_patch_gives_lss_zero_everywhere_with_the_cached_baseline(tiny, art
     store = ArtifactStore(tmp_path)
     cfg = {"n_facts": 4, "sources": SOURCES, "targets": SOURCES, "bootstrap": 100}
     first = lss.LssEvaluator(tiny, {**cfg, "batch_size": 16}, data_root, store)
+    first.ensure_baseline(["en"])  # a job toward en: the en column and each source's own
     assert first.baseline_cached == {s: False for s in SOURCES}
+    assert len(list((tmp_path / lss.BASELINE_KIND).glob("*/meta.json"))) == 5  # en<-en, ja<-en/ja, th<-en/th
+    assert np.isnan(first.baseline["en"][:, lss.LSS_LANGS.index("ja")]).all()
+    first.ensure_baseline(SOURCES)
     cached = lss.LssEvaluator(tiny, {**cfg, "batch_size": 3}, data_root, store)  # another batch layout
+    cached.ensure_baseline(SOURCES)
     assert cached.baseline_cached == {s: True for s in SOURCES}
     for s in SOURCES:
-        assert np.array_equal(cached.baseline[s], first.baseline[s])
+        assert np.array_equal(cached.baseline[s], first.baseline[s], equal_nan=True)
     meta = json.loads(next((tmp_path / lss.BASELINE_KIND).glob("*/meta.json")).read_text())
     assert meta["spec"]["model"] == tiny.identity and meta["meta"]["provenance"]["data_files"]
     for noop in NOOPS:
@@ -284,6 +289,8 @@ def test_batch_size_1_and_16_differ_only_within_the_tolerance(tiny, artifact, da
     one = lss.LssEvaluator(tiny, {**cfg, "batch_size": 1}, data_root, store=None)
     sixteen = lss.LssEvaluator(tiny, {**cfg, "batch_size": 16}, data_root, store=None)
     tol = one.settings.tol
+    for evaluator in (one, sixteen):
+        evaluator.ensure_baseline(lss.LSS_LANGS)
     for s in SOURCES:
         assert np.abs(one.baseline[s] - sixteen.baseline[s]).max() < tol / 10
     for target in ("en", "ja"):
