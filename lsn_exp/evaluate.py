@@ -153,7 +153,8 @@ class LsnHFLM(HFLM):
 
 # --- shared-prompt scoring ----------------------------------------------------------------------------
 
-CONT_ROWS_PER_CONTEXT = 4  # continuation rows per forward = this x batch_size (they are short)
+CONT_ROWS_PER_CONTEXT = 4  # continuation rows per forward: up to this x batch_size (LSS objects are short) ...
+CONT_TOKENS_PER_ROW = 32  # ... and at most batch_size x this padded positions (long rows: rolling windows)
 
 
 def score_shared_prompts(model, pairs: list[tuple[list[int], list[int]]], batch_size: int,
@@ -199,15 +200,24 @@ def _score_context_batch(model, contexts: list[tuple[int, ...]], groups: dict, b
     rows = [(b, cont) for b, ctx in enumerate(contexts) for cont in groups[ctx]]
     scores = {(contexts[b], cont): [float(first_lp[b, cont[0]]), first_greedy[b] == cont[0]] for b, cont in rows}
     rest = sorted((r for r in rows if len(r[1]) > 1), key=lambda r: -len(r[1]))
-    step = batch_size * CONT_ROWS_PER_CONTEXT
-    for start in range(0, len(rest), step):
-        sub = rest[start: start + step]
+    for sub in _row_batches(rest, batch_size):
         for (b, cont), (lp, greedy) in zip(sub, _continuation_scores(model, out.cache, mask,
                                                                       [len(c) for c in contexts], sub)):
             score = scores[(contexts[b], cont)]
             score[0] += lp
             score[1] = score[1] and greedy
     return {key: (value[0], bool(value[1])) for key, value in scores.items()}
+
+
+def _row_batches(rows: list, batch_size: int):
+    """Longest-first rows in batches of at most batch_size x CONT_ROWS_PER_CONTEXT rows and
+    batch_size x CONT_TOKENS_PER_ROW padded positions (at least one row each)."""
+    start = 0
+    while start < len(rows):
+        width = len(rows[start][1]) - 1  # the longest row of this batch sets its width
+        n = max(1, min(batch_size * CONT_ROWS_PER_CONTEXT, batch_size * CONT_TOKENS_PER_ROW // max(width, 1)))
+        yield rows[start: start + n]
+        start += n
 
 
 def _continuation_scores(model, cache, context_mask: torch.Tensor, context_lens: list[int],

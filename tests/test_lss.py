@@ -357,3 +357,13 @@ def test_matrix_outputs_and_user_errors(tiny, artifact, data_root, tmp_path):
         lss.settings({"tol": -1})
     with pytest.raises(UserError, match="not an LSS language"):
         lss.LssEvaluator(tiny, cfg, data_root, None).score(artifact, PatchSpec("sw", op="mul", value=2.0))
+
+
+def test_continuation_batches_respect_the_row_and_token_caps():
+    rows = [(0, tuple(range(n))) for n in (200, 40, 40, 33, 5, 5, 5, 2, 2)]  # longest first, as scored
+    batches = list(evaluate._row_batches(rows, batch_size=2))  # caps: 8 rows, 64 padded positions
+    assert [r for batch in batches for r in batch] == rows
+    for batch in batches:
+        width = len(batch[0][1]) - 1
+        assert len(batch) == 1 or (len(batch) <= 8 and len(batch) * width <= 64)
+    assert [len(b) for b in batches] == [1, 1, 1, 2, 4]  # widths 199, 39, 39, 32 (2 x 32 = 64), 4
