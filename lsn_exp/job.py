@@ -235,8 +235,15 @@ def headline(results: dict) -> str:
         gen = results["generate"]
         parts.append(f"target-language continuations {gen['target_share_unpatched']:.2f} -> "
                      f"{gen['target_share_patched']:.2f}")
+    for family, metrics in results.get("downstream", {}).get("summary", {}).items():
+        metric, cell = next(iter(metrics.items()))  # each family's first metric: acc, chrF++, ll/token
+        parts.append(f"{family} {metric} Δ self {_signed(cell.get('self'))} cross {_signed(cell.get('cross'))}")
     parts.append(f"{results.get('wall_time_s')} s")
     return " | ".join(parts)
+
+
+def _signed(value) -> str:
+    return "—" if value is None else f"{value:+.3f}"
 
 
 def sweep_group() -> str:

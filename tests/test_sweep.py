@@ -61,3 +61,14 @@ def test_report_cli_on_a_missing_dir_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "lsn_exp.report", str(tmp_path / "nope")], capture_output=True,
                             text=True)
     assert result.returncode == 2 and "is not a directory" in result.stderr
+
+
+def test_headline_names_each_stage_number():
+    from lsn_exp.job import headline
+
+    line = headline({"identify": {"lape_neurons": {"id": 30, "ms": 12}}, "lss": {"mean": 0.5},
+                     "downstream": {"summary": {"xcopa": {"acc": {"self": 0.07, "cross": -0.003}},
+                                                "xwinograd": {"acc": {"self": None, "cross": -0.034}}}},
+                     "wall_time_s": 12.5})
+    assert line == ("LAPE neurons=42 | mean LSS 0.500 | xcopa acc Δ self +0.070 cross -0.003 | "
+                    "xwinograd acc Δ self — cross -0.034 | 12.5 s")
