@@ -46,7 +46,8 @@ class JobContext:
         if factor.kind == "best":
             from lsn_exp.lss import resolve_best
 
-            patch_cfg, factor = resolve_best(self.handle.identity, self.store, self.cfg.patch)
+            patch_cfg, factor = resolve_best(self.handle.identity, self.store, self.cfg.patch,
+                                             self.record.results["identify"]["artifact_key"])
         return PatchSpec.from_config(patch_cfg, factor, target or self.cfg.lang.code)
 
     def patch(self, target: str | None = None):

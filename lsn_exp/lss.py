@@ -614,7 +614,7 @@ def factor_search(handle: ModelHandle, artifact: NeuronArtifact, patch_cfg, lss_
     if store is not None:
         import torch
 
-        path = store.save(BEST_FACTOR_KIND, {"model": handle.identity},
+        path = store.save(BEST_FACTOR_KIND, best_factor_key(handle.identity, artifact_key),
                           {"mean_offdiag_lss": torch.tensor([_sortable(r["mean_offdiag_lss"]) for r in ranked],
                                                             dtype=torch.float64)}, best)
         best["path"] = str(path)
@@ -632,23 +632,31 @@ def factor_search(handle: ModelHandle, artifact: NeuronArtifact, patch_cfg, lss_
             "data_files": [str(path) for path in evaluator.data_files]}
 
 
-def best_factor(model_identity: dict, store: ArtifactStore) -> dict | None:
-    """The factor search's winner for this model (``factor=best``), or None if no search has run.
+def best_factor_key(model_identity: dict, artifact_key: str | None) -> dict:
+    """A search's winner belongs to a model and the neuron artifact it patched."""
+    return {"model": model_identity, "neurons": artifact_key}
+
+
+def best_factor(model_identity: dict, store: ArtifactStore, artifact_key: str | None = None) -> dict | None:
+    """The factor search's winner for this model and neuron artifact (``factor=best``), or None if no search
+    has run on them.
 
     Returns ``{"name", "entry": {factor?, op?, value?, stat?, coef?}, "mean_offdiag_lss", "ranking", ...}``.
     """
-    entry = store.load(BEST_FACTOR_KIND, {"model": model_identity})
+    entry = store.load(BEST_FACTOR_KIND, best_factor_key(model_identity, artifact_key))
     return None if entry is None else entry.meta
 
 
-def resolve_best(model_identity: dict, store: ArtifactStore, patch_cfg) -> tuple[dict, Any]:
+def resolve_best(model_identity: dict, store: ArtifactStore, patch_cfg,
+                 artifact_key: str | None = None) -> tuple[dict, Any]:
     """``factor=best``: (patch config with the winner's op/value/stat/coef, Factor) for PatchSpec.from_config."""
     from lsn_exp.patch import parse_factor
 
-    best = best_factor(model_identity, store)
+    best = best_factor(model_identity, store, artifact_key)
     if best is None:
-        raise UserError("factor=best needs a factor search for this model first: run stage=factor_search "
-                        "(same model), or name a factor (factor=5, factor=pmax)")
+        raise UserError("factor=best needs a factor search for this model and neuron artifact first: run "
+                        "stage=factor_search with the same model and identify settings, or name a factor "
+                        "(factor=5, factor=pmax)")
     merged = {key: patch_cfg.get(key) for key in ("neuron_set", "layers", "others_op", "others_value")}
     merged.update({"op": None, "value": None, "stat": None, "coef": 1.0})
     merged.update({k: best["entry"][k] for k in PATCH_KEYS if best["entry"].get(k) is not None})

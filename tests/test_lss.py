@@ -334,6 +334,7 @@ def test_factor_search_ranks_the_grid_and_saves_the_best(tiny, artifact, data_ro
     spec = PatchSpec.from_config(patch_cfg, factor, "ja")
     assert spec == lss.grid_entry_spec(best["entry"], {"neuron_set": "lape"}, "ja")
     assert lss.best_factor({**tiny.identity, "seed": 99}, store) is None
+    assert lss.best_factor(tiny.identity, store, artifact_key="other-neurons") is None  # searched on other neurons
 
 
 def test_matrix_outputs_and_user_errors(tiny, artifact, data_root, tmp_path):
