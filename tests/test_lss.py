@@ -293,8 +293,9 @@ def test_batch_size_1_and_16_differ_only_within_the_tolerance(tiny, artifact, da
         evaluator.ensure_baseline(lss.LSS_LANGS)
     for s in SOURCES:
         assert np.abs(one.baseline[s] - sixteen.baseline[s]).max() < tol / 10
-    for target in ("en", "ja"):
-        spec = PatchSpec(target, op="set", stat="max")  # per-sample statistic: needs the attention mask
+    for target, spec in [(t, spec) for t in ("en", "ja") for spec in (
+            PatchSpec(t, op="set", source="pmax"),  # shared prompts: KV cache, left-padded contexts
+            PatchSpec(t, op="set", stat="max"))]:  # per-sample statistic: whole rows with the attention mask
         a, _, _, _ = one.deltas(artifact, spec)
         b, _, _, _ = sixteen.deltas(artifact, spec)
         for source in a:
