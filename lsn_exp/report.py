@@ -131,6 +131,53 @@ def pivot_heatmaps(done: list[Cell], metric: str, out_dir: Path) -> list[Path]:
     return images
 
 
+def lss_cells(cell: Cell) -> list[dict]:
+    """Every (source, target) LSS cell a run scored: a job toward one target or a full matrix."""
+    if isinstance(cell.results.get("lss"), dict) and cell.results["lss"].get("cells"):
+        return cell.results["lss"]["cells"]
+    path = cell.run_dir / "lss_cells.csv"
+    if "lss_matrix" in cell.results and path.exists():
+        with open(path, newline="") as handle:
+            return [{**row, **{k: float(row[k]) for k in ("lss", "ci_low", "ci_high")}, "n": int(row["n"])}
+                    for row in csv.DictReader(handle)]
+    return []
+
+
+def lss_section(done: list[Cell], sweep_dir: Path, n_boot: int = 1000) -> list[str]:
+    """LSS by model x factor: mean over (source, target) cells with a bootstrap 95 % CI over cells, the weakest
+    cell, and the assembled source x target matrix (CSV + heatmap) of every model and factor."""
+    import numpy as np
+
+    groups = defaultdict(dict)
+    for cell in done:
+        for c in lss_cells(cell):
+            if c["n"] and c["lss"] == c["lss"]:
+                groups[(cell.key[0], cell.key[2])][(c["source"], c["target"])] = c
+    if not groups:
+        return []
+    rows, images = [], []
+    for (model, factor), cells in sorted(groups.items()):
+        values = np.array([c["lss"] for c in cells.values()])
+        boot = values[np.random.default_rng(0).integers(0, len(values), (n_boot, len(values)))].mean(axis=1)
+        weakest = min(cells.values(), key=lambda c: (c["lss"], c["source"], c["target"]))
+        rows.append([model, factor, float(values.mean()), f"[{np.percentile(boot, 2.5):.3f}, "
+                     f"{np.percentile(boot, 97.5):.3f}]", len(values),
+                     f"{weakest['source']}→{weakest['target']} {weakest['lss']:.2f} "
+                     f"[{weakest['ci_low']:.2f}, {weakest['ci_high']:.2f}]"])
+        sources = sorted({s for s, _ in cells})
+        targets = sorted({t for _, t in cells})
+        matrix = [[cells[(s, t)]["lss"] if (s, t) in cells else float("nan") for t in targets] for s in sources]
+        stem = f"lss_matrix_{model}_{factor}"
+        write_csv(sweep_dir / f"{stem}.csv", ["source\\target", *targets],
+                  [[s, *row] for s, row in zip(sources, matrix)])
+        images.append(plots.heatmap(matrix, sources, targets, f"LSS {model} factor={factor}",
+                                    sweep_dir / f"{stem}.png", fmt=".2f", cmap="coolwarm", center=0.5,
+                                    xlabel="target (patched toward)", ylabel="source (prompt language)"))
+    return ["## LSS by model x factor (cells = source→target pairs; CI: bootstrap over cells)", "",
+            *markdown_table(["model", "factor", "mean LSS", "95% CI", "cells", "weakest cell [its CI]"], rows), "",
+            *(f"![{p.stem}]({p.name})" for p in images), ""]
+
+
 def downstream_section(done: list[Cell], sweep_dir: Path) -> list[str]:
     """Self- vs cross-language delta matrices (task language x patched language), per model and factor."""
     from lsn_exp.downstream import downstream_matrices
@@ -174,6 +221,7 @@ def build_report(sweep_dir: Path) -> Path:
         lines += markdown_table(["model", "factor", main_metric, "n langs"],
                                 [[m, f, sum(v) / len(v), len(v)] for (m, f), v in sorted(agg.items())])
         lines += ["", *(f"![{p.stem}]({p.name})" for p in images), ""]
+    lines += lss_section(done, sweep_dir)
     lines += downstream_section(done, sweep_dir)
     cell_images = [(c, Path(p)) for c in done for p in c.images.values()]
     if cell_images:

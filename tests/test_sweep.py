@@ -38,6 +38,13 @@ def test_multirun_writes_four_cells_and_a_report_with_heatmaps(sweep):
     assert "## lss_mean by model x factor" in report
     assert (sweep / "tiny_lss_mean.png").stat().st_size > 1000
     assert (sweep / "report_cells.csv").read_text().count("\n") == 5
+    # LSS by model x factor: the mean over each factor's (source, target) cells, with its CI and matrix
+    for factor in ("2", "pmax"):
+        values = [c["lss"] for (lang, f), r in cells.items() if f == factor for c in r["lss"]["cells"] if c["n"]]
+        assert f"| tiny | {factor} | {sum(values) / len(values):.3f} | [" in report
+        matrix = (sweep / f"lss_matrix_tiny_{factor}.csv").read_text().splitlines()
+        assert matrix[0] == "source\\target,fr,id" and len(matrix) == 4  # sources en, fr, id
+        assert (sweep / f"lss_matrix_tiny_{factor}.png").stat().st_size > 1000
 
 
 def test_rerun_recomputes_only_the_cell_whose_results_were_deleted(sweep):
