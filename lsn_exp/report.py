@@ -223,11 +223,12 @@ def build_report(sweep_dir: Path) -> Path:
         lines += ["", *(f"![{p.stem}]({p.name})" for p in images), ""]
     lines += lss_section(done, sweep_dir)
     lines += downstream_section(done, sweep_dir)
-    cell_images = [(c, Path(p)) for c in done for p in c.images.values()]
+    cell_images = [(c, Path(p)) for c in done for p in c.images.values() if "heatmap" in Path(p).stem
+                   or "matrix" in Path(p).stem]
     if cell_images:
         lines += ["## Figures per cell", ""]
         lines += [f"![{' '.join(c.key)} {p.stem}]({p.relative_to(sweep_dir) if p.is_relative_to(sweep_dir) else p})"
-                  for c, p in cell_images if "heatmap" in p.stem or "matrix" in p.stem]
+                  for c, p in cell_images]
         lines.append("")
     if missing:
         lines += ["## Missing cells", "", *(f"- {' '.join(f'{k}={v}' for k, v in m.items())}" for m in missing), ""]
