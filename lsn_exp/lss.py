@@ -461,6 +461,15 @@ def lss_for_target(handle: ModelHandle, artifact: NeuronArtifact, spec: PatchSpe
 CELL_FIELDS = ("source", "target", "lss", "ci_low", "ci_high", "n", "skipped", "wins", "within_tol", "mean_shift")
 
 
+def read_cells(path: Path) -> list[dict]:
+    """The cells ``_write_cells`` wrote, with numbers as numbers."""
+    import csv
+
+    with open(path, newline="") as handle:
+        return [{**row, **{k: float(row[k]) for k in ("lss", "ci_low", "ci_high", "mean_shift")},
+                 **{k: int(row[k]) for k in ("n", "skipped", "wins", "within_tol")}} for row in csv.DictReader(handle)]
+
+
 def _write_cells(cells: list[dict], path: Path) -> Path:
     import csv
 
@@ -517,29 +526,37 @@ def _num(value: float):
 
 
 def write_matrix_outputs(result: dict, out_dir, title: str = "", prefix: str = "lss") -> tuple[dict, dict]:
-    import csv
-
-    from lsn_exp import plots
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sources, targets = result["sources"], result["targets"]
-    matrix_csv = out_dir / f"{prefix}_matrix.csv"
-    with open(matrix_csv, "w", newline="") as handle:
+    matrix_csv = write_matrix_csv(out_dir / f"{prefix}_matrix.csv", sources, targets, result["matrix"])
+    cells_csv = _write_cells(result["cells"], out_dir / f"{prefix}_cells.csv")
+    label = title or "LSS"
+    png = matrix_heatmap(result["matrix"], sources, targets,
+                         f"{label} (mean off-diag {result['mean_offdiag']:.3f}, n={result['n_facts']})",
+                         out_dir / f"{prefix}_matrix.png")
+    return ({f"{prefix}/matrix": matrix_csv, f"{prefix}/cells": cells_csv}, {f"{prefix}/heatmap": png})
+
+
+def write_matrix_csv(path: Path, sources: list[str], targets: list[str], matrix: dict) -> Path:
+    """``matrix[source][target]`` (None: not scored) as a source x target CSV."""
+    import csv
+
+    with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["source\\target", *targets])
         for s in sources:
-            writer.writerow([s, *["" if result["matrix"][s][t] is None else f"{result['matrix'][s][t]:.4f}"
-                                  for t in targets]])
-    cells_csv = _write_cells(result["cells"], out_dir / f"{prefix}_cells.csv")
-    values = [[float("nan") if result["matrix"][s][t] is None else result["matrix"][s][t] for t in targets]
-              for s in sources]
-    label = title or "LSS"
-    png = plots.heatmap(values, sources, targets,
-                        f"{label} (mean off-diag {result['mean_offdiag']:.3f}, n={result['n_facts']})",
-                        out_dir / f"{prefix}_matrix.png", fmt=".2f", cmap="coolwarm", center=0.5,
-                        xlabel="target (patched toward)", ylabel="source (prompt language)")
-    return ({f"{prefix}/matrix": matrix_csv, f"{prefix}/cells": cells_csv}, {f"{prefix}/heatmap": png})
+            writer.writerow([s, *["" if matrix[s].get(t) is None else f"{matrix[s][t]:.4f}" for t in targets]])
+    return path
+
+
+def matrix_heatmap(matrix: dict, sources: list[str], targets: list[str], title: str, path: Path) -> Path:
+    """``matrix[source][target]`` (None: not scored) as a heatmap centred on 0.5, a random patch's LSS."""
+    from lsn_exp import plots
+
+    values = [[float("nan") if matrix[s].get(t) is None else matrix[s][t] for t in targets] for s in sources]
+    return plots.heatmap(values, sources, targets, title, path, fmt=".2f", cmap="coolwarm", center=0.5,
+                         xlabel="target (patched toward)", ylabel="source (prompt language)")
 
 
 # --- factor search ------------------------------------------------------------------------------------

@@ -133,14 +133,12 @@ def pivot_heatmaps(done: list[Cell], metric: str, out_dir: Path) -> list[Path]:
 
 def lss_cells(cell: Cell) -> list[dict]:
     """Every (source, target) LSS cell a run scored: a job toward one target or a full matrix."""
+    from lsn_exp.lss import read_cells
+
     if isinstance(cell.results.get("lss"), dict) and cell.results["lss"].get("cells"):
         return cell.results["lss"]["cells"]
     path = cell.run_dir / "lss_cells.csv"
-    if "lss_matrix" in cell.results and path.exists():
-        with open(path, newline="") as handle:
-            return [{**row, **{k: float(row[k]) for k in ("lss", "ci_low", "ci_high")}, "n": int(row["n"])}
-                    for row in csv.DictReader(handle)]
-    return []
+    return read_cells(path) if "lss_matrix" in cell.results and path.exists() else []
 
 
 def lss_section(done: list[Cell], sweep_dir: Path, n_boot: int = 1000) -> list[str]:
@@ -148,10 +146,12 @@ def lss_section(done: list[Cell], sweep_dir: Path, n_boot: int = 1000) -> list[s
     cell, and the assembled source x target matrix (CSV + heatmap) of every model and factor."""
     import numpy as np
 
+    from lsn_exp.lss import matrix_heatmap, write_matrix_csv
+
     groups = defaultdict(dict)
     for cell in done:
         for c in lss_cells(cell):
-            if c["n"] and c["lss"] == c["lss"]:
+            if c["n"]:  # a cell with no scored fact has no LSS
                 groups[(cell.key[0], cell.key[2])][(c["source"], c["target"])] = c
     if not groups:
         return []
@@ -166,13 +166,11 @@ def lss_section(done: list[Cell], sweep_dir: Path, n_boot: int = 1000) -> list[s
                      f"[{weakest['ci_low']:.2f}, {weakest['ci_high']:.2f}]"])
         sources = sorted({s for s, _ in cells})
         targets = sorted({t for _, t in cells})
-        matrix = [[cells[(s, t)]["lss"] if (s, t) in cells else float("nan") for t in targets] for s in sources]
+        matrix = {s: {t: cells[(s, t)]["lss"] for t in targets if (s, t) in cells} for s in sources}
         stem = f"lss_matrix_{model}_{factor}"
-        write_csv(sweep_dir / f"{stem}.csv", ["source\\target", *targets],
-                  [[s, *row] for s, row in zip(sources, matrix)])
-        images.append(plots.heatmap(matrix, sources, targets, f"LSS {model} factor={factor}",
-                                    sweep_dir / f"{stem}.png", fmt=".2f", cmap="coolwarm", center=0.5,
-                                    xlabel="target (patched toward)", ylabel="source (prompt language)"))
+        write_matrix_csv(sweep_dir / f"{stem}.csv", sources, targets, matrix)
+        images.append(matrix_heatmap(matrix, sources, targets, f"LSS {model} factor={factor}",
+                                     sweep_dir / f"{stem}.png"))
     return ["## LSS by model x factor (cells = source→target pairs; CI: bootstrap over cells)", "",
             *markdown_table(["model", "factor", "mean LSS", "95% CI", "cells", "weakest cell [its CI]"], rows), "",
             *(f"![{p.stem}]({p.name})" for p in images), ""]
