@@ -2,7 +2,7 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-OFFLINE_MODELS := gemma3_270m
+OFFLINE_MODELS := gemma3_270m smollm2_135m
 
 .PHONY: install test test-slow test-all demo report clean-cache
 

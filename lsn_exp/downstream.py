@@ -33,13 +33,14 @@ import math
 import os
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lsn_exp.errors import UserError
-from lsn_exp.evaluate import plain_config
+from lsn_exp.settings import (FAMILIES, FLORES_SPLITS, LANG_ORDER, MT_PROMPTS, EvalSettings, Family,  # noqa: F401
+                              eval_settings)
 
 if TYPE_CHECKING:
     from lsn_exp.artifacts import ArtifactStore
@@ -49,123 +50,25 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DOWNSTREAM_VERSION = 2  # bump when requests, scoring or the cached baseline's layout change
+DOWNSTREAM_VERSION = 3  # bump when requests, scoring or the cached baseline's layout change
 BASELINE_KIND = "downstream_baseline"
-LANG_ORDER = ("en", "nl", "id", "ms", "vi", "ja", "zh", "fr", "pt", "ru", "et", "ht", "it", "qu", "sw", "ta",
-              "th", "tr")  # the paper's order (languages.tsv idx)
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 INCLUDE_HUB_ID = "CohereForAI/include-base-44"
-FLORES_SPLITS = ("dev", "devtest")
-
-# English -> X prompts. "untargeted" names only the source language, so any move toward X comes from the
-# patch; "targeted" names X. The model continues after the final ":" (lm-eval strips nothing).
-MT_PROMPTS = {
-    "untargeted": "Translate the following English sentence.\nEnglish: {source}\nTranslation:",
-    "targeted": "Translate the following English sentence into {target_name}.\nEnglish: {source}\n{target_name}:",
-}
 
 
-@dataclass(frozen=True)
-class Family:
-    name: str
-    kind: str  # mc | mt | ppl
-    metrics: tuple[str, ...]
-    task_pattern: str  # {code}: our language code, {dataset}: the dataset's code for it
-    lang_field: str | None  # Language attribute naming the dataset's code; None: every language
-    exclude: tuple[str, ...] = ()
-    local: bool = True  # our task dir (offline); False: lm-eval's tasks from the HF hub
-
-    def langs(self) -> list[str]:
-        from lsn_exp import data
-
-        registry = data.language_registry()
-        return [code for code in LANG_ORDER if code in registry and code not in self.exclude
-                and (self.lang_field is None or getattr(registry[code], self.lang_field))]
-
-    def task(self, code: str) -> str:
-        from lsn_exp import data
-
-        lang = data.language_registry()[code]
-        return self.task_pattern.format(code=code, dataset=getattr(lang, self.lang_field) if self.lang_field else code)
-
-
-FAMILIES = {
-    "xcopa": Family("xcopa", "mc", ("acc",), "xcopa_local_{code}", "xcopa"),
-    "xwinograd": Family("xwinograd", "mc", ("acc",), "xwinograd_local_{code}", "xwinograd"),
-    "include": Family("include", "mc", ("acc",), "include_base_44_{dataset}", "include", local=False),
-    "flores_mt": Family("flores_mt", "mt", ("chrf++", "bleu", "lang_share"), "flores_mt_{code}", None,
-                        exclude=("en",)),
-    "flores_ppl": Family("flores_ppl", "ppl", ("ll_per_token", "ppl", "bits_per_byte"), "flores_ppl_{code}", None),
-}
-MEAN_METRICS = ("acc", "lang_share")  # means of per-document values: analytic stderr
-HIGHER_IS_BETTER = {"acc": True, "lang_share": True, "chrf++": True, "bleu": True, "ll_per_token": True,
-                    "ppl": False, "bits_per_byte": False}
+MEAN_METRICS = ("acc", "lang_share", "empty_share")  # means of per-document values: analytic stderr
+HIGHER_IS_BETTER = {"acc": True, "lang_share": True, "empty_share": False, "chrf++": True, "bleu": True,
+                    "ll_per_token": True, "ppl": False, "bits_per_byte": False}
 LM_EVAL_METRIC = {"acc": "acc", "chrf++": "chrf++", "bleu": "bleu", "lang_share": "lang_share",
-                  "bits_per_byte": "bits_per_byte"}  # ours -> lm-eval's aggregate (checked to agree)
+                  "empty_share": "empty_share", "bits_per_byte": "bits_per_byte"}  # ours -> lm-eval's (checked)
 
 
-# --- settings -------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class EvalSettings:
-    families: tuple[str, ...]
-    langs: tuple[str, ...] | None  # task languages; None: every language a family covers
-    limit: int | None  # first N documents per task language; None: all
-    limits: dict = field(default_factory=dict)  # family -> limit override
-    batch_size: int = 8
-    mt_prompt: str = "untargeted"
-    flores_split: str = "devtest"
-    bootstrap: int = 1000
-    seed: int = 0
-
-    def limit_for(self, family: str) -> int | None:
-        return self.limits.get(family, self.limit)
-
+# --- settings ---------------------------------------------------------------------------------------------
 
 def settings(eval_cfg, handle: ModelHandle | None = None) -> EvalSettings:
-    """``cfg.eval`` (conf/eval/default.yaml) -> EvalSettings, every mistake as a one-line UserError."""
-    cfg = plain_config(eval_cfg) if eval_cfg is not None else {}
-    families = cfg.get("tasks", "all")
-    families = list(FAMILIES) if families in (None, "all") else [families] if isinstance(families, str) else families
-    bad = [f for f in families if f not in FAMILIES]
-    if bad or not families:
-        raise UserError(f"eval.tasks={families} is not allowed: use all or a list of {', '.join(FAMILIES)}")
-    langs = cfg.get("langs", "all")
-    if langs in (None, "all"):
-        langs = None
-    else:
-        langs = [langs] if isinstance(langs, str) else [str(c) for c in langs]
-        unknown = [c for c in langs if c not in LANG_ORDER]
-        if unknown:
-            raise UserError(f"eval.langs has unknown language(s) {unknown}: use all or codes of {' '.join(LANG_ORDER)}")
-        langs = tuple(langs)
-    limits = {str(k): _limit(f"eval.limits.{k}", v) for k, v in (cfg.get("limits") or {}).items()}
-    bad = [f for f in limits if f not in FAMILIES]
-    if bad:
-        raise UserError(f"eval.limits names unknown task families {bad}: use {', '.join(FAMILIES)}")
-    mt_prompt = str(cfg.get("mt_prompt", "untargeted"))
-    if mt_prompt not in MT_PROMPTS:
-        raise UserError(f"eval.mt_prompt={mt_prompt} is not allowed: use one of {', '.join(MT_PROMPTS)}")
-    split = str(cfg.get("flores_split", "devtest"))
-    if split not in FLORES_SPLITS:
-        raise UserError(f"eval.flores_split={split} is not allowed: use one of {', '.join(FLORES_SPLITS)}")
-    batch_size = cfg.get("batch_size") or (handle.batch_size if handle is not None else 8)
-    return EvalSettings(families=tuple(dict.fromkeys(families)), langs=langs,
-                        limit=_limit("eval.limit", cfg.get("limit")), limits=limits, batch_size=int(batch_size), mt_prompt=mt_prompt, flores_split=split,
-                        bootstrap=int(cfg.get("bootstrap", 1000)), seed=int(cfg.get("seed", 0)))
-
-
-def _limit(name: str, raw) -> int | None:
-    if raw is None or raw == "all":
-        return None
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        value = -1.0
-    if value < 1 or value != int(value):
-        raise UserError(f"{name}={raw!r} is not allowed: use a whole number of documents >= 1, or null for all "
-                        f"(lm-eval would read a number below 1 as a fraction)")
-    return int(value)
+    """``cfg.eval`` -> EvalSettings (lsn_exp.settings) with the batch size resolved for ``handle``."""
+    parsed = eval_settings(eval_cfg)
+    return replace(parsed, batch_size=parsed.batch_size or (handle.batch_size if handle is not None else 8))
 
 
 @dataclass(frozen=True)
@@ -342,27 +245,10 @@ def output_language(text: str) -> str:
 # --- the LM -------------------------------------------------------------------------------------------
 
 def downstream_lm(handle: ModelHandle, batch_size: int | None = None):
-    """``evaluate.LsnHFLM`` on ``handle.model`` with one change for rolling log-likelihoods (DownstreamLM)."""
+    """``evaluate.DownstreamLM`` on ``handle.model``: rolling log-likelihoods given one BOS."""
     from lsn_exp import evaluate
 
-    class DownstreamLM(evaluate.LsnHFLM):
-        """Rolling log-likelihoods encode the text without special tokens, so a sentence is scored given one
-        BOS (lm-eval's prefix token). HFLM encodes with the tokenizer's default, which for Gemma adds a BOS
-        of its own, and then also scores log P(BOS | BOS) as part of every sentence."""
-
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-            saved = self.add_bos_token
-            self.add_bos_token = False
-            try:
-                return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
-            finally:
-                self.add_bos_token = saved
-
-    quiet = getattr(evaluate, "_quiet", None)
-    if quiet is not None:
-        logging.getLogger("lm_eval.models.huggingface").addFilter(quiet)
-    return DownstreamLM(pretrained=handle.model, tokenizer=handle.tokenizer,
-                        batch_size=int(batch_size or handle.batch_size), logits_cache=True)
+    return evaluate.hflm(handle, batch_size, evaluate.DownstreamLM)
 
 
 def scored_tokens(tokenizer, text: str) -> int:
@@ -428,7 +314,8 @@ def metric_stats(ref: TaskRef, out: Outputs) -> dict[str, Any]:
         preds, refs_ = out.texts["predictions"], out.texts["references"]
         return {"chrf++": sentence_stats("chrf++", preds, refs_, ref.lang),
                 "bleu": sentence_stats("bleu", preds, refs_, ref.lang),
-                "lang_share": np.c_[out.tensors["match"], ones]}
+                "lang_share": np.c_[out.tensors["match"], ones],
+                "empty_share": np.c_[[float(p == "") for p in preds], ones]}
     stats = np.c_[out.tensors["ll"], out.tensors["n_tokens"], out.tensors["n_bytes"]]
     return {metric: stats for metric in ref.family.metrics}
 

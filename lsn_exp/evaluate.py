@@ -195,9 +195,8 @@ def _score_context_batch(model, contexts: list[tuple[int, ...]], groups: dict, b
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                     use_cache=True, logits_to_keep=1)
-    first = torch.log_softmax(out.logits[:, -1], dim=-1)  # [B, V]: each continuation's first token
-    first_greedy = first.argmax(dim=-1).tolist()
-    first_lp = first.float()
+    first_lp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, V] fp32: each continuation's first token
+    first_greedy = first_lp.argmax(dim=-1).tolist()
     rows = [(b, cont) for b, ctx in enumerate(contexts) for cont in groups[ctx]]
     scores = {(contexts[b], cont): [float(first_lp[b, cont[0]]), first_greedy[b] == cont[0]] for b, cont in rows}
     rest = sorted((r for r in rows if len(r[1]) > 1), key=lambda r: -len(r[1]))
@@ -240,9 +239,9 @@ def _continuation_scores(model, cache, context_mask: torch.Tensor, context_lens:
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                        cache=_select_rows(cache, index), use_cache=True, logits_to_keep=real).logits
-    logprobs = torch.log_softmax(logits, dim=-1)  # [n_read, V], rows in order, positions in order
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [n_read, V] fp32, rows in order, positions in order
     targets = torch.tensor([t for _, cont in rows for t in cont[1:]], device=device)
-    token_lp = logprobs.gather(1, targets[:, None])[:, 0].float()
+    token_lp = logprobs.gather(1, targets[:, None])[:, 0]
     token_greedy = logprobs.argmax(dim=-1) == targets
     out, offset = [], 0
     for _, cont in rows:
@@ -262,11 +261,26 @@ def _select_rows(cache, index: torch.Tensor):
     return selected
 
 
-def hflm(handle: ModelHandle, batch_size: int | None = None) -> LsnHFLM:
-    """lm-eval's HF model around ``handle.model`` (patched in place by ``Patch``)."""
+class DownstreamLM(LsnHFLM):
+    """LsnHFLM whose rolling log-likelihoods encode the text without special tokens, so a sentence is scored
+    given one BOS (lm-eval's prefix token). HFLM encodes with the tokenizer's default, which for Gemma adds a
+    BOS of its own, and then also scores log P(BOS | BOS) as part of every sentence."""
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        saved = self.add_bos_token
+        self.add_bos_token = False
+        try:
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self.add_bos_token = saved
+
+
+def hflm(handle: ModelHandle, batch_size: int | None = None, lm_class: type[LsnHFLM] = LsnHFLM) -> LsnHFLM:
+    """lm-eval's HF model around ``handle.model`` (patched in place by ``Patch``). Log-softmax runs in float32
+    whatever the model dtype: in bf16 it rounds log-probs near large logits to steps of 0.06-0.125 nats."""
     logging.getLogger("lm_eval.models.huggingface").addFilter(_quiet)
-    return LsnHFLM(pretrained=handle.model, tokenizer=handle.tokenizer,
-                   batch_size=int(batch_size or handle.batch_size), logits_cache=True)
+    return lm_class(pretrained=handle.model, tokenizer=handle.tokenizer, batch_size=int(batch_size or handle.batch_size),
+                    logits_cache=True, softmax_dtype=torch.float32)
 
 
 def build_instances(task) -> list[Instance]:
@@ -300,10 +314,3 @@ def run_tasks(lm, tasks: list[str], manager: TaskManager, limit: int | float | N
     return simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
                            num_fewshot=num_fewshot, use_cache=None, cache_requests=False,
                            log_samples=log_samples, bootstrap_iters=bootstrap_iters, **kwargs)
-
-
-def plain_config(cfg) -> dict:
-    """A config node (DictConfig or mapping) as a plain dict."""
-    from omegaconf import DictConfig, OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)

@@ -136,6 +136,19 @@ def artifact_from_tensors(tensors: dict, meta: dict) -> NeuronArtifact:
                           p_median=tensors["p_median"], activation_prob=tensors["activation_prob"], meta=meta)
 
 
+IDENTIFY_VERSION = 1  # bump when selection (LAPE, baseline, random) or the artifact's layout changes
+
+
+def recording_spec(handle, settings, prefix) -> dict:
+    """What a recording depends on, besides its language and corpus: the cache key's shared part."""
+    from lsn_exp.record import RECORD_VERSION
+
+    device = getattr(handle.device, "type", str(handle.device))
+    return {"model": handle.identity, "dtype": str(handle.model.dtype).replace("torch.", ""), "device": device,
+            "record_version": RECORD_VERSION, "split": settings.split, "max_tokens": settings.max_tokens or "all",
+            "n_stat_sentences": settings.n_stat_sentences, "prefix": prefix.as_meta()}
+
+
 def build(identify_cfg, handle, data_root, store, seed: int, force: bool = False) -> IdentifyResult:
     """The neuron artifact for ``handle``: each language recorded once per key, selection once per thresholds.
 
@@ -143,34 +156,37 @@ def build(identify_cfg, handle, data_root, store, seed: int, force: bool = False
     and adding a language records only that one.
     """
     from lsn_exp import data
-    from lsn_exp.record import language_stats, stack_languages
+    from lsn_exp.record import language_stats, prefix_token, stack_languages
+    from lsn_exp.settings import identify_settings
 
-    langs = data.languages(list(identify_cfg.languages))
-    corpora = {lang.code: data.flores(data_root, lang, identify_cfg.split) for lang in langs}
-    settings = {"model": handle.identity, "split": identify_cfg.split,
-                "max_tokens": int(identify_cfg.max_tokens),
-                "n_stat_sentences": int(identify_cfg.n_stat_sentences), "add_bos": bool(identify_cfg.add_bos)}
-    batch_size = int(identify_cfg.batch_size or handle.batch_size)
+    settings = identify_settings(identify_cfg)
+    prefix = prefix_token(handle.tokenizer, settings.prefix)
+    langs = data.languages(list(settings.languages))
+    corpora = {lang.code: data.flores(data_root, lang, settings.split) for lang in langs}
+    shared = recording_spec(handle, settings, prefix)
+    batch_size = settings.batch_size or handle.batch_size
     stats, entries = {}, []
     for code, corpus in corpora.items():
-        spec = {**settings, "lang": code,
+        spec = {**shared, "lang": code,
                 "corpus": f"sha256:{sha256_file(corpus.path)}" if corpus.path else f"hub:{data.FLORES_HUB_ID}"}
         entry = store.get_or_compute(
             "recording", spec, force=force,
             compute=lambda c=corpus, k=code: (language_stats(
-                handle, c.sentences, settings["max_tokens"], settings["n_stat_sentences"], settings["add_bos"],
-                batch_size, desc=f"record {k}"), {"lang": k}))
+                handle, c.sentences, settings.max_tokens, settings.n_stat_sentences, prefix, batch_size,
+                desc=f"record {k}"), {"lang": k}))
         stats[code] = entry.tensors
         entries.append(entry)
     recording = stack_languages(stats)
     recorded = any(e.computed for e in entries)
-    select_spec = {"recordings": [e.path.name for e in entries], "top_rate": float(identify_cfg.top_rate),
-                   "filter_rate": float(identify_cfg.filter_rate), "bar_rate": float(identify_cfg.bar_rate),
+    select_spec = {"recordings": [e.path.name for e in entries], "identify_version": IDENTIFY_VERSION,
+                   "top_rate": settings.top_rate, "filter_rate": settings.filter_rate, "bar_rate": settings.bar_rate,
                    "seed": seed}
 
     def compute_artifact():
-        return artifact_to_tensors(identify(recording, select_spec["top_rate"], select_spec["filter_rate"],
-                                            select_spec["bar_rate"], seed))
+        tensors, meta = artifact_to_tensors(identify(recording, settings.top_rate, settings.filter_rate,
+                                                     settings.bar_rate, seed))
+        return tensors, {**meta, "prefix": prefix.as_meta(), "max_tokens": settings.max_tokens or "all",
+                         "split": settings.split}
 
     art_entry = store.get_or_compute("neurons", select_spec, compute_artifact, force=force)
     artifact = artifact_from_tensors(art_entry.tensors, art_entry.meta)

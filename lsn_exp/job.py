@@ -18,7 +18,7 @@ from typing import Any, Callable
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from lsn_exp import data
+from lsn_exp import data, settings
 from lsn_exp.errors import UserError
 from lsn_exp.patch import Factor, parse_factor
 from lsn_exp.tracking import RESULTS_FILE, RunRecord, log_to_wandb, provenance
@@ -44,10 +44,10 @@ class JobContext:
 
         patch_cfg, factor = self.cfg.patch, self.factor
         if factor.kind == "best":
-            from lsn_exp.lss import resolve_best
+            from lsn_exp.search import resolve_best
 
-            patch_cfg, factor = resolve_best(self.handle.identity, self.store, self.cfg.patch,
-                                             self.record.results["identify"]["artifact_key"])
+            patch_cfg, factor = resolve_best(self.handle.identity, self.store, self.cfg.patch, self.cfg.lss,
+                                             self.record.results["identify"]["artifact_key"], search_command())
         return PatchSpec.from_config(patch_cfg, factor, target or self.cfg.lang.code)
 
     def patch(self, target: str | None = None):
@@ -65,10 +65,11 @@ def load_model(ctx: JobContext) -> None:
     from lsn_exp import models
     from lsn_exp.artifacts import ArtifactStore
 
-    if ctx.cfg.threads:
+    threads = settings.threads(ctx.cfg.threads)
+    if threads:
         import torch
 
-        torch.set_num_threads(int(ctx.cfg.threads))  # e.g. the CPUs SLURM gave this task
+        torch.set_num_threads(threads)  # e.g. the CPUs SLURM gave this task
     ctx.handle = models.load(ctx.cfg.model, ctx.cfg.cache_dir)
     ctx.store = ArtifactStore(models.cache_root(ctx.cfg.cache_dir) / "artifacts" / ctx.cfg.model.name)
 
@@ -118,7 +119,7 @@ def lss_scores(ctx: JobContext) -> None:
     result = lss.lss_for_target(ctx.handle, ctx.artifact, ctx.patch_spec(), ctx.cfg.lss, ctx.data_root, ctx.store,
                                 out_dir=ctx.run_dir)
     ctx.add_outputs(result)
-    ctx.record.results["lss"] = {**result, "mean": result["mean_lss"]}
+    ctx.record.results["lss"] = {**result, "mean": result["mean_lss"], "mean_paper": result["mean_lss_paper"]}
 
 
 def lss_matrix(ctx: JobContext) -> None:
@@ -133,14 +134,16 @@ def lss_matrix(ctx: JobContext) -> None:
 
 
 def factor_search(ctx: JobContext) -> None:
-    from lsn_exp import lss
+    from lsn_exp import search
 
-    result = lss.factor_search(ctx.handle, ctx.artifact, ctx.cfg.patch, ctx.cfg.lss, ctx.data_root, ctx.store,
+    result = search.factor_search(ctx.handle, ctx.artifact, ctx.cfg.patch, ctx.cfg.lss, ctx.data_root, ctx.store,
                                out_dir=ctx.run_dir, artifact_key=ctx.record.results["identify"]["artifact_key"])
     ctx.add_outputs(result)
     ctx.record.results["factor_search"] = result
+    print(f"factor search on {result['sample']}:")
     for row in result["ranking"]:
-        print(f"{row['rank']:>2}. {row['name']:<14} mean off-diagonal LSS {row['mean_offdiag_lss']:.3f}")
+        print(f"{row['rank']:>2}. {row['name']:<14} mean off-diagonal LSS {row['mean_offdiag_lss']:.3f} "
+              f"(paper count {row['mean_offdiag_lss_paper']:.3f})")
 
 
 def downstream(ctx: JobContext) -> None:
@@ -165,9 +168,8 @@ STAGES: dict[str, list[Callable[[JobContext], None]]] = {
 
 
 def run_job(cfg: DictConfig) -> RunRecord | None:
+    settings.validate(cfg, STAGES)  # every config mistake, before anything loads (dry runs too)
     factor = parse_factor(cfg.factor)
-    if cfg.stage not in STAGES:
-        raise UserError(f"stage={cfg.stage} is not one of {', '.join(STAGES)}")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     summary = f"model={cfg.model.name} lang={cfg.lang.code} factor={factor} stage={cfg.stage}"
     record = RunRecord.start(cfg, run_dir)
@@ -201,7 +203,8 @@ def run_job(cfg: DictConfig) -> RunRecord | None:
     return record
 
 
-IGNORED_FOR_RESUME = ("force", "dry_run", "logger")  # settings that cannot change a cell's results
+# Settings that cannot change a cell's results: a cell finished on one machine is not recomputed on another.
+IGNORED_FOR_RESUME = ("force", "dry_run", "logger", "threads", "cache_dir")
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -229,9 +232,11 @@ def note_attempt(run_dir: Path, what: str) -> None:
 def headline(results: dict) -> str:
     parts = [f"LAPE neurons={sum(results.get('identify', {}).get('lape_neurons', {}).values())}"]
     if isinstance(results.get("lss"), dict) and "mean" in results["lss"]:
-        parts.append(f"mean LSS {results['lss']['mean']:.3f}")
+        parts.append(f"mean LSS {results['lss']['mean']:.3f} (paper count {results['lss']['mean_paper']:.3f})")
     if "lss_matrix" in results:
-        parts.append(f"mean off-diagonal LSS {results['lss_matrix']['mean_offdiag']:.3f}")
+        matrix = results["lss_matrix"]
+        parts.append(f"mean off-diagonal LSS {matrix['mean_offdiag']:.3f} "
+                     f"(paper count {matrix['mean_offdiag_paper']:.3f})")
     if "generate" in results:
         gen = results["generate"]
         parts.append(f"target-language continuations {gen['target_share_unpatched']:.2f} -> "
@@ -245,6 +250,13 @@ def headline(results: dict) -> str:
 
 def _signed(value) -> str:
     return "—" if value is None else f"{value:+.3f}"
+
+
+def search_command() -> str:
+    """The command that runs the factor search ``factor=best`` needs: this job's overrides, as a search."""
+    dropped = ("factor=", "stage=", "lang=", "hydra.", "force=", "dry_run=")
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith(dropped)]
+    return " ".join(["python -m lsn_exp stage=factor_search", *overrides])
 
 
 def sweep_group() -> str:

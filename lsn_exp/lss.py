@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from lsn_exp.errors import UserError
-from lsn_exp.evaluate import plain_config
+from lsn_exp.settings import LSS_LANGS, LssSettings, default_tol, lss_settings, plain  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from lsn_exp.artifacts import ArtifactStore
@@ -46,12 +46,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LSS_LANGS = ("en", "nl", "id", "ms", "vi", "ja", "zh", "fr", "pt", "ru", "et", "it", "ta", "th", "tr")
 NO_SPACE_LANGS = ("ja", "zh", "th")  # the object is glued on with no space, whatever the template has
 MLAMA_HUB_ID = "inayarhmns/MLAMA-dod-185"  # the paper's set (hub only; the local copy is used offline)
-LSS_VERSION = 2  # bump when prompts, scoring or the cached baseline's layout change
+LSS_VERSION = 3  # bump when prompts, scoring or the cached baseline's layout change
 BASELINE_KIND = "lss_baseline"
-BEST_FACTOR_KIND = "lss_best_factor"
 
 
 # --- mLAMA: facts, prompts, sample ------------------------------------------------------------------
@@ -158,10 +156,20 @@ def read_mlama(root: Path, langs: tuple[str, ...] = LSS_LANGS,
     return MlamaFacts(facts, dict(excluded), {k: dict(v) for k, v in by_lang.items()}, files)
 
 
-def sample_facts(facts: list[Fact], n_facts: int | str | None, seed: int) -> list[Fact]:
+def sample_facts(facts: list[Fact], n_facts: int | str | None, seed: int,
+                 exclude_n_facts: int | str | None = None) -> list[Fact]:
     """``n_facts`` facts spread over relations: shuffle each relation with ``seed``, then take one fact per
     relation in turn (relations in a seeded order) until ``n_facts``; ``all``/None keeps every fact.
-    The sample keeps file order (relation, lineid)."""
+
+    ``exclude_n_facts``: first remove the sample this function gives for that size and seed (the reporting
+    sample), so a factor search never scores a fact it is later reported on. The sample keeps file order.
+    """
+    if exclude_n_facts is not None:
+        held = {f.fact_id for f in sample_facts(facts, exclude_n_facts, seed)}
+        facts = [f for f in facts if f.fact_id not in held]
+        if not facts:
+            raise UserError(f"no facts are left for the search once the {exclude_n_facts}-fact reporting sample is "
+                            f"held out: lower lss.n_facts or lss.search.n_facts")
     if n_facts is None or str(n_facts).lower() == "all":
         return list(facts)
     try:
@@ -169,7 +177,8 @@ def sample_facts(facts: list[Fact], n_facts: int | str | None, seed: int) -> lis
     except (TypeError, ValueError):
         raise UserError(f"lss.n_facts={n_facts!r} is not a number or 'all'") from None
     if not 0 < n <= len(facts):
-        raise UserError(f"lss.n_facts={n} is out of range: use 1..{len(facts)} or 'all'")
+        raise UserError(f"lss.n_facts={n} is out of range: use 1..{len(facts)} or 'all'"
+                        + (f" ({len(facts)} facts are left beside the reporting sample)" if exclude_n_facts else ""))
     rng = random.Random(seed)
     groups: dict[str, list[int]] = defaultdict(list)
     for i, fact in enumerate(facts):
@@ -188,12 +197,13 @@ def sample_facts(facts: list[Fact], n_facts: int | str | None, seed: int) -> lis
     return [facts[i] for i in sorted(picked)]
 
 
-def lss_docs(data_root, source: str, n_facts: int | str | None = 185, seed: int = 0) -> list[dict]:
+def lss_docs(data_root, source: str, n_facts: int | str | None = 185, seed: int = 0,
+             exclude_n_facts: int | str | None = None) -> list[dict]:
     """The documents of task ``lss_<source>``: one per sampled fact, choices = the object in every language."""
     if source not in LSS_LANGS:
         raise UserError(f"lss source {source} is not an LSS language: use one of {' '.join(LSS_LANGS)}")
     root = resolve_data_root(data_root)
-    sample = sample_facts(read_mlama(root).facts, n_facts, seed)
+    sample = sample_facts(read_mlama(root).facts, n_facts, seed, exclude_n_facts)
     return [{"fact_id": f.fact_id, "relation": f.relation, "source": source, "prompt": f.prompts[source],
              "choices": [f.continuation(source, lang) for lang in LSS_LANGS], "langs": list(LSS_LANGS),
              "source_index": LSS_LANGS.index(source)} for f in sample]
@@ -208,61 +218,6 @@ def resolve_data_root(setting) -> Path:
         raise UserError(f"LSS reads mLAMA from a local data root (mlama/); the hub set {MLAMA_HUB_ID} is not "
                         f"wired: set data.root=DIR or {data.DATA_ENV}=DIR")
     return root
-
-
-# --- settings ---------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class LssSettings:
-    n_facts: int | str
-    seed: int
-    sources: tuple[str, ...]
-    targets: tuple[str, ...]
-    tol: float
-    batch_size: int
-    bootstrap: int
-    weakest: int
-
-
-def _langs(raw, name: str) -> tuple[str, ...]:
-    if raw is None or (isinstance(raw, str) and raw.strip().lower() == "all"):
-        return LSS_LANGS
-    codes = [c.strip() for c in raw.split(",")] if isinstance(raw, str) else [str(c) for c in raw]
-    unknown = [c for c in codes if c not in LSS_LANGS]
-    if unknown or not codes:
-        raise UserError(f"lss.{name}={raw!r}: use all or a list of LSS languages ({' '.join(LSS_LANGS)})")
-    return tuple(c for c in LSS_LANGS if c in codes)  # canonical order
-
-
-def default_tol(dtype) -> float:
-    """Batch-layout noise bound for a summed log-prob: fp32 ~1e-6..1e-4 nats, 16-bit ~1e-2."""
-    name = str(dtype).replace("torch.", "")
-    return {"float64": 1e-6, "float32": 1e-3}.get(name, 5e-2)
-
-
-def settings(lss_cfg, handle: ModelHandle | None = None) -> LssSettings:
-    """``cfg.lss`` (conf/lss/default.yaml) with auto values resolved for ``handle``."""
-    get = lss_cfg.get
-    tol = get("tol", "auto")
-    if tol is None or str(tol).lower() == "auto":
-        tol = default_tol(handle.model.dtype if handle is not None else "float32")
-    try:
-        tol = float(tol)
-    except (TypeError, ValueError):
-        raise UserError(f"lss.tol={tol!r} is not a number or auto") from None
-    if tol < 0:
-        raise UserError(f"lss.tol={tol} is negative: use auto or a small positive number of nats, e.g. 1e-3")
-    n_facts = get("n_facts", 185)
-    if n_facts is None or str(n_facts).lower() == "all":
-        n_facts = "all"
-    elif not str(n_facts).isdigit() or int(n_facts) < 1:
-        raise UserError(f"lss.n_facts={n_facts!r} is not a positive number or 'all'")
-    else:
-        n_facts = int(n_facts)
-    batch = get("batch_size") or (handle.batch_size if handle is not None else 16)
-    return LssSettings(n_facts=n_facts, seed=int(get("seed", 0)), sources=_langs(get("sources", "all"), "sources"),
-                       targets=_langs(get("targets", "all"), "targets"), tol=tol, batch_size=int(batch),
-                       bootstrap=int(get("bootstrap", 1000)), weakest=int(get("weakest", 5)))
 
 
 # --- scoring ----------------------------------------------------------------------------------------
@@ -281,16 +236,18 @@ class LssEvaluator:
         from lsn_exp import evaluate
 
         self.handle, self.store = handle, store
-        self.settings = settings(lss_cfg, handle)
+        self.settings = lss_settings(lss_cfg, handle.model.dtype)
+        self.batch_size = self.settings.batch_size or handle.batch_size
+        self.exclude_n_facts = plain(lss_cfg).get("exclude_n_facts")  # a search sample: the reporting one held out
         self.sources = tuple(sources or self.settings.sources)
         self.root = resolve_data_root(data_root)
         mlama = read_mlama(self.root)
         self.mlama_summary = {"facts_usable": len(mlama.facts), "excluded": mlama.excluded,
                               "excluded_by_lang": mlama.excluded_by_lang}
         self.data_files = list(mlama.files)
-        self.lm = evaluate.hflm(handle, self.settings.batch_size)
+        self.lm = evaluate.hflm(handle, self.batch_size)
         manager = evaluate.task_manager(metadata={"data_root": str(self.root), "n_facts": self.settings.n_facts,
-                                                  "seed": self.settings.seed})
+                                                  "seed": self.settings.seed, "exclude_n_facts": self.exclude_n_facts})
         tasks = manager.load([f"lss_{s}" for s in self.sources])["tasks"]
         n_langs = len(LSS_LANGS)
         self.instances: dict[str, list[list]] = {}  # source -> [fact][lang] -> Instance
@@ -356,7 +313,7 @@ class LssEvaluator:
         log.info("LSS baseline: %d requests (%d source x object columns) in %.1f s", len(insts), len(missing),
                  time.time() - start)
         meta = {"fact_ids": self.fact_ids, "provenance": provenance(self.handle.identity, self.data_files),
-                "batch_size": self.settings.batch_size,
+                "batch_size": self.batch_size,
                 "what": "log P(object in object_lang | source prompt), summed over continuation tokens, per fact"}
         for (source, lang), column in zip(missing, ll):
             tensors = {"loglik": torch.from_numpy(column.copy())}
@@ -370,10 +327,10 @@ class LssEvaluator:
     # -- one patched run --
 
     def deltas(self, artifact: NeuronArtifact, spec: PatchSpec) -> tuple[dict, dict, float, int]:
-        """Per source s ≠ t: (fact indices scored, Δ unpatched, Δ patched toward t), float64 arrays.
+        """Per source s ≠ t: the shift Δ(patched toward t) − Δ(unpatched) of every sampled fact, float64 [N];
+        NaN where the two objects are the same string (a win is impossible there, so it is not scored).
 
-        Facts whose two objects are the same string are left out (a win is impossible there). The patched
-        requests of all sources go to lm-eval in one batched call.
+        The patched requests of all sources go to lm-eval in one batched call.
         """
         import numpy as np
 
@@ -396,61 +353,88 @@ class LssEvaluator:
             ll = np.asarray(evaluate.loglikelihoods(self.lm, insts, disable_tqdm=False), dtype=np.float64).reshape(-1, 2)
             patch_summary = patch.summary()
         seconds = time.time() - start
-        out, offset = {}, 0
+        shifts, offset = {}, 0
         for source, idx in keep.items():
             s = LSS_LANGS.index(source)
             patched = ll[offset: offset + len(idx)]  # [n, 2]: log P(obj_s), log P(obj_t)
             offset += len(idx)
             base = self.baseline[source][idx]  # [n, 15]
-            out[source] = (np.asarray(idx), base[:, t] - base[:, s], patched[:, 1] - patched[:, 0])
-        return out, patch_summary, seconds, len(insts)
+            shift = np.full(self.n, np.nan)
+            shift[idx] = (patched[:, 1] - patched[:, 0]) - (base[:, t] - base[:, s])
+            shifts[source] = shift
+        return shifts, patch_summary, seconds, len(insts)
 
     def score(self, artifact: NeuronArtifact, spec: PatchSpec) -> dict:
         """LSS(s→t) for every source s ≠ t = spec.target, scored under ``Patch(handle, artifact, spec)``."""
-        import numpy as np
-
-        per_source, patch_summary, seconds, n_requests = self.deltas(artifact, spec)
-        cells = [cell_stats(source, spec.target, delta_base, delta_patched, skipped=self.n - len(idx),
-                            tol=self.settings.tol, n_boot=self.settings.bootstrap, seed=self.settings.seed)
-                 for source, (idx, delta_base, delta_patched) in per_source.items()]
-        scored = [c["lss"] for c in cells if c["n"] > 0]
-        return {"target": spec.target, "patch": patch_summary, "cells": cells,
-                "mean_lss": float(np.mean(scored)) if scored else float("nan"),
-                "tol": self.settings.tol, "n_facts": self.n, "requests": n_requests,
-                "wall_time_s": round(seconds, 2), "baseline_cached": dict(self.baseline_cached)}
+        shifts, patch_summary, seconds, n_requests = self.deltas(artifact, spec)
+        cells = [cell_stats(source, spec.target, shift, tol=self.settings.tol, n_boot=self.settings.bootstrap,
+                            seed=self.settings.seed) for source, shift in shifts.items()]
+        return {"target": spec.target, "patch": patch_summary, "cells": cells, "mean_lss": mean_of(cells, "lss"),
+                "mean_lss_paper": mean_of(cells, "lss_paper"), "tol": self.settings.tol, "n_facts": self.n,
+                "fact_ids": list(self.fact_ids or []), "requests": n_requests, "wall_time_s": round(seconds, 2),
+                "baseline_cached": dict(self.baseline_cached)}
 
 
-def cell_stats(source: str, target: str, delta_base, delta_patched, skipped: int, tol: float, n_boot: int,
-               seed: int) -> dict:
-    """One cell: the win rate with a bootstrap 95% CI over facts, the mean shift, ties within tol."""
+OUTCOME = {True: "1", False: "0", None: "s"}  # per fact in a cell: win, no win, skipped (same-string objects)
+
+
+def cell_stats(source: str, target: str, shift, tol: float, n_boot: int, seed: int) -> dict:
+    """One cell from the per-fact shifts (NaN: skipped, the two objects are the same string).
+
+    ``lss``: wins / scored facts (skipped facts leave the denominator); ``lss_paper``: wins / all facts (the
+    paper's count: a same-string fact is a non-win). Each with a bootstrap 95% CI over facts; the mean shift,
+    ties within tol, and ``outcomes``, one character per fact (1 win, 0 no win, s skipped), for reports that
+    resample facts across cells.
+    """
     import numpy as np
 
-    shift = np.asarray(delta_patched, dtype=np.float64) - np.asarray(delta_base, dtype=np.float64)
-    wins = shift > tol
-    n = int(shift.size)
-    cell = {"source": source, "target": target, "n": n, "skipped": int(skipped), "wins": int(wins.sum()),
-            "within_tol": int((np.abs(shift) <= tol).sum())}
-    if n == 0:
-        return {**cell, "lss": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"),
-                "mean_shift": float("nan")}
+    shift = np.asarray(shift, dtype=np.float64)
+    scored = ~np.isnan(shift)
+    wins = np.where(scored, shift > tol, False)
+    n, total = int(scored.sum()), int(shift.size)
+    cell = {"source": source, "target": target, "n": n, "skipped": total - n, "wins": int(wins.sum()),
+            "within_tol": int((np.abs(shift[scored]) <= tol).sum()),
+            "outcomes": "".join(OUTCOME[bool(w) if s else None] for w, s in zip(wins, scored))}
     rng = np.random.default_rng([seed, LSS_LANGS.index(source), LSS_LANGS.index(target)])
-    boot = wins[rng.integers(0, n, size=(n_boot, n))].mean(axis=1) if n_boot > 0 else np.array([wins.mean()])
-    return {**cell, "lss": float(wins.mean()), "ci_low": float(np.percentile(boot, 2.5)),
-            "ci_high": float(np.percentile(boot, 97.5)), "mean_shift": float(shift.mean())}
+    for name, values in (("lss", wins[scored]), ("lss_paper", wins)):
+        lo, hi = _bootstrap_ci(values.astype(np.float64), n_boot, rng)
+        cell.update({name: float(values.mean()) if values.size else float("nan"),
+                     f"{name}_ci_low" if name != "lss" else "ci_low": lo,
+                     f"{name}_ci_high" if name != "lss" else "ci_high": hi})
+    cell["mean_shift"] = float(shift[scored].mean()) if n else float("nan")
+    return cell
+
+
+def _bootstrap_ci(values, n_boot: int, rng) -> tuple[float, float]:
+    """95% percentile interval of the mean of ``values`` over ``n_boot`` resamples (NaN when empty)."""
+    import numpy as np
+
+    if values.size == 0:
+        return float("nan"), float("nan")
+    boot = values[rng.integers(0, values.size, size=(n_boot, values.size))].mean(axis=1) if n_boot > 0 \
+        else np.array([values.mean()])
+    return float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
+
+
+def mean_of(cells: list[dict], key: str) -> float:
+    """Mean of ``key`` over the cells that scored at least one fact (NaN when none did)."""
+    values = [c[key] for c in cells if c["n"] > 0]
+    return sum(values) / len(values) if values else float("nan")
 
 
 def lss_for_target(handle: ModelHandle, artifact: NeuronArtifact, spec: PatchSpec, lss_cfg, data_root,
                    store: ArtifactStore | None, out_dir=None) -> dict:
     """A job with ``lang=t``: LSS(s→t) for every source s ≠ t (``lss.sources``) and their mean, as plain data.
 
-    ``lss`` maps source -> LSS; ``cells`` adds each cell's CI, n, skipped facts, ties and mean shift. With
-    ``out_dir``, writes lss_<t>_cells.csv and returns it under ``tables`` (W&B key lss/cells).
+    ``lss`` / ``lss_paper`` map source -> LSS; ``cells`` adds each cell's CIs, n, skipped facts, ties, mean
+    shift and per-fact outcomes. With ``out_dir``, writes lss_<t>_cells.csv under ``tables`` (W&B key lss/cells).
     """
     evaluator = LssEvaluator(handle, lss_cfg, data_root, store)
     result = evaluator.score(artifact, spec)
     result["data"] = evaluator.mlama_summary
     result["data_files"] = [str(path) for path in evaluator.data_files]
     result["lss"] = {c["source"]: c["lss"] for c in result["cells"]}
+    result["lss_paper"] = {c["source"]: c["lss_paper"] for c in result["cells"]}
     result["tables"] = {}
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -458,7 +442,10 @@ def lss_for_target(handle: ModelHandle, artifact: NeuronArtifact, spec: PatchSpe
     return result
 
 
-CELL_FIELDS = ("source", "target", "lss", "ci_low", "ci_high", "n", "skipped", "wins", "within_tol", "mean_shift")
+FLOAT_FIELDS = ("lss", "ci_low", "ci_high", "lss_paper", "lss_paper_ci_low", "lss_paper_ci_high", "mean_shift")
+INT_FIELDS = ("n", "skipped", "wins", "within_tol")
+CELL_FIELDS = ("source", "target", "lss", "ci_low", "ci_high", "lss_paper", "lss_paper_ci_low", "lss_paper_ci_high",
+               "n", "skipped", "wins", "within_tol", "mean_shift", "outcomes")
 
 
 def read_cells(path: Path) -> list[dict]:
@@ -466,8 +453,8 @@ def read_cells(path: Path) -> list[dict]:
     import csv
 
     with open(path, newline="") as handle:
-        return [{**row, **{k: float(row[k]) for k in ("lss", "ci_low", "ci_high", "mean_shift")},
-                 **{k: int(row[k]) for k in ("n", "skipped", "wins", "within_tol")}} for row in csv.DictReader(handle)]
+        return [{**row, **{k: float(row[k]) for k in FLOAT_FIELDS}, **{k: int(row[k]) for k in INT_FIELDS}}
+                for row in csv.DictReader(handle)]
 
 
 def _write_cells(cells: list[dict], path: Path) -> Path:
@@ -486,33 +473,29 @@ def lss_matrix(handle: ModelHandle, artifact: NeuronArtifact, spec_for: Callable
     """The sources x targets LSS matrix in one model load: the baseline once, one patched run per target.
 
     ``spec_for(target)`` gives the patch toward that target. With ``out_dir``, writes lss_matrix.csv,
-    lss_cells.csv and lss_matrix.png and returns their paths under ``tables`` and ``images`` (W&B keys).
+    lss_matrix_paper.csv, lss_cells.csv and their heatmaps, returned under ``tables`` and ``images`` (W&B keys).
     """
-    import numpy as np
-
     evaluator = evaluator or LssEvaluator(handle, lss_cfg, data_root, store)
     sources, targets = list(evaluator.sources), list(evaluator.settings.targets)
     evaluator.ensure_baseline(targets)  # every column in one batched call (15 objects share each prompt)
-    matrix = np.full((len(sources), len(targets)), np.nan)
     cells, per_target, seconds = [], {}, 0.0
-    for j, target in enumerate(targets):
+    for target in targets:
         result = evaluator.score(artifact, spec_for(target))
         seconds += result["wall_time_s"]
-        per_target[target] = {"mean_lss": result["mean_lss"], "patch": result["patch"]["patch"],
-                              "neurons": result["patch"]["neurons"]}
-        for cell in result["cells"]:
-            matrix[sources.index(cell["source"]), j] = cell["lss"]
-            cells.append(cell)
-        log.info("LSS toward %s: mean %.3f over %d sources (%.1f s)", target, result["mean_lss"],
-                 len(result["cells"]), result["wall_time_s"])
-    scored = [c for c in cells if c["n"] > 0]
-    weakest = sorted(scored, key=lambda c: (c["lss"], c["source"], c["target"]))[: evaluator.settings.weakest]
-    out = {"sources": sources, "targets": targets,
-           "matrix": {s: {t: _num(matrix[i, j]) for j, t in enumerate(targets)} for i, s in enumerate(sources)},
-           "mean_offdiag": float(np.mean([c["lss"] for c in scored])) if scored else float("nan"),
-           "per_target": per_target, "weakest": [{k: c[k] for k in ("source", "target", "lss", "ci_low", "ci_high",
-                                                                     "n")} for c in weakest],
-           "cells": cells, "tol": evaluator.settings.tol, "n_facts": evaluator.n, "data": evaluator.mlama_summary,
+        per_target[target] = {"mean_lss": result["mean_lss"], "mean_lss_paper": result["mean_lss_paper"],
+                              "patch": result["patch"]["patch"], "neurons": result["patch"]["neurons"]}
+        cells += result["cells"]
+        log.info("LSS toward %s: mean %.3f (paper count %.3f) over %d sources (%.1f s)", target, result["mean_lss"],
+                 result["mean_lss_paper"], len(result["cells"]), result["wall_time_s"])
+    weakest = sorted((c for c in cells if c["n"] > 0), key=lambda c: (c["lss"], c["source"], c["target"]))
+    out = {"sources": sources, "targets": targets, "matrix": cell_matrix(cells, sources, targets, "lss"),
+           "matrix_paper": cell_matrix(cells, sources, targets, "lss_paper"),
+           "mean_offdiag": mean_of(cells, "lss"), "mean_offdiag_paper": mean_of(cells, "lss_paper"),
+           "per_target": per_target,
+           "weakest": [{k: c[k] for k in ("source", "target", "lss", "ci_low", "ci_high", "n", "lss_paper")}
+                       for c in weakest[: evaluator.settings.weakest]],
+           "cells": cells, "tol": evaluator.settings.tol, "n_facts": evaluator.n,
+           "fact_ids": list(evaluator.fact_ids or []), "data": evaluator.mlama_summary,
            "data_files": [str(path) for path in evaluator.data_files],
            "baseline_cached": dict(evaluator.baseline_cached), "patched_wall_time_s": round(seconds, 2),
            "tables": {}, "images": {}}
@@ -521,21 +504,32 @@ def lss_matrix(handle: ModelHandle, artifact: NeuronArtifact, spec_for: Callable
     return out
 
 
+def cell_matrix(cells: list[dict], sources: list[str], targets: list[str], key: str) -> dict:
+    """``matrix[source][target]`` = the cell's ``key`` (None where not scored)."""
+    values = {(c["source"], c["target"]): c[key] for c in cells if c["n"] > 0}
+    return {s: {t: values.get((s, t)) for t in targets} for s in sources}
+
+
 def _num(value: float):
     return None if value != value else float(value)  # NaN -> None (JSON)
 
 
 def write_matrix_outputs(result: dict, out_dir, title: str = "", prefix: str = "lss") -> tuple[dict, dict]:
+    """The LSS and paper-count matrices (CSV + heatmap) and the cells CSV of a matrix result."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sources, targets = result["sources"], result["targets"]
-    matrix_csv = write_matrix_csv(out_dir / f"{prefix}_matrix.csv", sources, targets, result["matrix"])
-    cells_csv = _write_cells(result["cells"], out_dir / f"{prefix}_cells.csv")
-    label = title or "LSS"
-    png = matrix_heatmap(result["matrix"], sources, targets,
-                         f"{label} (mean off-diag {result['mean_offdiag']:.3f}, n={result['n_facts']})",
-                         out_dir / f"{prefix}_matrix.png")
-    return ({f"{prefix}/matrix": matrix_csv, f"{prefix}/cells": cells_csv}, {f"{prefix}/heatmap": png})
+    tables = {f"{prefix}/cells": _write_cells(result["cells"], out_dir / f"{prefix}_cells.csv")}
+    images = {}
+    for suffix, matrix, mean, what in (("", result["matrix"], result["mean_offdiag"], "same-string facts skipped"),
+                                       ("_paper", result["matrix_paper"], result["mean_offdiag_paper"],
+                                        "paper count: same-string facts are non-wins")):
+        stem = f"{prefix}_matrix{suffix}"
+        tables[f"{prefix}/matrix{suffix}"] = write_matrix_csv(out_dir / f"{stem}.csv", sources, targets, matrix)
+        images[f"{prefix}/heatmap{suffix}"] = matrix_heatmap(
+            matrix, sources, targets, f"{title or 'LSS'} ({what}; mean off-diag {mean:.3f}, n={result['n_facts']})",
+            out_dir / f"{stem}.png")
+    return tables, images
 
 
 def write_matrix_csv(path: Path, sources: list[str], targets: list[str], matrix: dict) -> Path:
@@ -557,132 +551,3 @@ def matrix_heatmap(matrix: dict, sources: list[str], targets: list[str], title: 
     values = [[float("nan") if matrix[s].get(t) is None else matrix[s][t] for t in targets] for s in sources]
     return plots.heatmap(values, sources, targets, title, path, fmt=".2f", cmap="coolwarm", center=0.5,
                          xlabel="target (patched toward)", ylabel="source (prompt language)")
-
-
-# --- factor search ------------------------------------------------------------------------------------
-
-DEFAULT_GRID = (
-    {"name": "pmax", "factor": "pmax"},
-    {"name": "pmedian", "factor": "pmedian"},
-    {"name": "stat_max_set", "op": "set", "stat": "max", "coef": 1.0},
-    {"name": "stat_max_add", "op": "add", "stat": "max", "coef": 1.0},
-    {"name": "x2", "factor": 2},
-    {"name": "x5", "factor": 5},
-    {"name": "x10", "factor": 10},
-    {"name": "set0", "op": "set", "value": 0.0},
-    {"name": "p10", "op": "set", "stat": "percentile", "coef": 10.0},
-)
-PATCH_KEYS = ("op", "value", "stat", "coef")
-
-
-def grid_entry_spec(entry: dict, patch_cfg, target: str) -> PatchSpec:
-    """A grid entry ({name, factor?, op?, value?, stat?, coef?}) over ``cfg.patch`` -> the spec toward target."""
-    from lsn_exp.patch import PatchSpec, parse_factor
-
-    merged = {key: patch_cfg.get(key) for key in ("neuron_set", "layers", "others_op", "others_value")}
-    merged.update({"op": None, "value": None, "stat": None, "coef": 1.0})
-    merged.update({k: entry[k] for k in PATCH_KEYS if entry.get(k) is not None})
-    return PatchSpec.from_config(merged, parse_factor(entry.get("factor", 1)), target)
-
-
-def factor_search(handle: ModelHandle, artifact: NeuronArtifact, patch_cfg, lss_cfg, data_root,
-                  store: ArtifactStore | None, out_dir=None, artifact_key: str | None = None) -> dict:
-    """Score every grid entry on mean off-diagonal LSS (``lss.search``: grid, n_facts, sources, targets),
-    rank them, write factor_ranking.csv and a heatmap per entry, and save the best as the artifact that
-    ``factor=best`` resolves to (``best_factor``)."""
-    import csv
-
-    search = lss_cfg.get("search") or {}
-    grid = [dict(e) for e in (search.get("grid") or DEFAULT_GRID)]
-    names = [e.get("name") or _entry_label(e) for e in grid]
-    if len(set(names)) != len(names):
-        raise UserError(f"lss.search.grid has duplicate names: {names}")
-    scfg = {**plain_config(lss_cfg), **{k: search.get(k) for k in ("n_facts", "sources", "targets")
-                                   if search.get(k) is not None}}
-    scfg.pop("search", None)
-    for entry, name in zip(grid, names):
-        entry["name"] = name
-        grid_entry_spec(entry, patch_cfg, artifact.languages[0])  # fail on a bad entry before any scoring
-    evaluator = LssEvaluator(handle, scfg, data_root, store)
-    out_dir = Path(out_dir) if out_dir is not None else None
-    rows, tables, images = [], {}, {}
-    for entry in grid:
-        start = time.time()
-        result = lss_matrix(handle, artifact, lambda t, e=entry: grid_entry_spec(e, patch_cfg, t), scfg, data_root,
-                            store, out_dir=None, evaluator=evaluator)
-        if out_dir is not None:
-            _, image = write_matrix_outputs(result, out_dir / "factor_search", f"LSS {entry['name']}",
-                                            prefix=f"lss_{entry['name']}")
-            images[f"factor_search/{entry['name']}"] = image[f"lss_{entry['name']}/heatmap"]
-        rows.append({"name": entry["name"], "mean_offdiag_lss": result["mean_offdiag"],
-                     "min_cell": result["weakest"][0]["lss"] if result["weakest"] else None,
-                     "patch": next(iter(result["per_target"].values()))["patch"] if result["per_target"] else "",
-                     "wall_time_s": round(time.time() - start, 1),
-                     "entry": {k: v for k, v in entry.items() if k != "name"}})
-        log.info("factor search: %s -> mean off-diagonal LSS %.3f", entry["name"], result["mean_offdiag"])
-    ranked = sorted(rows, key=lambda r: (-_sortable(r["mean_offdiag_lss"]), r["name"]))
-    for rank, row in enumerate(ranked, 1):
-        row["rank"] = rank
-    best = {"name": ranked[0]["name"], "entry": ranked[0]["entry"], "mean_offdiag_lss": ranked[0]["mean_offdiag_lss"],
-            "model": handle.identity, "artifact": artifact_key, "n_facts": evaluator.n,
-            "sources": list(evaluator.sources), "targets": list(evaluator.settings.targets),
-            "tol": evaluator.settings.tol, "ranking": [{k: r[k] for k in ("rank", "name", "mean_offdiag_lss")}
-                                                       for r in ranked]}
-    if store is not None:
-        import torch
-
-        path = store.save(BEST_FACTOR_KIND, best_factor_key(handle.identity, artifact_key),
-                          {"mean_offdiag_lss": torch.tensor([_sortable(r["mean_offdiag_lss"]) for r in ranked],
-                                                            dtype=torch.float64)}, best)
-        best["path"] = str(path)
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ranking_csv = out_dir / "factor_ranking.csv"
-        with open(ranking_csv, "w", newline="") as handle_:
-            writer = csv.DictWriter(handle_, fieldnames=["rank", "name", "mean_offdiag_lss", "min_cell", "patch",
-                                                         "wall_time_s"], extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(ranked)
-        tables["factor_search/ranking"] = ranking_csv
-    return {"ranking": ranked, "best": best, "tables": tables, "images": images, "n_facts": evaluator.n,
-            "baseline_cached": dict(evaluator.baseline_cached),
-            "data_files": [str(path) for path in evaluator.data_files]}
-
-
-def best_factor_key(model_identity: dict, artifact_key: str | None) -> dict:
-    """A search's winner belongs to a model and the neuron artifact it patched."""
-    return {"model": model_identity, "neurons": artifact_key}
-
-
-def best_factor(model_identity: dict, store: ArtifactStore, artifact_key: str | None = None) -> dict | None:
-    """The factor search's winner for this model and neuron artifact (``factor=best``), or None if no search
-    has run on them.
-
-    Returns ``{"name", "entry": {factor?, op?, value?, stat?, coef?}, "mean_offdiag_lss", "ranking", ...}``.
-    """
-    entry = store.load(BEST_FACTOR_KIND, best_factor_key(model_identity, artifact_key))
-    return None if entry is None else entry.meta
-
-
-def resolve_best(model_identity: dict, store: ArtifactStore, patch_cfg,
-                 artifact_key: str | None = None) -> tuple[dict, Any]:
-    """``factor=best``: (patch config with the winner's op/value/stat/coef, Factor) for PatchSpec.from_config."""
-    from lsn_exp.patch import parse_factor
-
-    best = best_factor(model_identity, store, artifact_key)
-    if best is None:
-        raise UserError("factor=best needs a factor search for this model and neuron artifact first: run "
-                        "stage=factor_search with the same model and identify settings, or name a factor "
-                        "(factor=5, factor=pmax)")
-    merged = {key: patch_cfg.get(key) for key in ("neuron_set", "layers", "others_op", "others_value")}
-    merged.update({"op": None, "value": None, "stat": None, "coef": 1.0})
-    merged.update({k: best["entry"][k] for k in PATCH_KEYS if best["entry"].get(k) is not None})
-    return merged, parse_factor(best["entry"].get("factor", 1))
-
-
-def _entry_label(entry: dict) -> str:
-    return "_".join(f"{k}{entry[k]}" for k in ("factor", *PATCH_KEYS) if entry.get(k) is not None)
-
-
-def _sortable(value) -> float:
-    return float("-inf") if value is None or value != value else float(value)

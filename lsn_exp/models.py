@@ -245,6 +245,9 @@ def _load_tiny(cfg, cache_dir: str | None):
 
     tokenizer_cfg = OmegaConf.load(CONF_DIR / "model" / f"{cfg.tokenizer_model}.yaml")
     tokenizer = AutoTokenizer.from_pretrained(str(ensure_converted(tokenizer_cfg, cache_dir)))
+    if not cfg.get("bos", True):  # a BOS-less tokenizer, like Qwen2.5's: no BOS token, none added
+        tokenizer.add_bos_token = False
+        tokenizer.bos_token = None
     arch = OmegaConf.to_container(cfg.arch, resolve=True)
     model_type = arch.pop("model_type")
     config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
@@ -252,7 +255,7 @@ def _load_tiny(cfg, cache_dir: str | None):
                                   **arch)
     torch.manual_seed(int(cfg.seed))
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    identity = {"id": f"tiny-{model_type}", "seed": int(cfg.seed),
+    identity = {"id": f"tiny-{model_type}", "seed": int(cfg.seed), "bos": bool(cfg.get("bos", True)),
                 "config_sha256": hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()}
     return model, tokenizer, identity
 

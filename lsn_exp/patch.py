@@ -17,6 +17,7 @@ torch is imported lazily: job.py imports this module for ``parse_factor`` before
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -47,20 +48,18 @@ class Factor:
 
 
 def parse_factor(raw) -> Factor:
-    if isinstance(raw, bool):
-        raw = str(raw)
-    if isinstance(raw, (int, float)):
-        return Factor("mul", float(raw))
     text = str(raw).strip().lower()
     if text in PATCHED_VALUES or text == "best":
         return Factor(text)
     try:
-        return Factor("mul", float(text))
+        value = float(text) if not isinstance(raw, bool) else math.nan
     except ValueError:
-        raise UserError(f"factor={raw!r} is not allowed: use a number (multiply, e.g. factor=5 or "
+        value = math.nan
+    if not math.isfinite(value):  # nan, inf and words other than the names above
+        raise UserError(f"factor={str(raw)!r} is not allowed: use a finite number (multiply, e.g. factor=5 or "
                         f"factor=0.5), one of {', '.join(PATCHED_VALUES)} (set to the patched value) or best "
-                        f"(the factor search's winner)"
-                        ) from None
+                        f"(the factor search's winner)")
+    return Factor("mul", value)
 
 
 # --- the spec: what to do, validated without the model ---------------------------------------------
@@ -143,9 +142,12 @@ def _number(name: str, raw) -> float | None:
     if raw is None:
         return None
     try:
-        return float(raw)
+        value = float(raw)
     except (TypeError, ValueError):
-        raise UserError(f"{name}={raw!r} is not a number") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise UserError(f"{name}={raw!r} is not a finite number")
+    return value
 
 
 def parse_layers(raw) -> tuple[int, ...] | None:
@@ -460,11 +462,15 @@ def _is_identity(op: str, value: float | None, source: str | None, stat: str | N
     return source is None and stat is None and ((op == "mul" and value == 1) or (op == "add" and value == 0))
 
 
-def _resolve_layers(layers: tuple[int, ...] | None, n_layers: int) -> tuple[int, ...]:
-    if layers is None:
-        return tuple(range(n_layers))
+def check_layers(layers: tuple[int, ...], n_layers: int) -> None:
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad:
         raise UserError(f"patch.layers has layer {bad[0]} out of range: this model has {n_layers} layers, "
                         f"use 0..{n_layers - 1}")
+
+
+def _resolve_layers(layers: tuple[int, ...] | None, n_layers: int) -> tuple[int, ...]:
+    if layers is None:
+        return tuple(range(n_layers))
+    check_layers(layers, n_layers)
     return layers

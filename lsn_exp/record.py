@@ -4,7 +4,10 @@ One prefill-only pass per batch through the decoder without its LM head. Hooks a
 device and with no host sync:
   counts[l, j]      number of real tokens with act_fn(gate_proj(x))[j] > 0 (int64)
   means[s, l, j]    the mean activation over sentence s's real tokens (first n_stat sentences only)
-Real tokens exclude padding and the BOS token the tokenizer settings add.
+Counts are int64 and means are accumulated in float32, whatever the model dtype (bf16 on a GPU keeps ~3
+significant digits). Real tokens exclude padding and the fixed prefix token every sentence starts with
+(``prefix_token``: BOS, or EOS where the tokenizer has no BOS), which keeps sentence tokens off position 0,
+the attention-sink position with outlier activations.
 """
 
 from __future__ import annotations
@@ -15,7 +18,11 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from lsn_exp.errors import UserError
 from lsn_exp.models import ModelHandle
+
+RECORD_VERSION = 2  # bump when what a recording holds or how it is computed changes (part of its cache key)
+PREFIX_CHOICES = ("auto", "bos", "eos", "none")
 
 
 @dataclass
@@ -39,11 +46,51 @@ class Batch:
     stat_rows: torch.Tensor  # [B]: sentence index among the stat sentences, -1 for the others
 
 
-def tokenize(tokenizer, sentences: list[str], add_bos: bool) -> list[list[int]]:
-    ids = tokenizer(sentences, add_special_tokens=False)["input_ids"]
+@dataclass(frozen=True)
+class Prefix:
+    """The token fed before every sentence and left out of counts and means (None: no prefix)."""
+
+    token_id: int | None
+    token: str | None
+    source: str  # bos | eos | token | none
+
+    def as_meta(self) -> dict:
+        return {"token_id": self.token_id, "token": self.token, "source": self.source}
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts a BOS in front of every text it encodes (Gemma, Llama; not Qwen2.5, SmolLM2)."""
     bos = tokenizer.bos_token_id
-    if add_bos and bos is not None:
-        ids = [[bos, *row] for row in ids]
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def prefix_token(tokenizer, setting: str = "auto") -> Prefix:
+    """``identify.prefix``: auto (the BOS where the tokenizer adds one to every text, else its EOS: a fixed
+    token the model sees between texts), bos, eos, none, or a token string."""
+    setting = str(setting)
+    choices = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}
+    if setting == "none":
+        return Prefix(None, None, "none")
+    if setting == "auto":
+        setting = "bos" if adds_bos(tokenizer) else "eos"
+    if setting in choices:
+        token_id = choices[setting]
+        if token_id is None:
+            raise UserError(f"identify.prefix={setting}: this tokenizer has no {setting.upper()} token; "
+                            "use auto, eos, none or a token string")
+        return Prefix(int(token_id), tokenizer.convert_ids_to_tokens(int(token_id)), setting)
+    ids = tokenizer(setting, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise UserError(f"identify.prefix={setting!r} is {len(ids)} tokens for this tokenizer: use one token, "
+                        f"or one of {', '.join(PREFIX_CHOICES)}")
+    return Prefix(int(ids[0]), setting, "token")
+
+
+def tokenize(tokenizer, sentences: list[str], prefix: Prefix) -> list[list[int]]:
+    """Each sentence's tokens (no special tokens) after the prefix token, if any."""
+    ids = tokenizer(sentences, add_special_tokens=False)["input_ids"]
+    if prefix.token_id is not None:
+        ids = [[prefix.token_id, *row] for row in ids]
     return ids
 
 
@@ -98,9 +145,9 @@ class ActivationRecorder:
             mask = self.batch.count_mask.bool()
             self.counts[layer] += ((output > 0) & mask[..., None]).sum(dim=(0, 1))
             if self.stat_pos is not None:  # decided on the host when the batch was built: no device sync
-                weights = mask.index_select(0, self.stat_pos).to(output.dtype)
-                sums = torch.einsum("bt,btd->bd", weights, output.index_select(0, self.stat_pos))
-                self.means[self.stat_ids, layer] = (sums / weights.sum(dim=1, keepdim=True).clamp(min=1)).float()
+                weights = mask.index_select(0, self.stat_pos).float()
+                sums = torch.einsum("bt,btd->bd", weights, output.index_select(0, self.stat_pos).float())
+                self.means[self.stat_ids, layer] = sums / weights.sum(dim=1, keepdim=True).clamp(min=1)
         return hook
 
     @contextmanager
@@ -129,12 +176,15 @@ class ActivationRecorder:
         self.batch = None
 
 
-def record_language(handle: ModelHandle, sentences: list[str], max_tokens: int, n_stat: int,
-                    add_bos: bool, batch_size: int, desc: str = "record"):
-    """Counts, token total, sentence total and stat-sentence means [S, L, d] for one language."""
-    ids = tokenize(handle.tokenizer, sentences, add_bos)
-    n_prefix = 1 if add_bos and handle.tokenizer.bos_token_id is not None else 0
-    n_kept = select_under_cap([len(row) - n_prefix for row in ids], max_tokens)
+def record_language(handle: ModelHandle, sentences: list[str], max_tokens: int | None, n_stat: int,
+                    prefix: Prefix, batch_size: int, desc: str = "record"):
+    """Counts, token total, sentence total and stat-sentence means [S, L, d] for one language.
+
+    ``max_tokens`` None records every sentence."""
+    ids = tokenize(handle.tokenizer, sentences, prefix)
+    n_prefix = 0 if prefix.token_id is None else 1
+    lengths = [len(row) - n_prefix for row in ids]
+    n_kept = len(ids) if max_tokens is None else select_under_cap(lengths, max_tokens)
     ids = ids[:n_kept]
     n_stat = min(n_stat, n_kept)
     recorder = ActivationRecorder(handle, n_stat)
@@ -143,10 +193,10 @@ def record_language(handle: ModelHandle, sentences: list[str], max_tokens: int, 
     return recorder.counts.cpu(), n_tokens, n_kept, recorder.means.cpu()
 
 
-def language_stats(handle: ModelHandle, sentences: list[str], max_tokens: int, n_stat: int, add_bos: bool,
-                   batch_size: int, desc: str = "record") -> dict[str, torch.Tensor]:
+def language_stats(handle: ModelHandle, sentences: list[str], max_tokens: int | None, n_stat: int,
+                   prefix: Prefix, batch_size: int, desc: str = "record") -> dict[str, torch.Tensor]:
     """One language's statistics as tensors (the unit the artifact cache stores)."""
-    counts, n_tokens, n_sentences, means = record_language(handle, sentences, max_tokens, n_stat, add_bos,
+    counts, n_tokens, n_sentences, means = record_language(handle, sentences, max_tokens, n_stat, prefix,
                                                            batch_size, desc)
     return {"counts": counts, "tokens": torch.tensor(n_tokens), "sentences": torch.tensor(n_sentences),
             "p_max": means.max(dim=0).values, "p_median": means.median(dim=0).values,

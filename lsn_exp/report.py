@@ -89,8 +89,10 @@ def headline_metrics(results: dict, lang: str) -> dict:
         out["gen_target_patched"] = results["generate"]["target_share_patched"]
     if "mean" in results.get("lss", {}):
         out["lss_mean"] = results["lss"]["mean"]
+        out["lss_mean_paper"] = results["lss"].get("mean_paper")
     if "lss_matrix" in results:
         out["lss_offdiag"] = results["lss_matrix"]["mean_offdiag"]
+        out["lss_offdiag_paper"] = results["lss_matrix"].get("mean_offdiag_paper")
     for family, metrics in results.get("downstream", {}).get("summary", {}).items():
         for metric, entry in metrics.items():
             out[f"{family}_{metric}_self"] = entry.get("self")
@@ -141,39 +143,66 @@ def lss_cells(cell: Cell) -> list[dict]:
     return read_cells(path) if "lss_matrix" in cell.results and path.exists() else []
 
 
-def lss_section(done: list[Cell], sweep_dir: Path, n_boot: int = 1000) -> list[str]:
-    """LSS by model x factor: mean over (source, target) cells with a bootstrap 95 % CI over cells, the weakest
-    cell, and the assembled source x target matrix (CSV + heatmap) of every model and factor."""
+def fact_bootstrap(cells: list[dict], n_boot: int = 1000, seed: int = 0) -> dict[str, tuple[float, float]] | None:
+    """95% CIs of the mean LSS over ``cells`` (and of the paper count), resampling facts, not cells.
+
+    The cells of a model x factor share their facts (every source prompts the same sample, every target patches
+    it), so one resample of facts recomputes every cell, and the mean over cells, from it. Needs each cell's
+    ``outcomes`` (one character per fact: 1 win, 0 no win, s skipped) over one common sample; None otherwise.
+    """
     import numpy as np
 
-    from lsn_exp.lss import matrix_heatmap, write_matrix_csv
+    outcomes = [c.get("outcomes") or "" for c in cells]
+    n_facts = len(outcomes[0]) if outcomes else 0
+    if not n_facts or any(len(o) != n_facts for o in outcomes):
+        return None
+    wins = np.array([[ch == "1" for ch in o] for o in outcomes], dtype=np.float64)  # [C, N]
+    scored = np.array([[ch != "s" for ch in o] for o in outcomes], dtype=np.float64)  # [C, N]
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n_facts, size=(n_boot, n_facts))
+    counts = np.stack([np.bincount(row, minlength=n_facts) for row in draws]).T.astype(np.float64)  # [N, B]
+    won, seen = wins @ counts, scored @ counts  # [C, B]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lss = np.nanmean(np.where(seen > 0, won / seen, np.nan), axis=0)  # [B]
+    paper = (won / n_facts).mean(axis=0)
+    return {name: (float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5)))
+            for name, v in (("lss", lss), ("lss_paper", paper))}
+
+
+def lss_section(done: list[Cell], sweep_dir: Path, n_boot: int = 1000) -> list[str]:
+    """LSS by model x factor: the mean over (source, target) cells, with same-string facts skipped and with the
+    paper's count side by side, each with a 95 % CI from a bootstrap over facts; the weakest cell; and the
+    assembled source x target matrices (CSV + heatmap) of every model and factor."""
+    from lsn_exp.lss import cell_matrix, matrix_heatmap, mean_of, write_matrix_csv
 
     groups = defaultdict(dict)
     for cell in done:
         for c in lss_cells(cell):
-            if c["n"]:  # a cell with no scored fact has no LSS
-                groups[(cell.key[0], cell.key[2])][(c["source"], c["target"])] = c
+            groups[(cell.key[0], cell.key[2])][(c["source"], c["target"])] = c
     if not groups:
         return []
     rows, images = [], []
-    for (model, factor), cells in sorted(groups.items()):
-        values = np.array([c["lss"] for c in cells.values()])
-        boot = values[np.random.default_rng(0).integers(0, len(values), (n_boot, len(values)))].mean(axis=1)
-        weakest = min(cells.values(), key=lambda c: (c["lss"], c["source"], c["target"]))
-        rows.append([model, factor, float(values.mean()), f"[{np.percentile(boot, 2.5):.3f}, "
-                     f"{np.percentile(boot, 97.5):.3f}]", len(values),
-                     f"{weakest['source']}→{weakest['target']} {weakest['lss']:.2f} "
-                     f"[{weakest['ci_low']:.2f}, {weakest['ci_high']:.2f}]"])
-        sources = sorted({s for s, _ in cells})
-        targets = sorted({t for _, t in cells})
-        matrix = {s: {t: cells[(s, t)]["lss"] for t in targets if (s, t) in cells} for s in sources}
-        stem = f"lss_matrix_{model}_{factor}"
-        write_matrix_csv(sweep_dir / f"{stem}.csv", sources, targets, matrix)
-        images.append(matrix_heatmap(matrix, sources, targets, f"LSS {model} factor={factor}",
-                                     sweep_dir / f"{stem}.png"))
-    return ["## LSS by model x factor (cells = source→target pairs; CI: bootstrap over cells)", "",
-            *markdown_table(["model", "factor", "mean LSS", "95% CI", "cells", "weakest cell [its CI]"], rows), "",
-            *(f"![{p.stem}]({p.name})" for p in images), ""]
+    for (model, factor), by_pair in sorted(groups.items()):
+        cells = [c for c in by_pair.values() if c["n"]]  # a cell with no scored fact has no LSS
+        ci = fact_bootstrap(cells, n_boot)
+        interval = (lambda name: "—" if ci is None else f"[{ci[name][0]:.3f}, {ci[name][1]:.3f}]")  # noqa: E731
+        weakest = min(cells, key=lambda c: (c["lss"], c["source"], c["target"]))
+        rows.append([model, factor, mean_of(cells, "lss"), interval("lss"), mean_of(cells, "lss_paper"),
+                     interval("lss_paper"), len(cells), f"{weakest['source']}→{weakest['target']} "
+                     f"{weakest['lss']:.2f} [{weakest['ci_low']:.2f}, {weakest['ci_high']:.2f}]"])
+        sources = sorted({s for s, _ in by_pair})
+        targets = sorted({t for _, t in by_pair})
+        for suffix, key in (("", "lss"), ("_paper", "lss_paper")):
+            stem = f"lss_matrix_{model}_{factor}{suffix}"
+            matrix = cell_matrix(cells, sources, targets, key)
+            write_matrix_csv(sweep_dir / f"{stem}.csv", sources, targets, matrix)
+            images.append(matrix_heatmap(matrix, sources, targets, f"{key} {model} factor={factor}",
+                                         sweep_dir / f"{stem}.png"))
+    header = ["model", "factor", "mean LSS", "95% CI", "mean LSS (paper count)", "95% CI (paper)", "cells",
+              "weakest cell [its CI]"]
+    return ["## LSS by model x factor (cells = source→target pairs; CIs: bootstrap over facts)", "",
+            "LSS skips facts whose source and target objects are the same string; the paper count keeps them "
+            "as non-wins.", "", *markdown_table(header, rows), "", *(f"![{p.stem}]({p.name})" for p in images), ""]
 
 
 def downstream_section(done: list[Cell], sweep_dir: Path) -> list[str]:

@@ -44,10 +44,14 @@ FAMILY_ARCH = {
 }
 
 
+BOS_LESS = ("qwen2",)  # built with a tokenizer that has no BOS, like the real Qwen2.5
+
+
 def tiny_config(model_type: str = "llama", seed: int = 0, **arch):
     cfg = OmegaConf.load(CONF_DIR / "model" / "tiny.yaml")
     cfg.arch.model_type = model_type
     cfg.seed = seed
+    cfg.bos = model_type not in BOS_LESS
     for key, value in {**FAMILY_ARCH[model_type], **arch}.items():
         cfg.arch[key] = value
     return cfg

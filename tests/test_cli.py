@@ -89,6 +89,73 @@ def test_user_errors_exit_nonzero_without_traceback(override, expected, tmp_path
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+BAD_OVERRIDES = [  # each must fail before any model loads, dry run or not, in one line
+    ("factor=nan", "factor='nan' is not allowed: use a finite number"),
+    ("factor=inf", "factor='inf' is not allowed: use a finite number"),
+    ("factor=-inf", "factor='-inf' is not allowed: use a finite number"),
+    ("threads=abc", "threads='abc' is not allowed"),
+    ("threads=0", "threads=0 is not allowed"),
+    ("identify.max_tokens=0", "identify.max_tokens=0 is not allowed"),
+    ("identify.languages=[en]", "LAPE compares two or more languages"),
+    ("patch.op=pow", "patch.op=pow is not allowed"),
+    ("patch.stat=foo", "patch.stat=foo is not allowed"),
+    ("patch.layers=99", "patch.layers has layer 99 out of range: this model has 4 layers"),
+    ("patch.layers=5-2", "patch.layers='5-2' selects no layer"),
+    ("patch.layers=abc", "patch.layers='abc' is not a layer selection"),
+    ("patch.neuron_set=foo", "patch.neuron_set=foo is not allowed"),
+    ("patch.op=set patch.value=nan", "patch.value=nan is not a finite number"),
+    ("lss.n_facts=0", "lss.n_facts=0 is not allowed"),
+    ("lss.n_facts=-3", "lss.n_facts=-3 is not allowed"),
+    ("lss.targets=[xx]", "lss.targets=['xx']"),
+    ("lss.search.n_facts=0", "lss.n_facts=0 is not allowed"),
+    ("eval.tasks=[foo]", "eval.tasks=['foo'] is not allowed"),
+    ("eval.limit=0", "eval.limit=0 is not allowed"),
+]
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+@pytest.mark.parametrize("override, expected", BAD_OVERRIDES)
+def test_bad_settings_fail_in_one_line_before_any_model_loads(override, expected, dry_run, tmp_path):
+    cache = tmp_path / "cache"  # empty: loading the tiny model would write its tokenizer's conversion here
+    cache.mkdir()
+    result = run_cli(*override.split(), "model=tiny", "logger=none", f"cache_dir={cache}", f"dry_run={dry_run}",
+                     f"hydra.run.dir={tmp_path / 'run'}", timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not any(cache.iterdir()), "the model was loaded before the settings were checked"
+    assert not (tmp_path / "run" / "dry_run.txt").exists()
+
+
+def test_factor_best_with_other_settings_is_validated_too(tmp_path):
+    result = run_cli("factor=best", "patch.layers=7", "model=tiny", "logger=none", "dry_run=true",
+                     f"hydra.run.dir={tmp_path}", timeout=60)
+    assert result.returncode == 2 and "patch.layers has layer 7 out of range" in result.stderr
+
+
+def test_threads_and_other_machine_settings_stay_out_of_the_resume_hash():
+    from lsn_exp.job import config_hash
+
+    def composed(*overrides):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+
+    base = config_hash(composed("threads=1"))
+    assert config_hash(composed("threads=2")) == base == config_hash(composed("threads=null"))
+    assert config_hash(composed("threads=2", "cache_dir=/elsewhere", "logger=none", "force=true")) == base
+    assert config_hash(composed("threads=2", "factor=5")) != base
+
+
+def test_default_identification_is_all_of_dev_and_quick_caps_it():
+    default = yaml.safe_load(run_cli("--cfg", "job", timeout=60).stdout)
+    assert default["identify"]["max_tokens"] is None and default["identify"]["split"] == "dev"
+    quick = yaml.safe_load(run_cli("+experiment=quick", "--cfg", "job", timeout=60).stdout)
+    assert quick["identify"]["max_tokens"] == 20000
+    for preset in ("paper_lss", "paper_downstream", "factor_search"):
+        cfg = yaml.safe_load(run_cli(f"+experiment={preset}", "--cfg", "job", timeout=60).stdout)
+        assert cfg["identify"]["max_tokens"] is None, preset
+
+
 def test_hub_model_offline_is_a_clear_error_not_a_hang(tmp_path):
     result = run_cli("model=qwen_mini", "logger=none", f"hydra.run.dir={tmp_path}", timeout=120,
                      env={"HF_HUB_OFFLINE": "1"})

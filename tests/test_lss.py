@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from lsn_exp import evaluate, lss
+from lsn_exp import evaluate, lss, search
 from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.errors import UserError
 from lsn_exp.patch import Patch, PatchSpec
@@ -178,12 +178,15 @@ def test_shared_prompt_path_under_a_patch_and_whole_rows_for_a_statistic(tiny, a
 
 
 def test_cell_stats_by_hand():
-    cell = lss.cell_stats("en", "fr", delta_base=[0.0, 1.0, 2.0, 3.0], delta_patched=[0.5, 0.8, 2.0005, 5.0],
-                          skipped=2, tol=1e-3, n_boot=500, seed=0)
-    # shifts 0.5, -0.2, 0.0005 (within tol: no win), 2.0 -> 2 wins of 4
+    # shifts 0.5, -0.2, 0.0005 (within tol: no win), 2.0, and two same-string facts (NaN: skipped)
+    cell = lss.cell_stats("en", "fr", [0.5, np.nan, -0.2, 0.0005, np.nan, 2.0], tol=1e-3, n_boot=500, seed=0)
     assert cell["lss"] == 0.5 and cell["wins"] == 2 and cell["n"] == 4 and cell["skipped"] == 2
     assert cell["within_tol"] == 1 and cell["mean_shift"] == pytest.approx((0.5 - 0.2 + 0.0005 + 2.0) / 4)
     assert 0.0 <= cell["ci_low"] <= 0.5 <= cell["ci_high"] <= 1.0
+    # the paper's count: a same-string fact is a non-win, so 2 wins of all 6 facts
+    assert cell["lss_paper"] == pytest.approx(2 / 6)
+    assert 0.0 <= cell["lss_paper_ci_low"] <= 2 / 6 <= cell["lss_paper_ci_high"] <= 1.0
+    assert cell["outcomes"] == "1s00s1"
 
 
 # --- three hand-made facts, LSS computed by hand -----------------------------------------------------
@@ -247,6 +250,8 @@ def test_three_hand_made_facts_match_lss_computed_by_hand(tiny, artifact, hand_r
             cell = next(c for c in result["cells"] if c["source"] == source and c["target"] == target)
             assert (cell["n"], cell["skipped"]) == (n, 3 - n)
             assert cell["wins"] == wins and cell["lss"] == pytest.approx(wins / n)
+            assert cell["lss_paper"] == pytest.approx(wins / 3)  # all 3 facts, same-string ones as non-wins
+            assert result["matrix_paper"][source][target] == pytest.approx(wins / 3)
             assert cell["mean_shift"] == pytest.approx(np.mean(shifts), abs=1e-4)
             assert result["matrix"][source][target] == pytest.approx(wins / n)
     en_fr = next(c for c in result["cells"] if c["source"] == "en" and c["target"] == "fr")
@@ -281,7 +286,7 @@ def test_noop_patch_gives_lss_zero_everywhere_with_the_cached_baseline(tiny, art
                                                                                coef=n.coef),
                                 cfg, data_root, store, evaluator=cached)
         assert all(c["lss"] == 0.0 and c["wins"] == 0 and c["within_tol"] == c["n"] for c in result["cells"])
-        assert result["mean_offdiag"] == 0.0 and len(result["cells"]) == 6
+        assert result["mean_offdiag"] == 0.0 and result["mean_offdiag_paper"] == 0.0 and len(result["cells"]) == 6
 
 
 def test_batch_size_1_and_16_differ_only_within_the_tolerance(tiny, artifact, data_root):
@@ -299,43 +304,82 @@ def test_batch_size_1_and_16_differ_only_within_the_tolerance(tiny, artifact, da
         a, _, _, _ = one.deltas(artifact, spec)
         b, _, _, _ = sixteen.deltas(artifact, spec)
         for source in a:
-            shift_a, shift_b = a[source][2] - a[source][1], b[source][2] - b[source][1]
+            shift_a, shift_b = a[source], b[source]
+            assert np.array_equal(np.isnan(shift_a), np.isnan(shift_b))
+            scored = ~np.isnan(shift_a)
+            shift_a, shift_b = shift_a[scored], shift_b[scored]
             assert np.abs(shift_a - shift_b).max() < tol / 10
             differ = (shift_a > tol) != (shift_b > tol)
             # a fact may flip only where its shift lies within the layout noise of the tolerance
             assert np.all(np.abs(shift_a[differ] - tol) <= np.abs(shift_a - shift_b)[differ])
             if not differ.any():
-                ca = lss.cell_stats(source, target, a[source][1], a[source][2], 0, tol, 0, 0)
-                cb = lss.cell_stats(source, target, b[source][1], b[source][2], 0, tol, 0, 0)
-                assert ca["lss"] == cb["lss"]
+                ca = lss.cell_stats(source, target, a[source], tol, 0, 0)
+                cb = lss.cell_stats(source, target, b[source], tol, 0, 0)
+                assert ca["lss"] == cb["lss"] and ca["lss_paper"] == cb["lss_paper"]
 
 
 # --- matrix outputs and the factor search -------------------------------------------------------------
 
+SEARCH_CFG = {"n_facts": 10, "bootstrap": 50, "search": {
+    "n_facts": 3, "sources": ["en", "ja"], "targets": ["en", "ja"],
+    "grid": [{"name": "x5", "factor": 5}, {"name": "set0", "op": "set", "value": 0.0},
+             {"name": "pmax", "factor": "pmax"}, {"name": "noop", "factor": 1}]}}
+
+
 def test_factor_search_ranks_the_grid_and_saves_the_best(tiny, artifact, data_root, tmp_path):
     store = ArtifactStore(tmp_path / "cache")
-    cfg = {"n_facts": 10, "bootstrap": 50, "search": {
-        "n_facts": 3, "sources": ["en", "ja"], "targets": ["en", "ja"],
-        "grid": [{"name": "x5", "factor": 5}, {"name": "set0", "op": "set", "value": 0.0},
-                 {"name": "pmax", "factor": "pmax"}, {"name": "noop", "factor": 1}]}}
-    assert lss.best_factor(tiny.identity, store) is None
-    with pytest.raises(UserError, match="factor_search"):
-        lss.resolve_best(tiny.identity, store, {"neuron_set": "lape"})
-    out = lss.factor_search(tiny, artifact, {"neuron_set": "lape"}, cfg, data_root, store, out_dir=tmp_path)
+    lape = {"neuron_set": "lape"}
+    with pytest.raises(UserError, match="run `python -m lsn_exp stage=factor_search model=tiny` first"):
+        search.resolve_best(tiny.identity, store, lape, SEARCH_CFG, "neurons", "python -m lsn_exp stage="
+                            "factor_search model=tiny")
+    out = search.factor_search(tiny, artifact, lape, SEARCH_CFG, data_root, store, out_dir=tmp_path,
+                               artifact_key="neurons")
     ranking = out["ranking"]
     assert [r["rank"] for r in ranking] == [1, 2, 3, 4]
     scores = [r["mean_offdiag_lss"] for r in ranking]
     assert scores == sorted(scores, reverse=True) and next(r for r in ranking if r["name"] == "noop")[
         "mean_offdiag_lss"] == 0.0
-    assert out["n_facts"] == 3 and (tmp_path / "factor_ranking.csv").exists()
-    assert (tmp_path / "factor_search" / "lss_x5_matrix.png").exists()
-    best = lss.best_factor(tiny.identity, store)
-    assert best["name"] == ranking[0]["name"] and best["mean_offdiag_lss"] == scores[0]
-    patch_cfg, factor = lss.resolve_best(tiny.identity, store, {"neuron_set": "lape"})
+    assert out["n_facts"] == 3 and (tmp_path / "factor_search" / "lss_x5_matrix.png").exists()
+    table = (tmp_path / "factor_ranking.csv").read_text()
+    assert "disjoint from the 10-fact reporting sample" in table and "mean_offdiag_lss_paper" in table
+    patch_cfg, factor = search.resolve_best(tiny.identity, store, lape, SEARCH_CFG, "neurons", "")
     spec = PatchSpec.from_config(patch_cfg, factor, "ja")
-    assert spec == lss.grid_entry_spec(best["entry"], {"neuron_set": "lape"}, "ja")
-    assert lss.best_factor({**tiny.identity, "seed": 99}, store) is None
-    assert lss.best_factor(tiny.identity, store, artifact_key="other-neurons") is None  # searched on other neurons
+    assert spec == search.entry_spec(out["best"]["entry"], lape, "ja")
+
+
+@pytest.mark.parametrize("change", [
+    {"patch": {"neuron_set": "baseline"}}, {"patch": {"layers": "0-1"}},
+    {"patch": {"others_op": "set", "others_value": 0.0}}, {"lss": {"search": {"n_facts": 4}}},
+    {"lss": {"search": {"targets": ["en", "fr"]}}}, {"lss": {"search": {"sources": ["en", "fr"]}}},
+    {"lss": {"n_facts": 12}}, {"lss": {"seed": 1}}, {"lss": {"tol": 0.01}},
+    {"lss": {"search": {"grid": [{"name": "x5", "factor": 5}]}}}, {"model": {"seed": 99}}, {"neurons": "other"}])
+def test_factor_best_never_resolves_a_search_run_with_other_settings(change, tiny, artifact, data_root, tmp_path):
+    """The winner is keyed by everything that shaped its search, so any difference finds no winner."""
+    from omegaconf import OmegaConf
+
+    store = ArtifactStore(tmp_path)
+    lape = {"neuron_set": "lape"}
+    search.factor_search(tiny, artifact, lape, SEARCH_CFG, data_root, store, artifact_key="neurons")
+    patch_cfg = OmegaConf.merge(lape, change.get("patch", {}))
+    lss_cfg = OmegaConf.merge(SEARCH_CFG, change.get("lss", {}))
+    if "grid" in str(change):
+        lss_cfg.search.grid = change["lss"]["search"]["grid"]
+    identity = {**tiny.identity, **change.get("model", {})}
+    with pytest.raises(UserError, match="no factor search matches"):
+        search.resolve_best(identity, store, patch_cfg, lss_cfg, change.get("neurons", "neurons"), "")
+    search.resolve_best(tiny.identity, store, lape, SEARCH_CFG, "neurons", "")  # the search's own settings do
+
+
+def test_search_sample_is_disjoint_from_the_reporting_sample(data_root):
+    facts = lss.read_mlama(data_root).facts
+    report = {f.fact_id for f in lss.sample_facts(facts, 185, 0)}
+    searched = lss.sample_facts(facts, 40, 0, exclude_n_facts=185)
+    assert len(searched) == 40 and not report & {f.fact_id for f in searched}
+    assert [f.fact_id for f in searched] == [f.fact_id for f in lss.sample_facts(facts, 40, 0, exclude_n_facts=185)]
+    docs = lss.lss_docs(data_root, "en", 40, 0, exclude_n_facts=185)
+    assert {d["fact_id"] for d in docs} == {f.fact_id for f in searched}
+    with pytest.raises(UserError, match="left beside the reporting sample"):
+        lss.sample_facts(facts, len(facts) - 100, 0, exclude_n_facts=185)
 
 
 def test_matrix_outputs_and_user_errors(tiny, artifact, data_root, tmp_path):
@@ -350,13 +394,14 @@ def test_matrix_outputs_and_user_errors(tiny, artifact, data_root, tmp_path):
     single = lss.lss_for_target(tiny, artifact, PatchSpec("en", op="mul", value=5.0), cfg, data_root, None,
                                 out_dir=tmp_path)
     assert set(single["lss"]) == {"fr"} and single["mean_lss"] == single["lss"]["fr"]
-    assert single["tables"]["lss/cells"].read_text().startswith("source,target,lss,ci_low,ci_high")
-    with pytest.raises(UserError, match="lss.sources"):
-        lss.settings({"sources": ["en", "xx"]})
-    with pytest.raises(UserError, match="lss.n_facts"):
-        lss.settings({"n_facts": "many"})
-    with pytest.raises(UserError, match="lss.tol"):
-        lss.settings({"tol": -1})
+    assert single["tables"]["lss/cells"].read_text().startswith("source,target,lss,ci_low,ci_high,lss_paper")
+    assert lss.read_cells(single["tables"]["lss/cells"])[0]["outcomes"] == single["cells"][0]["outcomes"]
+    assert result["tables"]["lss/matrix_paper"].exists() and result["images"]["lss/heatmap_paper"].exists()
+    for bad, match in (({"sources": ["en", "xx"]}, "lss.sources"), ({"n_facts": "many"}, "lss.n_facts"),
+                       ({"n_facts": 0}, "lss.n_facts"), ({"n_facts": -3}, "lss.n_facts"), ({"tol": -1}, "lss.tol"),
+                       ({"tol": "nan"}, "lss.tol"), ({"targets": ["xx"]}, "lss.targets")):
+        with pytest.raises(UserError, match=match):
+            lss.lss_settings(bad)
     with pytest.raises(UserError, match="not an LSS language"):
         lss.LssEvaluator(tiny, cfg, data_root, None).score(artifact, PatchSpec("sw", op="mul", value=2.0))
 

@@ -11,10 +11,16 @@ def load_flores_mt(lang: str, data_root=None, mt_prompt: str = "untargeted", flo
     return {"test": datasets.Dataset.from_list(flores_mt_docs(data_root, lang, flores_split, mt_prompt))}
 
 
+def prediction(output: str) -> str:
+    """The translation in a raw output: leading whitespace stripped first, then cut at the first newline."""
+    return output.lstrip().split("\n", 1)[0].strip()
+
+
 def process_results(doc, results):
-    prediction = results[0].strip()
-    item = (prediction, doc["target"], doc["lang"])
-    return {"chrf++": item, "bleu": item, "lang_share": float(output_language(prediction) == doc["lang"])}
+    text = prediction(results[0])
+    item = (text, doc["target"], doc["lang"])
+    return {"chrf++": item, "bleu": item, "lang_share": float(output_language(text) == doc["lang"]),
+            "empty_share": float(text == "")}
 
 
 def agg_chrfpp(items) -> float:

@@ -1,0 +1,153 @@
+"""The factor search (stage=factor_search) and ``factor=best``.
+
+The search scores every entry of ``lss.search.grid`` on the mean off-diagonal LSS of a sample of facts drawn
+disjoint from the reporting sample (``lss.n_facts`` with ``lss.seed``), ranks them and saves the winner under
+a key made of everything that shaped the search: model, neuron artifact, neuron set, layers, the other
+languages' op, the grid, the sample, sources, targets and tolerance. ``factor=best`` recomputes that key from
+its own config, so it only ever resolves a search run with the same settings.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lsn_exp.errors import UserError
+from lsn_exp.patch import PatchSpec, parse_factor, parse_layers
+from lsn_exp.settings import lss_settings, plain, search_config
+
+if TYPE_CHECKING:
+    from lsn_exp.artifacts import ArtifactStore
+    from lsn_exp.identify import NeuronArtifact
+    from lsn_exp.models import ModelHandle
+
+log = logging.getLogger(__name__)
+
+BEST_FACTOR_KIND = "lss_best_factor"
+SEARCH_VERSION = 2  # bump when the search's sampling or ranking changes
+ENTRY_KEYS = ("op", "value", "stat", "coef")  # what a grid entry may set besides its factor
+SHARED_PATCH_KEYS = ("neuron_set", "layers", "others_op", "others_value")  # from cfg.patch, for every entry
+
+
+def grid(lss_cfg) -> list[dict]:
+    """``lss.search.grid`` as plain entries, each with a unique ``name``."""
+    entries = [dict(e) for e in (plain(lss_cfg).get("search") or {}).get("grid") or []]
+    if not entries:
+        raise UserError("lss.search.grid is empty: list entries like {name: pmax, factor: pmax} "
+                        "(conf/lss/default.yaml)")
+    for entry in entries:
+        entry["name"] = entry.get("name") or "_".join(
+            f"{k}{entry[k]}" for k in ("factor", *ENTRY_KEYS) if entry.get(k) is not None)
+    names = [e["name"] for e in entries]
+    if len(set(names)) != len(names):
+        raise UserError(f"lss.search.grid has duplicate names: {names}")
+    return entries
+
+
+def entry_patch(entry: dict, patch_cfg) -> tuple[dict, Any]:
+    """(patch config, Factor) of a grid entry (or a saved winner) over ``cfg.patch``'s shared keys."""
+    merged = {key: plain(patch_cfg).get(key) for key in SHARED_PATCH_KEYS}
+    merged.update({"op": None, "value": None, "stat": None, "coef": 1.0})
+    merged.update({k: entry[k] for k in ENTRY_KEYS if entry.get(k) is not None})
+    return merged, parse_factor(entry.get("factor", 1))
+
+
+def entry_spec(entry: dict, patch_cfg, target: str) -> PatchSpec:
+    return PatchSpec.from_config(*entry_patch(entry, patch_cfg), target)
+
+
+def grid_specs(lss_cfg, patch_cfg, target: str) -> list[PatchSpec]:
+    """Every grid entry's patch toward ``target``: fails on a bad entry before anything is scored."""
+    return [entry_spec(entry, patch_cfg, target) for entry in grid(lss_cfg)]
+
+
+def search_key(model_identity: dict, artifact_key: str | None, patch_cfg, lss_cfg) -> dict:
+    """Everything that shaped a search; the saved winner is stored under it and ``factor=best`` looks it up."""
+    patch = plain(patch_cfg)
+    scored = lss_settings(search_config(lss_cfg))
+    report = lss_settings(lss_cfg)
+    return {"model": model_identity, "neurons": artifact_key, "search_version": SEARCH_VERSION,
+            "neuron_set": patch.get("neuron_set", "lape"), "layers": parse_layers(patch.get("layers")),
+            "others_op": patch.get("others_op"), "others_value": patch.get("others_value"),
+            "grid": [{k: v for k, v in sorted(e.items())} for e in grid(lss_cfg)],
+            "n_facts": scored.n_facts, "seed": scored.seed, "disjoint_from": report.n_facts,
+            "sources": list(scored.sources), "targets": list(scored.targets), "tol": plain(lss_cfg).get("tol", "auto")}
+
+
+def resolve_best(model_identity: dict, store: ArtifactStore, patch_cfg, lss_cfg, artifact_key: str | None,
+                 search_command: str) -> tuple[dict, Any]:
+    """``factor=best``: (patch config with the winner's op/value/stat/coef, Factor) for PatchSpec.from_config."""
+    found = store.load(BEST_FACTOR_KIND, search_key(model_identity, artifact_key, patch_cfg, lss_cfg))
+    if found is None:
+        raise UserError(f"factor=best: no factor search matches this model, neuron artifact, patch "
+                        f"(neuron_set, layers, others) and lss.search settings; run `{search_command}` first, "
+                        f"or name a factor (factor=5, factor=pmax)")
+    return entry_patch(found.meta["entry"], patch_cfg)
+
+
+def factor_search(handle: ModelHandle, artifact: NeuronArtifact, patch_cfg, lss_cfg, data_root,
+                  store: ArtifactStore | None, out_dir=None, artifact_key: str | None = None) -> dict:
+    """Score every grid entry on mean off-diagonal LSS, rank them, write factor_ranking.csv and a heatmap per
+    entry, and save the winner for ``factor=best``."""
+    from lsn_exp import lss  # torch and lm-eval: only when a search runs (validation imports this module)
+
+    entries = grid(lss_cfg)
+    for entry in entries:
+        entry_spec(entry, patch_cfg, artifact.languages[0])  # fail on a bad entry before any scoring
+    scfg = {**search_config(lss_cfg), "exclude_n_facts": lss_settings(lss_cfg).n_facts}
+    evaluator = lss.LssEvaluator(handle, scfg, data_root, store)
+    out_dir = Path(out_dir) if out_dir is not None else None
+    rows, images = [], {}
+    for entry in entries:
+        start = time.time()
+        result = lss.lss_matrix(handle, artifact, lambda t, e=entry: entry_spec(e, patch_cfg, t), scfg, data_root,
+                                store, evaluator=evaluator)
+        if out_dir is not None:
+            _, image = lss.write_matrix_outputs(result, out_dir / "factor_search", f"LSS {entry['name']}",
+                                                prefix=f"lss_{entry['name']}")
+            images[f"factor_search/{entry['name']}"] = image[f"lss_{entry['name']}/heatmap"]
+        rows.append({"name": entry["name"], "mean_offdiag_lss": result["mean_offdiag"],
+                     "mean_offdiag_lss_paper": result["mean_offdiag_paper"],
+                     "min_cell": result["weakest"][0]["lss"] if result["weakest"] else None,
+                     "patch": next(iter(result["per_target"].values()))["patch"] if result["per_target"] else "",
+                     "wall_time_s": round(time.time() - start, 1),
+                     "entry": {k: v for k, v in entry.items() if k != "name"}})
+        log.info("factor search: %s -> mean off-diagonal LSS %.3f", entry["name"], result["mean_offdiag"])
+    ranked = sorted(rows, key=lambda r: (-_sortable(r["mean_offdiag_lss"]), r["name"]))
+    sample = (f"{evaluator.n} facts (seed {evaluator.settings.seed}) drawn disjoint from the "
+              f"{lss_settings(lss_cfg).n_facts}-fact reporting sample")
+    for rank, row in enumerate(ranked, 1):
+        row.update(rank=rank, sample=sample)
+    best = {"name": ranked[0]["name"], "entry": ranked[0]["entry"], "mean_offdiag_lss": ranked[0]["mean_offdiag_lss"],
+            "sample": sample, "ranking": [{k: r[k] for k in ("rank", "name", "mean_offdiag_lss")} for r in ranked]}
+    if store is not None:
+        import torch
+
+        key = search_key(handle.identity, artifact_key, patch_cfg, lss_cfg)
+        scores = torch.tensor([_sortable(r["mean_offdiag_lss"]) for r in ranked], dtype=torch.float64)
+        best["path"] = str(store.save(BEST_FACTOR_KIND, key, {"mean_offdiag_lss": scores}, best))
+    tables = {"factor_search/ranking": write_ranking(ranked, out_dir)} if out_dir is not None else {}
+    return {"ranking": ranked, "best": best, "sample": sample, "tables": tables, "images": images,
+            "n_facts": evaluator.n, "baseline_cached": dict(evaluator.baseline_cached),
+            "data_files": [str(path) for path in evaluator.data_files]}
+
+
+RANKING_FIELDS = ("rank", "name", "mean_offdiag_lss", "mean_offdiag_lss_paper", "min_cell", "patch", "sample",
+                  "wall_time_s")
+
+
+def write_ranking(ranked: list[dict], out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "factor_ranking.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(RANKING_FIELDS), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(ranked)
+    return path
+
+
+def _sortable(value) -> float:
+    return float("-inf") if value is None or value != value else float(value)

@@ -1,0 +1,334 @@
+"""Typed settings of each stage, parsed from the Hydra config and validated before any model loads.
+
+``validate(cfg)`` runs every check a job's config can fail (a dry run included), so a sweep is checked
+before it goes to SLURM. Each mistake is a ``UserError``: one line naming the fix. Only light imports here
+(no torch, no lm-eval): a bad override must fail in well under a second after Hydra composes the config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from lsn_exp.errors import UserError
+
+MAX_TOKENS_ALL = ("all", "none", "null")
+
+
+def plain(cfg) -> dict:
+    """A config node (DictConfig or mapping) as a plain dict."""
+    if cfg is None:
+        return {}
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def positive_int(name: str, raw, allow_none: bool = False) -> int | None:
+    """``raw`` as an int >= 1 (None passes when ``allow_none``), else a one-line UserError."""
+    if raw is None and allow_none:
+        return None
+    try:
+        value = float(str(raw).strip())
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not math.isfinite(value) or value < 1 or value != int(value):
+        allowed = "a whole number >= 1" + (" or null" if allow_none else "")
+        raise UserError(f"{name}={raw!r} is not allowed: use {allowed}")
+    return int(value)
+
+
+def rate(name: str, raw) -> float:
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise UserError(f"{name}={raw!r} is not allowed: use a share in (0, 1], e.g. 0.95")
+    return value
+
+
+# --- stage 1: identification -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class IdentifySettings:
+    languages: tuple[str, ...]
+    split: str
+    max_tokens: int | None  # None: every sentence of the split
+    n_stat_sentences: int
+    prefix: str  # auto | bos | eos | none | a token string (lsn_exp.record.prefix_token)
+    top_rate: float
+    filter_rate: float
+    bar_rate: float
+    batch_size: int | None  # None: the model's
+
+
+def identify_settings(identify_cfg) -> IdentifySettings:
+    from lsn_exp import data
+
+    cfg = plain(identify_cfg)
+    langs = cfg.get("languages") or []
+    data.languages(list(langs))  # unknown codes: one line
+    if len(langs) < 2:
+        raise UserError(f"identify.languages={langs} is not allowed: LAPE compares two or more languages")
+    split = str(cfg.get("split", "dev"))
+    if split not in ("dev", "devtest"):
+        raise UserError(f"identify.split={split} is not allowed: use dev or devtest")
+    raw_cap = cfg.get("max_tokens")
+    max_tokens = None if raw_cap is None or str(raw_cap).lower() in MAX_TOKENS_ALL else \
+        positive_int("identify.max_tokens", raw_cap)
+    return IdentifySettings(
+        languages=tuple(str(c) for c in langs), split=split, max_tokens=max_tokens,
+        n_stat_sentences=positive_int("identify.n_stat_sentences", cfg.get("n_stat_sentences", 100)),
+        prefix=str(cfg.get("prefix", "auto")), top_rate=rate("identify.top_rate", cfg.get("top_rate", 0.01)),
+        filter_rate=rate("identify.filter_rate", cfg.get("filter_rate", 0.95)),
+        bar_rate=rate("identify.bar_rate", cfg.get("bar_rate", 0.95)),
+        batch_size=positive_int("identify.batch_size", cfg.get("batch_size"), allow_none=True))
+
+
+# --- stage 3: LSS ----------------------------------------------------------------------------------------
+
+LSS_LANGS = ("en", "nl", "id", "ms", "vi", "ja", "zh", "fr", "pt", "ru", "et", "it", "ta", "th", "tr")
+SEARCH_KEYS = ("n_facts", "sources", "targets")
+
+
+@dataclass(frozen=True)
+class LssSettings:
+    n_facts: int | str  # a number or "all"
+    seed: int
+    sources: tuple[str, ...]
+    targets: tuple[str, ...]
+    tol: float
+    batch_size: int | None  # None: the model's
+    bootstrap: int
+    weakest: int
+
+
+def _lss_langs(raw, name: str) -> tuple[str, ...]:
+    if raw is None or (isinstance(raw, str) and raw.strip().lower() == "all"):
+        return LSS_LANGS
+    codes = [c.strip() for c in raw.split(",")] if isinstance(raw, str) else [str(c) for c in raw]
+    unknown = [c for c in codes if c not in LSS_LANGS]
+    if unknown or not codes:
+        raise UserError(f"lss.{name}={raw!r}: use all or a list of LSS languages ({' '.join(LSS_LANGS)})")
+    return tuple(c for c in LSS_LANGS if c in codes)  # canonical order
+
+
+def default_tol(dtype) -> float:
+    """The tolerance a win must pass, by model dtype (conf/lss/default.yaml says how it was measured)."""
+    name = str(dtype).replace("torch.", "")
+    return {"float64": 1e-6, "float32": 1e-3}.get(name, 5e-2)
+
+
+def lss_settings(lss_cfg, dtype=None) -> LssSettings:
+    """``cfg.lss`` (conf/lss/default.yaml) with ``tol: auto`` resolved for the model dtype (default fp32)."""
+    cfg = plain(lss_cfg)
+    tol = cfg.get("tol", "auto")
+    if tol is None or str(tol).lower() == "auto":
+        tol = default_tol(dtype or "float32")
+    try:
+        tol = float(tol)
+    except (TypeError, ValueError):
+        raise UserError(f"lss.tol={tol!r} is not a number or auto") from None
+    if not 0 <= tol < math.inf:
+        raise UserError(f"lss.tol={tol} is not allowed: use auto or a small positive number of nats, e.g. 1e-3")
+    n_facts = cfg.get("n_facts", 185)
+    n_facts = "all" if n_facts is None or str(n_facts).lower() == "all" else positive_int("lss.n_facts", n_facts)
+    return LssSettings(n_facts=n_facts, seed=int(cfg.get("seed", 0)),
+                       sources=_lss_langs(cfg.get("sources", "all"), "sources"),
+                       targets=_lss_langs(cfg.get("targets", "all"), "targets"), tol=tol,
+                       batch_size=positive_int("lss.batch_size", cfg.get("batch_size"), allow_none=True),
+                       bootstrap=int(cfg.get("bootstrap", 1000)), weakest=int(cfg.get("weakest", 5)))
+
+
+def search_config(lss_cfg) -> dict:
+    """``cfg.lss`` as the factor search scores it: ``lss.search``'s n_facts / sources / targets over lss's."""
+    cfg = plain(lss_cfg)
+    search = cfg.pop("search", None) or {}
+    cfg.update({k: search[k] for k in SEARCH_KEYS if search.get(k) is not None})
+    return cfg
+
+
+# --- stage 4: downstream ---------------------------------------------------------------------------------
+
+LANG_ORDER = ("en", "nl", "id", "ms", "vi", "ja", "zh", "fr", "pt", "ru", "et", "ht", "it", "qu", "sw", "ta",
+              "th", "tr")  # the paper's order (languages.tsv idx)
+FLORES_SPLITS = ("dev", "devtest")
+# English -> X prompts. "untargeted" names only the source language, so any move toward X comes from the
+# patch; "targeted" names X. The model continues after the final ":".
+MT_PROMPTS = {
+    "untargeted": "Translate the following English sentence.\nEnglish: {source}\nTranslation:",
+    "targeted": "Translate the following English sentence into {target_name}.\nEnglish: {source}\n{target_name}:",
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """A downstream task family: one lm-eval task per language it covers."""
+
+    name: str
+    kind: str  # mc | mt | ppl
+    metrics: tuple[str, ...]
+    task_pattern: str  # {code}: our language code, {dataset}: the dataset's code for it
+    lang_field: str | None  # Language attribute naming the dataset's code; None: every language
+    exclude: tuple[str, ...] = ()
+    local: bool = True  # our task dir (offline); False: lm-eval's tasks from the HF hub
+
+    def langs(self) -> list[str]:
+        from lsn_exp import data
+
+        registry = data.language_registry()
+        return [code for code in LANG_ORDER if code in registry and code not in self.exclude
+                and (self.lang_field is None or getattr(registry[code], self.lang_field))]
+
+    def task(self, code: str) -> str:
+        from lsn_exp import data
+
+        lang = data.language_registry()[code]
+        return self.task_pattern.format(code=code, dataset=getattr(lang, self.lang_field) if self.lang_field else code)
+
+
+FAMILIES = {
+    "xcopa": Family("xcopa", "mc", ("acc",), "xcopa_local_{code}", "xcopa"),
+    "xwinograd": Family("xwinograd", "mc", ("acc",), "xwinograd_local_{code}", "xwinograd"),
+    "include": Family("include", "mc", ("acc",), "include_base_44_{dataset}", "include", local=False),
+    "flores_mt": Family("flores_mt", "mt", ("chrf++", "bleu", "lang_share", "empty_share"), "flores_mt_{code}",
+                        None, exclude=("en",)),
+    "flores_ppl": Family("flores_ppl", "ppl", ("ll_per_token", "ppl", "bits_per_byte"), "flores_ppl_{code}", None),
+}
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    families: tuple[str, ...]
+    langs: tuple[str, ...] | None  # task languages; None: every language a family covers
+    limit: int | None  # first N documents per task language; None: all
+    limits: dict  # family -> limit override
+    batch_size: int | None  # None: the model's
+    mt_prompt: str = "untargeted"
+    flores_split: str = "devtest"
+    bootstrap: int = 1000
+    seed: int = 0
+
+    def limit_for(self, family: str) -> int | None:
+        return self.limits.get(family, self.limit)
+
+
+def _doc_limit(name: str, raw) -> int | None:
+    if raw is None or raw == "all":
+        return None
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = -1.0
+    if not math.isfinite(value) or value < 1 or value != int(value):
+        raise UserError(f"{name}={raw!r} is not allowed: use a whole number of documents >= 1, or null for all "
+                        f"(lm-eval would read a number below 1 as a fraction)")
+    return int(value)
+
+
+def eval_settings(eval_cfg) -> EvalSettings:
+    """``cfg.eval`` (conf/eval/default.yaml) -> EvalSettings, every mistake as a one-line UserError."""
+    cfg = plain(eval_cfg)
+    families = cfg.get("tasks", "all")
+    families = list(FAMILIES) if families in (None, "all") else [families] if isinstance(families, str) else families
+    bad = [f for f in families if f not in FAMILIES]
+    if bad or not families:
+        raise UserError(f"eval.tasks={families} is not allowed: use all or a list of {', '.join(FAMILIES)}")
+    langs = cfg.get("langs", "all")
+    if langs in (None, "all"):
+        langs = None
+    else:
+        langs = [langs] if isinstance(langs, str) else [str(c) for c in langs]
+        unknown = [c for c in langs if c not in LANG_ORDER]
+        if unknown:
+            raise UserError(f"eval.langs has unknown language(s) {unknown}: use all or codes of {' '.join(LANG_ORDER)}")
+        langs = tuple(langs)
+    limits = {str(k): _doc_limit(f"eval.limits.{k}", v) for k, v in (cfg.get("limits") or {}).items()}
+    bad = [f for f in limits if f not in FAMILIES]
+    if bad:
+        raise UserError(f"eval.limits names unknown task families {bad}: use {', '.join(FAMILIES)}")
+    mt_prompt = str(cfg.get("mt_prompt", "untargeted"))
+    if mt_prompt not in MT_PROMPTS:
+        raise UserError(f"eval.mt_prompt={mt_prompt} is not allowed: use one of {', '.join(MT_PROMPTS)}")
+    split = str(cfg.get("flores_split", "devtest"))
+    if split not in FLORES_SPLITS:
+        raise UserError(f"eval.flores_split={split} is not allowed: use one of {', '.join(FLORES_SPLITS)}")
+    return EvalSettings(families=tuple(dict.fromkeys(families)), langs=langs,
+                        limit=_doc_limit("eval.limit", cfg.get("limit")), limits=limits,
+                        batch_size=positive_int("eval.batch_size", cfg.get("batch_size"), allow_none=True),
+                        mt_prompt=mt_prompt, flores_split=split, bootstrap=int(cfg.get("bootstrap", 1000)),
+                        seed=int(cfg.get("seed", 0)))
+
+
+# --- the job ---------------------------------------------------------------------------------------------
+
+def threads(raw) -> int | None:
+    """``threads``: CPU threads for torch (null: torch's default)."""
+    return positive_int("threads", raw, allow_none=True)
+
+
+def model_layers(model_cfg, cache_dir=None) -> int | None:
+    """The model's decoder layer count read from its config alone (no weights), or None when unknown here."""
+    cfg = plain(model_cfg)
+    source = cfg.get("source")
+    if source == "tiny":
+        return int(cfg["arch"]["num_hidden_layers"])
+    path = None
+    if source == "gguf_package":
+        from lsn_exp import models
+
+        path = models.converted_dir(model_cfg, cache_dir) / "config.json"
+    elif source == "local" and cfg.get("path"):
+        path = Path(cfg["path"]).expanduser() / "config.json"
+    elif source == "hub":
+        return _hub_layers(cfg.get("id"), cfg.get("revision"))
+    if path is None or not path.exists():
+        return None
+    config = json.loads(path.read_text())
+    config = config.get("text_config", config)
+    return config.get("num_hidden_layers")
+
+
+def _hub_layers(model_id, revision) -> int | None:
+    """From the local HF cache only (a config.json download is the model load's business)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(str(model_id), "config.json", revision=revision)
+    if not isinstance(found, str):
+        return None
+    config = json.loads(Path(found).read_text())
+    return config.get("text_config", config).get("num_hidden_layers")
+
+
+def validate(cfg, stages) -> None:
+    """Every check a job's config can fail without loading a model (``dry_run=true`` runs it too).
+
+    Raises UserError (one line). Layer ranges are checked against the model's config when it is on disk.
+    """
+    from lsn_exp.patch import PatchSpec, check_layers, parse_factor
+
+    if cfg.stage not in stages:
+        raise UserError(f"stage={cfg.stage} is not one of {', '.join(stages)}")
+    factor = parse_factor(cfg.factor)
+    threads(cfg.get("threads"))
+    identify_settings(cfg.identify)
+    lss_settings(cfg.lss)
+    lss_settings(search_config(cfg.lss))
+    eval_settings(cfg.eval)
+    target = str(cfg.lang.code)
+    patch_cfg = plain(cfg.patch)
+    if factor.kind == "best":  # the winner brings op/value/stat; the rest of the patch must still parse
+        patch_cfg.update(op=None, value=None, stat=None)
+        factor = parse_factor(1)
+    spec = PatchSpec.from_config(patch_cfg, factor, target)
+    n_layers = model_layers(cfg.model, cfg.get("cache_dir"))
+    if spec.layers is not None and n_layers is not None:
+        check_layers(spec.layers, n_layers)
+    from lsn_exp.search import grid_specs  # light: no torch
+
+    grid_specs(cfg.lss, cfg.patch, target)
