@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lsn_exp import CONF_DIR, data, models
-from lsn_exp.record import ActivationRecorder, make_batches, tokenize
+from lsn_exp.record import ActivationRecorder, make_batches, prefix_token, tokenize
 
 
 def plain_forward(handle, batches) -> None:
@@ -39,7 +39,8 @@ def main() -> None:
     handle = models.load(OmegaConf.load(CONF_DIR / "model" / f"{args.model}.yaml"))
     lang = data.languages([args.lang])[0]
     sentences = data.flores(data.resolve_root(None), lang, "dev").sentences[: args.sentences]
-    ids = tokenize(handle.tokenizer, sentences, add_bos=True)
+    prefix = prefix_token(handle.tokenizer, "auto")
+    ids = tokenize(handle.tokenizer, sentences, prefix)
     batches = make_batches(ids, 1, args.n_stat, args.batch_size, handle.tokenizer.pad_token_id)
     n_tokens = sum(len(row) - 1 for row in ids)
 

@@ -93,13 +93,27 @@ def test_flores_requests(data_root):
     (targeted,), = requests(data_root, "flores_mt_ja", mt_prompt="targeted")
     source = "\"We now have 4-month-old mice that are non-diabetic that used to be diabetic,\" he added."
     assert untargeted == (f"Translate the following English sentence.\nEnglish: {source}\nTranslation:",
-                          {"until": ["\n"], "max_gen_toks": 50, "do_sample": False})
+                          {"until": [], "max_gen_toks": 50, "do_sample": False})
     assert "Japanese" not in untargeted[0]
     assert targeted[0] == f"Translate the following English sentence into Japanese.\nEnglish: {source}\nJapanese:"
     (ppl,), = requests(data_root, "flores_ppl_th")
     assert ppl == ((data_root / "flores200" / "devtest" / "tha_Thai.txt").read_text(encoding="utf-8").splitlines()[0],)
     dev = requests(data_root, "flores_ppl_en", flores_split="dev")[0][0][0]
     assert dev.startswith("On Monday, scientists from the Stanford University School of Medicine")
+
+
+def test_mt_output_opening_with_a_newline_is_a_translation_not_empty(data_root):
+    """Generation stops only at EOS; the prediction strips leading whitespace, then cuts at the first newline."""
+    spec = importlib.util.spec_from_file_location("flores_mt_utils", evaluate.TASKS_DIR / "flores_mt" / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    doc = {"target": "Bonjour le monde.", "lang": "fr"}
+    out = utils.process_results(doc, ["\n\n Bonjour le monde.\nEnglish: next sentence"])
+    assert out["chrf++"][0] == "Bonjour le monde." and out["empty_share"] == 0.0
+    assert utils.process_results(doc, [" \n \n"])["empty_share"] == 1.0
+    task = evaluate.task_manager(metadata={"data_root": str(data_root)}).load(["flores_mt_fr"])["tasks"]["flores_mt_fr"]
+    until = task.config.generation_kwargs["until"]
+    assert "\n" not in until  # lm-eval adds EOS itself
 
 
 def test_group_outputs_merge_subtasks_like_include():
@@ -204,9 +218,11 @@ def test_every_local_task_runs_offline_and_include_is_skipped(run):
     assert summary["flores_mt"]["chrf++"]["self"] == result["tasks"]["flores_mt_id"]["metrics"]["chrf++"]["delta"]
     assert not any(result["baseline_cached"].values())
     rows = list(csv.DictReader(open(result["tables"]["downstream/tasks"])))
-    assert len(rows) == 11 + 6 + 17 * 3 + 18 * 3
+    assert len(rows) == 11 + 6 + 17 * 4 + 18 * 3
     assert len(list(csv.DictReader(open(result["tables"]["downstream/mt_outputs"])))) == 17 * 2
     assert "| flores_mt | **id** | chrf++ |" in downstream.markdown_table(result)
+    assert "| flores_mt | **id** | empty_share |" in downstream.markdown_table(result)
+    assert 0 <= result["tasks"]["flores_mt_id"]["metrics"]["empty_share"]["base"] <= 1
 
 
 def test_our_scores_equal_lm_evals_aggregates(run):
@@ -219,7 +235,7 @@ def test_our_scores_equal_lm_evals_aggregates(run):
             assert downstream.metric_value(metric, stats[metric].sum(0), ref.lang) == pytest.approx(
                 theirs, rel=1e-6, abs=1e-9), (ref.name, metric)
             checked += 1
-    assert checked == 11 + 6 + 17 * 3 + 18
+    assert checked == 11 + 6 + 17 * 4 + 18
 
 
 def test_cached_baseline_and_noop_patch(run, tiny, data_root, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -77,7 +78,7 @@ def test_baseline_is_always_active_and_jaccard_is_symmetric():
 
 def _identify_cfg(**overrides):
     base = {"languages": ["en", "fr", "ja"], "split": "dev", "max_tokens": 600, "n_stat_sentences": 10,
-            "add_bos": True, "top_rate": 0.05, "filter_rate": 0.95, "bar_rate": 0.95, "batch_size": 8}
+            "prefix": "auto", "top_rate": 0.05, "filter_rate": 0.95, "bar_rate": 0.95, "batch_size": 8}
     return OmegaConf.create({**base, **overrides})
 
 
@@ -91,6 +92,42 @@ def test_artifact_cache_reuses_recomputes_on_key_change_and_recovers_from_damage
     assert identify.build(_identify_cfg(max_tokens=500), tiny, data_root, store, seed=0).recorded
     reselected = identify.build(_identify_cfg(top_rate=0.02), tiny, data_root, store, seed=0)
     assert not reselected.recorded and reselected.key != first.key
+
+
+def test_cache_keys_hold_dtype_device_and_code_versions(tiny, data_root, tmp_path, monkeypatch):
+    """An fp32 CPU recording is never reused by a bf16 job, and a change of recording or selection code
+    (its version constant) records or selects again."""
+    from lsn_exp import record
+    from conftest import load_tiny
+
+    store = ArtifactStore(tmp_path)
+    cfg = _identify_cfg(languages=["en", "fr"], max_tokens=300)
+    fp32 = identify.build(cfg, tiny, data_root, store, seed=0)
+    bf16_handle = load_tiny("llama")
+    bf16_handle.model.to(torch.bfloat16)
+    bf16 = identify.build(cfg, bf16_handle, data_root, store, seed=0)
+    assert bf16.recorded and bf16.key != fp32.key
+    specs = [json.loads(p.read_text())["spec"] for p in (tmp_path / "recording").glob("*/meta.json")]
+    assert sorted(s["dtype"] for s in specs) == ["bfloat16", "bfloat16", "float32", "float32"]
+    assert {s["device"] for s in specs} == {"cpu"} and {s["record_version"] for s in specs} == {record.RECORD_VERSION}
+    assert not identify.build(cfg, tiny, data_root, store, seed=0).recorded
+    monkeypatch.setattr(record, "RECORD_VERSION", record.RECORD_VERSION + 1)
+    assert identify.build(cfg, tiny, data_root, store, seed=0).recorded
+    monkeypatch.setattr(identify, "IDENTIFY_VERSION", identify.IDENTIFY_VERSION + 1)
+    reselected = identify.build(cfg, tiny, data_root, store, seed=0)
+    assert not reselected.recorded and reselected.key not in (fp32.key, bf16.key)
+
+
+def test_lss_and_downstream_baseline_keys_hold_dtype_device_and_version(tiny, data_root):
+    from lsn_exp import downstream, lss
+
+    evaluator = lss.LssEvaluator(tiny, {"n_facts": 2, "sources": ["en"]}, data_root, None)
+    spec = evaluator.baseline_spec("en", "fr")
+    assert (spec["dtype"], spec["device"], spec["lss_version"]) == ("torch.float32", "cpu", lss.LSS_VERSION)
+    task_eval = downstream.DownstreamEvaluator(tiny, {"tasks": ["xcopa"], "langs": ["id"], "limit": 2}, data_root,
+                                               None)
+    spec = task_eval.baseline_spec(task_eval.refs[0])
+    assert (spec["dtype"], spec["device"], spec["version"]) == ("torch.float32", "cpu", downstream.DOWNSTREAM_VERSION)
 
 
 def test_recordings_are_cached_per_language_and_damage_is_recomputed(tiny, data_root, tmp_path):

@@ -414,3 +414,33 @@ def test_continuation_batches_respect_the_row_and_token_caps():
         width = len(batch[0][1]) - 1
         assert len(batch) == 1 or (len(batch) <= 8 and len(batch) * width <= 64)
     assert [len(b) for b in batches] == [1, 1, 1, 2, 4]  # widths 199, 39, 39, 32 (2 x 32 = 64), 4
+
+
+@pytest.mark.parametrize("share_prompts", [True, False])
+def test_bf16_log_probs_are_taken_in_float32_from_the_bf16_logits(share_prompts, data_root):
+    """In bf16 a log-prob near -12 (a 262k vocabulary) rounds to steps of 0.0625 nats: scores must be the
+    float32 log-softmax of the model's bf16 logits, on the shared-prompt path and on whole rows."""
+    from conftest import load_tiny
+
+    handle = load_tiny("llama")
+    handle.model.to(torch.bfloat16)
+    lm = evaluate.hflm(handle, 1)
+    lm.share_prompts = share_prompts
+
+    def n_tokens(inst):
+        context, continuation = inst.args
+        return len(lm.tok_encode(context + continuation)) - len(lm.tok_encode(context))
+
+    inst = max(_lss_instances(data_root, ("en",), n_facts=1), key=n_tokens)  # one prompt, its longest object
+    captured = []
+    hook = handle.model.lm_head.register_forward_hook(lambda m, i, out: captured.append(out.detach()))
+    try:
+        (score, _), = lm.loglikelihood([inst], disable_tqdm=True)
+    finally:
+        hook.remove()
+    context, continuation = inst.args
+    tokens = lm.tok_encode(context + continuation)[len(lm.tok_encode(context)):]
+    rows = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured])[-len(tokens):]  # the scored positions
+    assert rows.dtype == torch.bfloat16 and len(tokens) > 1
+    expected = sum(rows[k].double().log_softmax(-1)[tok].item() for k, tok in enumerate(tokens))
+    assert score == pytest.approx(expected, abs=1e-4)

@@ -41,7 +41,10 @@ def test_multirun_writes_four_cells_and_a_report_with_heatmaps(sweep):
     # LSS by model x factor: the mean over each factor's (source, target) cells, with its CI and matrix
     for factor in ("2", "pmax"):
         values = [c["lss"] for (lang, f), r in cells.items() if f == factor for c in r["lss"]["cells"] if c["n"]]
+        paper = [c["lss_paper"] for (lang, f), r in cells.items() if f == factor for c in r["lss"]["cells"] if c["n"]]
         assert f"| tiny | {factor} | {sum(values) / len(values):.3f} | [" in report
+        assert f" | {sum(paper) / len(paper):.3f} | [" in report  # the paper's count beside it
+        assert (sweep / f"lss_matrix_tiny_{factor}_paper.csv").exists()
         matrix = (sweep / f"lss_matrix_tiny_{factor}.csv").read_text().splitlines()
         assert matrix[0] == "source\\target,fr,id" and len(matrix) == 4  # sources en, fr, id
         assert (sweep / f"lss_matrix_tiny_{factor}.png").stat().st_size > 1000
@@ -73,9 +76,25 @@ def test_report_cli_on_a_missing_dir_is_one_line(tmp_path):
 def test_headline_names_each_stage_number():
     from lsn_exp.job import headline
 
-    line = headline({"identify": {"lape_neurons": {"id": 30, "ms": 12}}, "lss": {"mean": 0.5},
+    line = headline({"identify": {"lape_neurons": {"id": 30, "ms": 12}}, "lss": {"mean": 0.5, "mean_paper": 0.4},
                      "downstream": {"summary": {"xcopa": {"acc": {"self": 0.07, "cross": -0.003}},
                                                 "xwinograd": {"acc": {"self": None, "cross": -0.034}}}},
                      "wall_time_s": 12.5})
-    assert line == ("LAPE neurons=42 | mean LSS 0.500 | xcopa acc Δ self +0.070 cross -0.003 | "
+    assert line == ("LAPE neurons=42 | mean LSS 0.500 (paper count 0.400) | xcopa acc Δ self +0.070 cross -0.003 | "
                     "xwinograd acc Δ self — cross -0.034 | 12.5 s")
+
+
+def test_report_ci_resamples_facts_shared_by_all_cells():
+    """Cells that share their facts are not independent: ten cells with the same outcomes carry the
+    uncertainty of one cell's ten facts, which a bootstrap over cells would report as a zero-width CI."""
+    from lsn_exp.report import fact_bootstrap
+
+    same = [{"outcomes": "1100110010", "n": 10} for _ in range(10)]
+    ci = fact_bootstrap(same, n_boot=2000)
+    assert ci["lss"][0] < 0.3 and ci["lss"][1] > 0.7  # one cell's 10 facts: wide
+    independent = [{"outcomes": "".join("1" if (i + j) % 2 else "0" for j in range(10)), "n": 10} for i in range(10)]
+    narrow = fact_bootstrap(independent, n_boot=2000)
+    assert narrow["lss"] == (0.5, 0.5)  # every resample of facts keeps the mean over these cells at 0.5
+    skipped = fact_bootstrap([{"outcomes": "1s1s1s0s00", "n": 6}], n_boot=2000)
+    assert skipped["lss_paper"][1] <= skipped["lss"][1]  # the paper count puts skipped facts in the denominator
+    assert fact_bootstrap([{"outcomes": "10"}, {"outcomes": "101"}]) is None  # no common sample: no CI
