@@ -243,6 +243,8 @@ def summary(artifact: NeuronArtifact, top_overlaps: int = 5) -> dict:
                              zip(langs, artifact.masks["baseline"].flatten(1).sum(1).tolist())},
         "largest_overlaps": [{"pair": f"{a}-{b}", "jaccard": round(v, 4)} for v, a, b in pairs],
         **{k: v for k, v in artifact.meta.get("thresholds", {}).items()},
+        **{k: artifact.meta[k] for k in ("prefix", "max_tokens", "split") if k in artifact.meta},
+        "tokens": dict(zip(langs, artifact.meta.get("tokens", []))),
     }
 
 
