@@ -133,6 +133,17 @@ def test_factor_best_with_other_settings_is_validated_too(tmp_path):
     assert result.returncode == 2 and "patch.layers has layer 7 out of range" in result.stderr
 
 
+def test_factor_best_without_a_matching_search_names_the_command_that_runs_it(tmp_path):
+    result = run_cli("model=tiny", "factor=best", "stage=lss", "lang=fr", "identify.languages=[en,fr]",
+                     "identify.max_tokens=300", "patch.neuron_set=baseline", "lss.n_facts=2", "lss.sources=[en]",
+                     "logger=none", f"hydra.run.dir={tmp_path}", timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line, = result.stderr.strip().splitlines()[-1:]
+    assert "factor=best: no factor search matches" in line
+    assert ("run `python -m lsn_exp stage=factor_search model=tiny identify.languages=[en,fr] identify.max_tokens=300 "
+            "patch.neuron_set=baseline lss.n_facts=2 lss.sources=[en] logger=none") in line
+
+
 def test_threads_and_other_machine_settings_stay_out_of_the_resume_hash():
     from lsn_exp.job import config_hash
 
