@@ -1,6 +1,6 @@
 """Typed settings of each stage, parsed from the Hydra config and validated before any model loads.
 
-``validate(cfg)`` runs every check a job's config can fail (a dry run included), so a sweep is checked
+``validate(cfg, stages)`` runs every check a job's config can fail (a dry run included), so a sweep is checked
 before it goes to SLURM. Each mistake is a ``UserError``: one line naming the fix. Only light imports here
 (no torch, no lm-eval): a bad override must fail in well under a second after Hydra composes the config.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lsn_exp.errors import UserError
+from lsn_exp.patch import PatchSpec, check_layers, parse_factor
 
 MAX_TOKENS_ALL = ("all", "none", "null")
 
@@ -310,8 +311,6 @@ def validate(cfg, stages) -> None:
 
     Raises UserError (one line). Layer ranges are checked against the model's config when it is on disk.
     """
-    from lsn_exp.patch import PatchSpec, check_layers, parse_factor
-
     if cfg.stage not in stages:
         raise UserError(f"stage={cfg.stage} is not one of {', '.join(stages)}")
     factor = parse_factor(cfg.factor)
@@ -322,6 +321,7 @@ def validate(cfg, stages) -> None:
     eval_settings(cfg.eval)
     target = str(cfg.lang.code)
     patch_cfg = plain(cfg.patch)
+    searched = factor.kind == "best" or cfg.stage == "factor_search"
     if factor.kind == "best":  # the winner brings op/value/stat; the rest of the patch must still parse
         patch_cfg.update(op=None, value=None, stat=None)
         factor = parse_factor(1)
@@ -329,6 +329,7 @@ def validate(cfg, stages) -> None:
     n_layers = model_layers(cfg.model, cfg.get("cache_dir"))
     if spec.layers is not None and n_layers is not None:
         check_layers(spec.layers, n_layers)
-    from lsn_exp.search import grid_specs  # light: no torch
+    if searched:  # the grid shapes the search and the key factor=best looks up
+        from lsn_exp.search import grid_specs  # search imports this module
 
-    grid_specs(cfg.lss, cfg.patch, target)
+        grid_specs(cfg.lss, cfg.patch, target)
