@@ -230,7 +230,9 @@ def note_attempt(run_dir: Path, what: str) -> None:
 
 
 def headline(results: dict) -> str:
-    parts = [f"LAPE neurons={sum(results.get('identify', {}).get('lape_neurons', {}).values())}"]
+    found = results.get("identify", {})
+    parts = [f"LAPE neurons={sum(found.get('lape_neurons', {}).values())}"  # summed over languages
+             + (f" ({found['lape_union']} distinct)" if "lape_union" in found else "")]
     if isinstance(results.get("lss"), dict) and "mean" in results["lss"]:
         parts.append(f"mean LSS {results['lss']['mean']:.3f} (paper count {results['lss']['mean_paper']:.3f})")
     if "lss_matrix" in results:
