@@ -324,6 +324,36 @@ class LssEvaluator:
             self.baseline[source][:, LSS_LANGS.index(lang)] = column
             self.baseline_cached[source] = False
 
+    # -- 16-bit models: the unpatched scores in the patched run's exact batch layout --
+
+    def paired_layout(self) -> bool:
+        """In bf16/fp16 a change of batch layout moves a long object's summed log-prob by up to ~1.6 nats
+        (Gemma-3-270M, scripts/bf16_check.py), far above any usable tolerance; the shared baseline columns
+        (15 or 3 objects per prompt) are then replaced by an unpatched run of the patched run's own requests."""
+        return str(self.handle.model.dtype).replace("torch.", "") not in ("float32", "float64")
+
+    def paired_baseline(self, target: str, keep: dict, insts: list):
+        """Unpatched log-probs [n, 2] of exactly the requests a patched run toward ``target`` scores, in the same
+        order and batches (cached per model, sample, sources and target)."""
+        import numpy as np
+        import torch
+
+        from lsn_exp import evaluate
+
+        first = next(iter(keep))
+        spec = {**self.baseline_spec(first, target), "source": list(keep), "batch_size": self.batch_size,
+                "sample": [self.sample_hash[source] for source in keep], "paired_layout": True}
+
+        def compute():
+            ll = evaluate.loglikelihoods(self.lm, insts, disable_tqdm=False)
+            return {"loglik": torch.tensor(ll, dtype=torch.float64)}, {"sources": list(keep), "target": target}
+
+        if self.store is None:
+            tensors, _ = compute()
+        else:
+            tensors = self.store.get_or_compute(BASELINE_KIND, spec, compute).tensors
+        return np.asarray(tensors["loglik"].numpy(), dtype=np.float64).reshape(-1, 2)
+
     # -- one patched run --
 
     def deltas(self, artifact: NeuronArtifact, spec: PatchSpec) -> tuple[dict, dict, float, int]:
@@ -347,7 +377,11 @@ class LssEvaluator:
             keep[source] = [i for i, row in enumerate(self.continuations[source]) if row[t] != row[s]]
             for i in keep[source]:
                 insts += [self.instances[source][i][s], self.instances[source][i][t]]
-        self.ensure_baseline([target])
+        paired = self.paired_layout()
+        if paired:
+            unpatched = self.paired_baseline(target, keep, insts)
+        else:
+            self.ensure_baseline([target])
         start = time.time()
         with Patch(self.handle, artifact, spec) as patch:
             ll = np.asarray(evaluate.loglikelihoods(self.lm, insts, disable_tqdm=False), dtype=np.float64).reshape(-1, 2)
@@ -357,10 +391,14 @@ class LssEvaluator:
         for source, idx in keep.items():
             s = LSS_LANGS.index(source)
             patched = ll[offset: offset + len(idx)]  # [n, 2]: log P(obj_s), log P(obj_t)
+            if paired:
+                base_delta = unpatched[offset: offset + len(idx), 1] - unpatched[offset: offset + len(idx), 0]
+            else:
+                base = self.baseline[source][idx]  # [n, 15]
+                base_delta = base[:, t] - base[:, s]
             offset += len(idx)
-            base = self.baseline[source][idx]  # [n, 15]
             shift = np.full(self.n, np.nan)
-            shift[idx] = (patched[:, 1] - patched[:, 0]) - (base[:, t] - base[:, s])
+            shift[idx] = (patched[:, 1] - patched[:, 0]) - base_delta
             shifts[source] = shift
         return shifts, patch_summary, seconds, len(insts)
 
@@ -477,7 +515,8 @@ def lss_matrix(handle: ModelHandle, artifact: NeuronArtifact, spec_for: Callable
     """
     evaluator = evaluator or LssEvaluator(handle, lss_cfg, data_root, store)
     sources, targets = list(evaluator.sources), list(evaluator.settings.targets)
-    evaluator.ensure_baseline(targets)  # every column in one batched call (15 objects share each prompt)
+    if not evaluator.paired_layout():  # 16-bit: each target's unpatched run is paired with its patched run
+        evaluator.ensure_baseline(targets)  # every column in one batched call (15 objects share each prompt)
     cells, per_target, seconds = [], {}, 0.0
     for target in targets:
         result = evaluator.score(artifact, spec_for(target))

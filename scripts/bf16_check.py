@@ -3,10 +3,11 @@
     .venv/bin/python scripts/bf16_check.py [--model gemma3_270m] [--targets id,ja] [--n-facts 185]
 
 Loads the model twice (fp32, bf16) on the CPU, takes the fp32 neuron artifact (default identification, cached)
-for both, and scores the 15-source x len(targets) LSS matrix with a no-op patch (x1) and with pmax. Each
-dtype's unpatched scores are cached on their own (the dtype is in the key) and batched differently from the
-patched runs (all targets' objects per prompt vs 2), which is the layout noise the tolerance has to absorb.
+for both, and scores the 15-source x len(targets) LSS matrix with a no-op patch (x1) and with pmax. In fp32
+the unpatched scores come from the shared baseline columns (batched with all targets' objects per prompt,
+not 2); in bf16 from an unpatched run in the patched run's own layout (LssEvaluator.paired_layout).
 Prints the no-op shift distribution per dtype, facts within the tolerance, and the bf16 - fp32 gaps.
+``--fp32-specs pmax`` skips the fp32 no-op.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from lsn_exp.patch import PatchSpec
 SPECS = {"noop": lambda t: PatchSpec(t, op="mul", value=1.0), "pmax": lambda t: PatchSpec(t, op="set", source="pmax")}
 
 
-def shifts(handle, artifact, cfg, store) -> dict:
+def shifts(handle, artifact, cfg, store, names) -> dict:
     """name -> (cells, {(source, target): per-fact shift [N] with NaN for skipped facts})."""
     evaluator = lss.LssEvaluator(handle, cfg, None, store)
-    evaluator.ensure_baseline(evaluator.settings.targets)
+    if not evaluator.paired_layout():
+        evaluator.ensure_baseline(evaluator.settings.targets)
     out = {}
-    for name, spec_for in SPECS.items():
+    for name in names:
+        spec_for = SPECS[name]
         start = time.time()
         cells, per_fact = [], {}
         for target in evaluator.settings.targets:
@@ -47,6 +50,7 @@ def main() -> None:
     parser.add_argument("--model", default="gemma3_270m")
     parser.add_argument("--targets", default="id,ja")
     parser.add_argument("--n-facts", type=int, default=185)
+    parser.add_argument("--fp32-specs", default="noop,pmax")
     args = parser.parse_args()
     model_cfg = OmegaConf.load(CONF_DIR / "model" / f"{args.model}.yaml")
     fp32, artifact = identify.load_with_artifact(args.model)
@@ -54,17 +58,20 @@ def main() -> None:
     cfg = {"n_facts": args.n_facts, "targets": args.targets.split(","), "bootstrap": 0}
     store = ArtifactStore(models.cache_root() / "artifacts" / args.model)
     results = {}
-    for name, handle in (("float32", fp32), ("bfloat16", bf16)):
+    for name, handle, names in (("float32", fp32, args.fp32_specs.split(",")), ("bfloat16", bf16, list(SPECS))):
         print(f"{name}:")
-        results[name] = shifts(handle, artifact, cfg, store)
+        results[name] = shifts(handle, artifact, cfg, store, names)
     tols = {name: lss.default_tol(name) for name in results}
     for name, by_spec in results.items():
+        if "noop" not in by_spec:
+            continue
         cells, per_fact = by_spec["noop"]
         noise = np.abs(np.concatenate([s[~np.isnan(s)] for s in per_fact.values()]))
         wins = sum(c["wins"] for c in cells)
         print(f"{name} no-op: {len(cells)} cells, LSS 0 in {sum(c['lss'] == 0 for c in cells)}, wins {wins}; "
               f"|shift| max {noise.max():.3g}, 99.9th pct {np.percentile(noise, 99.9):.3g}, median "
               f"{np.median(noise):.3g} nats over {noise.size} facts (tol {tols[name]:g})")
+    for name, by_spec in results.items():
         cells, _ = by_spec["pmax"]
         print(f"{name} pmax: mean LSS {lss.mean_of(cells, 'lss'):.4f} (paper count {lss.mean_of(cells, 'lss_paper'):.4f}),"
               f" facts within tol {sum(c['within_tol'] for c in cells)} of {sum(c['n'] for c in cells)}")

@@ -444,3 +444,26 @@ def test_bf16_log_probs_are_taken_in_float32_from_the_bf16_logits(share_prompts,
     assert rows.dtype == torch.bfloat16 and len(tokens) > 1
     expected = sum(rows[k].double().log_softmax(-1)[tok].item() for k, tok in enumerate(tokens))
     assert score == pytest.approx(expected, abs=1e-4)
+
+
+def test_bf16_noop_is_exactly_zero_with_the_paired_layout(data_root, tmp_path):
+    """16-bit models score the unpatched requests in the patched run's own layout, so a no-op is exactly 0
+    however much bf16 batch layout moves a score; the paired scores are cached per target."""
+    from conftest import load_tiny
+
+    handle = load_tiny("llama")
+    handle.model.to(torch.bfloat16)
+    store = ArtifactStore(tmp_path)
+    art = synthetic_artifact(handle, list(lss.LSS_LANGS))
+    cfg = {"n_facts": 4, "sources": SOURCES, "targets": ["en", "ja"], "bootstrap": 0}
+    evaluator = lss.LssEvaluator(handle, cfg, data_root, store)
+    assert evaluator.paired_layout()
+    noop = lss.lss_matrix(handle, art, lambda t: PatchSpec(t, op="mul", value=1.0), cfg, data_root, store,
+                          evaluator=evaluator)
+    assert all(c["wins"] == 0 and c["within_tol"] == c["n"] for c in noop["cells"]) and noop["mean_offdiag"] == 0.0
+    shifts, _, _, _ = evaluator.deltas(art, PatchSpec("ja", op="mul", value=1.0))
+    assert all(np.nanmax(np.abs(shift)) == 0.0 for shift in shifts.values())  # bit-identical, not just within tol
+    assert len(list((tmp_path / lss.BASELINE_KIND).glob("*/meta.json"))) >= 2  # one paired entry per target
+    patched = lss.lss_matrix(handle, art, lambda t: PatchSpec(t, op="mul", value=8.0), cfg, data_root, store,
+                             evaluator=evaluator)
+    assert patched["mean_offdiag"] > 0
