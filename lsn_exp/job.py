@@ -137,7 +137,7 @@ def factor_search(ctx: JobContext) -> None:
     from lsn_exp import search
 
     result = search.factor_search(ctx.handle, ctx.artifact, ctx.cfg.patch, ctx.cfg.lss, ctx.data_root, ctx.store,
-                               out_dir=ctx.run_dir, artifact_key=ctx.record.results["identify"]["artifact_key"])
+                                  out_dir=ctx.run_dir, artifact_key=ctx.record.results["identify"]["artifact_key"])
     ctx.add_outputs(result)
     ctx.record.results["factor_search"] = result
     print(f"factor search on {result['sample']}:")
