@@ -22,7 +22,7 @@ def test_smollm2_identifies_neurons_after_an_eos_prefix_and_scores_a_two_target_
     lape = results["identify"]["lape_neurons"]
     assert len(lape) == 18 and sum(lape.values()) > 0
     matrix = results["lss_matrix"]
-    assert matrix["targets"] == ["fr", "ja"] and len(matrix["sources"]) == 15
+    assert matrix["targets"] == ["ja", "fr"] and len(matrix["sources"]) == 15  # the LSS languages' order
     assert matrix["matrix"]["fr"]["fr"] is None and matrix["matrix"]["ja"]["ja"] is None
     cells = matrix["per_target"]
     assert all(0 <= cells[t]["mean_lss"] <= 1 and 0 <= cells[t]["mean_lss_paper"] <= 1 for t in ("fr", "ja"))
