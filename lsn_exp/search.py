@@ -131,7 +131,8 @@ def factor_search(handle: ModelHandle, artifact: NeuronArtifact, patch_cfg, lss_
         best["path"] = str(store.save(BEST_FACTOR_KIND, key, {"mean_offdiag_lss": scores}, best))
     tables = {"factor_search/ranking": write_ranking(ranked, out_dir)} if out_dir is not None else {}
     return {"ranking": ranked, "best": best, "sample": sample, "tables": tables, "images": images,
-            "n_facts": evaluator.n, "baseline_cached": dict(evaluator.baseline_cached),
+            "n_facts": evaluator.n, "fact_ids": list(evaluator.fact_ids or []),
+            "baseline_cached": dict(evaluator.baseline_cached),
             "data_files": [str(path) for path in evaluator.data_files]}
 
 

@@ -340,6 +340,9 @@ def test_factor_search_ranks_the_grid_and_saves_the_best(tiny, artifact, data_ro
     assert scores == sorted(scores, reverse=True) and next(r for r in ranking if r["name"] == "noop")[
         "mean_offdiag_lss"] == 0.0
     assert out["n_facts"] == 3 and (tmp_path / "factor_search" / "lss_x5_matrix.png").exists()
+    searched = set(out["fact_ids"])
+    reported = {f.fact_id for f in lss.sample_facts(lss.read_mlama(data_root).facts, 10, 0)}
+    assert len(searched) == 3 and not searched & reported  # the scored facts, not only the label, are disjoint
     table = (tmp_path / "factor_ranking.csv").read_text()
     assert "disjoint from the 10-fact reporting sample" in table and "mean_offdiag_lss_paper" in table
     patch_cfg, factor = search.resolve_best(tiny.identity, store, lape, SEARCH_CFG, "neurons", "")

@@ -5,9 +5,10 @@ import datasets
 from lsn_exp.lss import lss_docs
 
 
-def load_lss(source: str, data_root=None, n_facts=185, seed=0, **_metadata):
+def load_lss(source: str, data_root=None, n_facts=185, seed=0, exclude_n_facts=None, **_metadata):
     """``custom_dataset``: lm-eval passes the task metadata (TaskManager(metadata=...)) and dataset_kwargs.
 
-    data_root None: LSN_DATA, else ../shared/data beside the repo.
+    data_root None: LSN_DATA, else ../shared/data beside the repo. ``exclude_n_facts``: hold out the reporting
+    sample of that size (a factor search's sample).
     """
-    return {"test": datasets.Dataset.from_list(lss_docs(data_root, source, n_facts, int(seed)))}
+    return {"test": datasets.Dataset.from_list(lss_docs(data_root, source, n_facts, int(seed), exclude_n_facts))}
