@@ -39,8 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lsn_exp.errors import UserError
-from lsn_exp.settings import (FAMILIES, FLORES_SPLITS, LANG_ORDER, MT_PROMPTS, EvalSettings, Family,  # noqa: F401
-                              eval_settings)
+from lsn_exp.settings import FAMILIES, LANG_ORDER, MT_PROMPTS, EvalSettings, Family, eval_settings
 
 if TYPE_CHECKING:
     from lsn_exp.artifacts import ArtifactStore

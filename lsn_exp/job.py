@@ -19,7 +19,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from lsn_exp import data, settings
-from lsn_exp.errors import UserError
 from lsn_exp.patch import Factor, parse_factor
 from lsn_exp.tracking import RESULTS_FILE, RunRecord, log_to_wandb, provenance
 

@@ -36,10 +36,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from lsn_exp.errors import UserError
-from lsn_exp.settings import LSS_LANGS, LssSettings, default_tol, lss_settings, plain  # noqa: F401 (re-exported)
+from lsn_exp.settings import LSS_LANGS, default_tol, lss_settings, plain  # noqa: F401 (default_tol re-exported)
 
 if TYPE_CHECKING:
     from lsn_exp.artifacts import ArtifactStore
@@ -550,10 +550,6 @@ def cell_matrix(cells: list[dict], sources: list[str], targets: list[str], key: 
     """``matrix[source][target]`` = the cell's ``key`` (None where not scored)."""
     values = {(c["source"], c["target"]): c[key] for c in cells if c["n"] > 0}
     return {s: {t: values.get((s, t)) for t in targets} for s in sources}
-
-
-def _num(value: float):
-    return None if value != value else float(value)  # NaN -> None (JSON)
 
 
 def write_matrix_outputs(result: dict, out_dir, title: str = "", prefix: str = "lss") -> tuple[dict, dict]:
