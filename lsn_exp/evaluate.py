@@ -78,8 +78,11 @@ class LsnHFLM(HFLM):
     """
 
     share_prompts = True  # False: always score whole rows (benchmarks compare the two)
-    _rows: dict[tuple[int, ...], int] | None = None  # inp tokens -> longest continuation, per call
-    _warned = False
+    # Per-call state of the whole-row path: set by _loglikelihood_tokens for one call and cleared when it
+    # returns. Each row HFLM will build (its ``inp`` tokens) -> the longest continuation scored in it;
+    # _model_call reads it to rebuild the row's attention mask and the positions whose logits are read.
+    _rows: dict[tuple[int, ...], int] | None = None
+    _warned = False  # one warning per LM when a call falls back to HFLM's plain forward
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         if self._can_share_prompts(requests):

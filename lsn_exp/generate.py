@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lsn_exp.data import language_of
+
 NEUTRAL_PROMPTS = (
     "The weather today is",
     "My favourite food is",
@@ -24,12 +26,6 @@ class Generation:
     prompt: str
     text: str
     label: str  # py3langid ISO 639-1 code of the continuation
-
-
-def detect_language(text: str) -> str:
-    import py3langid
-
-    return py3langid.classify(text)[0] if text.strip() else "-"
 
 
 @torch.inference_mode()
@@ -50,7 +46,7 @@ def continuations(handle, prompts, max_new_tokens: int = 25) -> list[str]:
 def generate_labelled(handle, prompts=NEUTRAL_PROMPTS, max_new_tokens: int = 25, patch=None) -> list[Generation]:
     with patch if patch is not None else nullcontext():
         texts = continuations(handle, prompts, max_new_tokens)
-    return [Generation(p, t, detect_language(t)) for p, t in zip(prompts, texts)]
+    return [Generation(p, t, language_of(t)) for p, t in zip(prompts, texts)]
 
 
 def share_in(generations: list[Generation], code: str) -> float:

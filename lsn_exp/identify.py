@@ -15,8 +15,6 @@ import torch
 from lsn_exp.record import Recording
 from lsn_exp.tracking import sha256_file
 
-NEURON_SETS = ("lape", "baseline", "random")
-
 
 @dataclass
 class NeuronArtifact:
@@ -205,29 +203,12 @@ def jaccard(masks: torch.Tensor) -> torch.Tensor:
 
 def write_outputs(artifact: NeuronArtifact, out_dir) -> tuple[dict, dict]:
     """CSV of neurons per language x layer for each set, a per-layer plot and the LAPE overlap heatmap."""
-    import csv
     from pathlib import Path
 
-    from lsn_exp import plots
+    from lsn_exp import outputs
 
-    out_dir = Path(out_dir)
-    tables, images = {}, {}
-    for name in ("lape", "baseline"):
-        per_layer = artifact.counts_per_layer(name)
-        path = out_dir / f"neurons_{name}_per_layer.csv"
-        with open(path, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["lang", *[f"L{l}" for l in range(artifact.n_layers)], "total"])
-            for code, row in zip(artifact.languages, per_layer.tolist()):
-                writer.writerow([code, *row, sum(row)])
-        tables[f"identify/neurons_{name}"] = path
-    images["identify/lape_per_layer"] = plots.lines(
-        {code: row for code, row in zip(artifact.languages, artifact.counts_per_layer("lape").tolist())},
-        "LAPE neurons per layer", "layer", "neurons", out_dir / "neurons_lape_per_layer.png")
-    images["identify/lape_overlap"] = plots.heatmap(
-        jaccard(artifact.masks["lape"]).numpy(), artifact.languages, artifact.languages,
-        "LAPE neuron overlap (Jaccard)", out_dir / "lape_overlap.png", fmt=".2f")
-    return tables, images
+    per_layer = {name: artifact.counts_per_layer(name).tolist() for name in ("lape", "baseline")}
+    return outputs.neuron_tables(artifact.languages, per_layer, jaccard(artifact.masks["lape"]).numpy(), Path(out_dir))
 
 
 def summary(artifact: NeuronArtifact, top_overlaps: int = 5) -> dict:

@@ -1,66 +1,61 @@
-"""One job: cfg -> ModelHandle -> NeuronArtifact -> Patch -> Evaluation -> RunRecord.
+"""One job: cfg -> settings -> ModelHandle -> NeuronArtifact -> Patch -> typed results -> RunRecord.
 
-A stage is a list of steps; each step reads the job context and adds results, tables and images
-to the run record. The record is saved (atomically) before anything is sent to W&B.
+A stage is a list of steps; each step reads the job context and returns a StageOutput (typed results,
+tables, images, data files) that the job merges into the run record. The record is saved (atomically)
+before anything is sent to W&B.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from lsn_exp import data, settings
-from lsn_exp.patch import Factor, parse_factor
+from lsn_exp import data, outputs, settings
+from lsn_exp.patch import Factor, PatchSpec, parse_factor
+from lsn_exp.results import LssResult, Skipped, StageOutput
 from lsn_exp.tracking import RESULTS_FILE, RunRecord, log_to_wandb, provenance
+
+if TYPE_CHECKING:
+    from lsn_exp.artifacts import ArtifactStore
+    from lsn_exp.identify import NeuronArtifact
+    from lsn_exp.models import ModelHandle
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class JobContext:
+    """What the steps of one job share: the config, the loaded model, the neuron artifact."""
+
     cfg: DictConfig
     factor: Factor
     run_dir: Path
-    record: RunRecord
     data_root: Path | None
-    handle: Any = None
-    store: Any = None
-    artifact: Any = None
-    data_files: list = field(default_factory=list)
+    model_handle: ModelHandle | None = None
+    store: ArtifactStore | None = None
+    artifact: NeuronArtifact | None = None
+    artifact_key: str | None = None  # the neuron artifact's cache key (factor=best looks the search up by it)
 
-    def patch_spec(self, target: str | None = None):
+    def patch_spec(self, target: str | None = None) -> PatchSpec:
         """The patch toward ``target`` (default: the job's lang); factor=best reads the factor search."""
-        from lsn_exp.patch import PatchSpec
-
         patch_cfg, factor = self.cfg.patch, self.factor
         if factor.kind == "best":
             from lsn_exp.search import resolve_best
 
-            patch_cfg, factor = resolve_best(self.handle.identity, self.store, self.cfg.patch, self.cfg.lss,
-                                             self.record.results["identify"]["artifact_key"], search_command())
+            patch_cfg, factor = resolve_best(self.model_handle.identity, self.store, self.cfg.patch, self.cfg.lss,
+                                             self.artifact_key, search_command())
         return PatchSpec.from_config(patch_cfg, factor, target or self.cfg.lang.code)
 
-    def patch(self, target: str | None = None):
-        from lsn_exp.patch import Patch
 
-        return Patch(self.handle, self.artifact, self.patch_spec(target))
-
-    def add_outputs(self, result: dict) -> None:
-        self.record.tables.update(result.pop("tables", {}))
-        self.record.images.update(result.pop("images", {}))
-        self.data_files += [Path(p) for p in result.pop("data_files", [])]
-
-
-def load_model(ctx: JobContext) -> None:
+def load_model(ctx: JobContext) -> StageOutput:
     from lsn_exp import models
     from lsn_exp.artifacts import ArtifactStore
 
@@ -69,93 +64,88 @@ def load_model(ctx: JobContext) -> None:
         import torch
 
         torch.set_num_threads(threads)  # e.g. the CPUs SLURM gave this task
-    ctx.handle = models.load(ctx.cfg.model, ctx.cfg.cache_dir)
+    ctx.model_handle = models.load(ctx.cfg.model, ctx.cfg.cache_dir)
     ctx.store = ArtifactStore(models.cache_root(ctx.cfg.cache_dir) / "artifacts" / ctx.cfg.model.name)
+    return StageOutput()
 
 
-def identify_neurons(ctx: JobContext) -> None:
+def identify_neurons(ctx: JobContext) -> StageOutput:
     from lsn_exp import identify
 
-    result = identify.build(ctx.cfg.identify, ctx.handle, ctx.data_root, ctx.store, seed=int(ctx.cfg.seed),
-                            force=bool(ctx.cfg.force))
-    ctx.artifact = result.artifact
-    ctx.data_files += result.data_files
-    ctx.record.results["identify"] = {**identify.summary(result.artifact), "recorded": result.recorded,
-                                      "artifact_key": result.key}
-    tables, images = identify.write_outputs(result.artifact, ctx.run_dir)
-    ctx.add_outputs({"tables": tables, "images": images})
+    found = identify.build(ctx.cfg.identify, ctx.model_handle, ctx.data_root, ctx.store, seed=int(ctx.cfg.seed),
+                           force=bool(ctx.cfg.force))
+    ctx.artifact, ctx.artifact_key = found.artifact, found.key
+    tables, images = identify.write_outputs(found.artifact, ctx.run_dir)
+    summary = {**identify.summary(found.artifact), "recorded": found.recorded, "artifact_key": found.key}
+    return StageOutput({"identify": summary}, tables, images, list(found.data_files))
 
 
-def generate_demo(ctx: JobContext) -> None:
+def generate_demo(ctx: JobContext) -> StageOutput:
     """Greedy continuations of neutral English prompts, unpatched and patched, with detected language."""
     from lsn_exp import generate
+    from lsn_exp.patch import Patch
 
-    target = ctx.cfg.lang.code
-    patch = ctx.patch()
-    before = generate.generate_labelled(ctx.handle)
-    after = generate.generate_labelled(ctx.handle, patch=patch)
-    path = ctx.run_dir / "generations.csv"
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["prompt", "unpatched", "unpatched_lang", "patched", "patched_lang"])
-        for b, a in zip(before, after):
-            writer.writerow([b.prompt, b.text, b.label, a.text, a.label])
-            print(f"{b.prompt!r}\n  unpatched [{b.label}] {b.text!r}\n  {patch.spec.describe()} [{a.label}] {a.text!r}")
-    ctx.record.tables["generate/continuations"] = path
-    ctx.record.results["generate"] = {"patch": patch.spec.describe(), "n_prompts": len(before),
-                                      "target_share_unpatched": generate.share_in(before, target),
-                                      "target_share_patched": generate.share_in(after, target)}
+    target, spec = ctx.cfg.lang.code, ctx.patch_spec()
+    before = generate.generate_labelled(ctx.model_handle)
+    after = generate.generate_labelled(ctx.model_handle, patch=Patch(ctx.model_handle, ctx.artifact, spec))
+    for b, a in zip(before, after):
+        print(f"{b.prompt!r}\n  unpatched [{b.label}] {b.text!r}\n  {spec.describe()} [{a.label}] {a.text!r}")
+    table = outputs.generations_csv(ctx.run_dir / "generations.csv", before, after)
+    summary = {"patch": spec.describe(), "n_prompts": len(before),
+               "target_share_unpatched": generate.share_in(before, target),
+               "target_share_patched": generate.share_in(after, target)}
+    return StageOutput({"generate": summary}, {"generate/continuations": table})
 
 
-def lss_scores(ctx: JobContext) -> None:
-    """LSS(s -> lang) for every mLAMA source s != lang, against the cached unpatched baseline."""
+def lss_scores(ctx: JobContext) -> StageOutput:
+    """LSS(s -> lang) for every mLAMA source s != lang, against the cached unpatched scores."""
     from lsn_exp import lss
 
     target = ctx.cfg.lang.code
-    if target not in lss.LSS_LANGS:
-        ctx.record.results["lss"] = {"skipped": f"mLAMA has no {target}: LSS covers {' '.join(lss.LSS_LANGS)}"}
-        return
-    result = lss.lss_for_target(ctx.handle, ctx.artifact, ctx.patch_spec(), ctx.cfg.lss, ctx.data_root, ctx.store,
-                                out_dir=ctx.run_dir)
-    ctx.add_outputs(result)
-    ctx.record.results["lss"] = {**result, "mean": result["mean_lss"], "mean_paper": result["mean_lss_paper"]}
+    if target not in data.LSS_LANGS:
+        return StageOutput({"lss": Skipped(f"mLAMA has no {target}: LSS covers {' '.join(data.LSS_LANGS)}")})
+    result = lss.lss_for_target(ctx.model_handle, ctx.artifact, ctx.patch_spec(), ctx.cfg.lss, ctx.data_root,
+                                ctx.store)
+    table = outputs.cells_csv(list(result.cells), ctx.run_dir / f"lss_{target}_cells.csv")
+    return StageOutput({"lss": result}, {"lss/cells": table}, data_files=lss.data_files(ctx.data_root))
 
 
-def lss_matrix(ctx: JobContext) -> None:
+def lss_matrix(ctx: JobContext) -> StageOutput:
     """The full sources x targets matrix for this factor in one model load."""
     from lsn_exp import lss
 
-    result = lss.lss_matrix(ctx.handle, ctx.artifact, ctx.patch_spec, ctx.cfg.lss, ctx.data_root, ctx.store,
-                            out_dir=ctx.run_dir, title=f"LSS {ctx.cfg.model.name} factor={ctx.factor}")
-    ctx.add_outputs(result)
-    result.pop("cells", None)
-    ctx.record.results["lss_matrix"] = result
+    result = lss.lss_matrix(ctx.model_handle, ctx.artifact, ctx.patch_spec, ctx.cfg.lss, ctx.data_root, ctx.store)
+    tables, images = outputs.lss_matrix_files(result, ctx.run_dir, f"LSS {ctx.cfg.model.name} factor={ctx.factor}")
+    return StageOutput({"lss_matrix": result}, tables, images, lss.data_files(ctx.data_root))
 
 
-def factor_search(ctx: JobContext) -> None:
-    from lsn_exp import search
+def factor_search(ctx: JobContext) -> StageOutput:
+    from lsn_exp import lss, search
 
-    result = search.factor_search(ctx.handle, ctx.artifact, ctx.cfg.patch, ctx.cfg.lss, ctx.data_root, ctx.store,
-                                  out_dir=ctx.run_dir, artifact_key=ctx.record.results["identify"]["artifact_key"])
-    ctx.add_outputs(result)
-    ctx.record.results["factor_search"] = result
-    print(f"factor search on {result['sample']}:")
-    for row in result["ranking"]:
+    result, matrices = search.factor_search(ctx.model_handle, ctx.artifact, ctx.cfg.patch, ctx.cfg.lss, ctx.data_root,
+                                            ctx.store, artifact_key=ctx.artifact_key)
+    images = {f"factor_search/{name}": outputs.lss_matrix_files(
+        matrix, ctx.run_dir / "factor_search", f"LSS {name}", prefix=f"lss_{name}")[1][f"lss_{name}/heatmap"]
+        for name, matrix in matrices.items()}
+    print(f"factor search on {result.sample}:")
+    for row in result.ranking:
         print(f"{row['rank']:>2}. {row['name']:<14} mean off-diagonal LSS {row['mean_offdiag_lss']:.3f} "
               f"(paper count {row['mean_offdiag_lss_paper']:.3f})")
+    return StageOutput({"factor_search": result}, {"factor_search/ranking": outputs.ranking_csv(result.ranking, ctx.run_dir)},
+                       images, lss.data_files(ctx.data_root))
 
 
-def downstream(ctx: JobContext) -> None:
+def downstream(ctx: JobContext) -> StageOutput:
     """XCOPA, XWinograd, INCLUDE (online), FLORES MT and perplexity: patched vs cached unpatched."""
     from lsn_exp.downstream import evaluate_downstream
 
-    result = evaluate_downstream(ctx.handle, ctx.artifact, ctx.patch_spec(), ctx.cfg.eval, ctx.data_root,
-                                 ctx.store, out_dir=ctx.run_dir)
-    ctx.add_outputs(result)
-    ctx.record.results["downstream"] = result
+    result, mt_rows, files = evaluate_downstream(ctx.model_handle, ctx.artifact, ctx.patch_spec(), ctx.cfg.eval,
+                                                 ctx.data_root, ctx.store)
+    return StageOutput({"downstream": result}, outputs.downstream_tables(result, mt_rows, ctx.run_dir),
+                       data_files=files)
 
 
-STAGES: dict[str, list[Callable[[JobContext], None]]] = {
+STAGES: dict[str, list[Callable[[JobContext], StageOutput]]] = {
     "identify": [load_model, identify_neurons],
     "generate": [load_model, identify_neurons, generate_demo],
     "lss": [load_model, identify_neurons, lss_scores],
@@ -184,15 +174,17 @@ def run_job(cfg: DictConfig) -> RunRecord | None:
         return None
     note_attempt(run_dir, "started")
     started = time.time()
-    ctx = JobContext(cfg=cfg, factor=factor, run_dir=run_dir, record=record,
-                     data_root=data.resolve_root(cfg.data.root))
-    steps = STAGES[cfg.stage]
+    ctx = JobContext(cfg=cfg, factor=factor, run_dir=run_dir, data_root=data.resolve_root(cfg.data.root))
+    steps, data_files = STAGES[cfg.stage], []
     for step in steps:
-        step(ctx)
-    record.results["stages_done"] = [step.__name__ for step in steps]
-    record.results["wall_time_s"] = round(time.time() - started, 2)
-    record.results["config_hash"] = digest
-    record.provenance = provenance(ctx.handle.identity, ctx.data_files)
+        out = step(ctx)
+        record.results.update(out.results)
+        record.tables.update(out.tables)
+        record.images.update(out.images)
+        data_files += out.data_files
+    record.results.update(stages_done=[step.__name__ for step in steps], wall_time_s=round(time.time() - started, 2),
+                          config_hash=digest)
+    record.provenance = provenance(ctx.model_handle.identity, data_files)
     record.provenance["data_root"] = str(ctx.data_root) if ctx.data_root else "hf-hub"
     path = record.save()
     note_attempt(run_dir, "completed")
@@ -223,28 +215,29 @@ def completed(run_dir: Path, digest: str) -> bool:
 
 
 def note_attempt(run_dir: Path, what: str) -> None:
-    """One line per attempt in attempts.log: the resume marker the report and tests read."""
+    """One line per attempt in attempts.log (started / completed / skipped): a cell's history, for people and tests."""
     with open(run_dir / "attempts.log", "a") as handle:
         handle.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {what}\n")
 
 
 def headline(results: dict) -> str:
+    """The job's last log line: what it found, in a few numbers."""
     found = results.get("identify", {})
     parts = [f"LAPE neurons={sum(found.get('lape_neurons', {}).values())}"  # summed over languages
              + (f" ({found['lape_union']} distinct)" if "lape_union" in found else "")]
-    if isinstance(results.get("lss"), dict) and "mean" in results["lss"]:
-        parts.append(f"mean LSS {results['lss']['mean']:.3f} (paper count {results['lss']['mean_paper']:.3f})")
+    if isinstance(results.get("lss"), LssResult):
+        parts.append(f"mean LSS {results['lss'].mean:.3f} (paper count {results['lss'].mean_paper:.3f})")
     if "lss_matrix" in results:
         matrix = results["lss_matrix"]
-        parts.append(f"mean off-diagonal LSS {matrix['mean_offdiag']:.3f} "
-                     f"(paper count {matrix['mean_offdiag_paper']:.3f})")
+        parts.append(f"mean off-diagonal LSS {matrix.mean_offdiag:.3f} (paper count {matrix.mean_offdiag_paper:.3f})")
     if "generate" in results:
         gen = results["generate"]
         parts.append(f"target-language continuations {gen['target_share_unpatched']:.2f} -> "
                      f"{gen['target_share_patched']:.2f}")
-    for family, metrics in results.get("downstream", {}).get("summary", {}).items():
-        metric, cell = next(iter(metrics.items()))  # each family's first metric: acc, chrF++, ll/token
-        parts.append(f"{family} {metric} Δ self {_signed(cell.get('self'))} cross {_signed(cell.get('cross'))}")
+    if "downstream" in results:
+        for family, metrics in results["downstream"].summary().items():
+            metric, cell = next(iter(metrics.items()))  # each family's first metric: acc, chrF++, ll/token
+            parts.append(f"{family} {metric} Δ self {_signed(cell.get('self'))} cross {_signed(cell.get('cross'))}")
     parts.append(f"{results.get('wall_time_s')} s")
     return " | ".join(parts)
 

@@ -6,8 +6,8 @@ Sources (``model.source``):
   gguf_package  a GGUF shipped in a PyPI package, converted once to a safetensors cache
   tiny          a random-init model built from a config (tests)
 
-Nothing outside this module names model internals: the rest of the code goes through
-``Adapter`` (decoder layers, their gate-activation module and ``down_proj``).
+Nothing outside this module names model internals: the rest of the code goes through the named sites of
+``Adapter`` (``SITES``: each layer's gate activation, its ``down_proj`` and the residual stream after it).
 """
 
 from __future__ import annotations
@@ -29,29 +29,39 @@ from lsn_exp.tracking import sha256_file
 
 log = logging.getLogger(__name__)
 
-# model_type -> how to reach the decoder stack; every family keeps mlp.{gate_proj, act_fn, down_proj}
-SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral", "gemma", "gemma2", "gemma3", "gemma3_text")
+ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma", "gemma2", "gemma3", "gemma3_text")  # model_type values
 CONVERSION_VERSION = 1
+
+# Named intervention sites, one per decoder layer l, as paths under ``model.model.layers[l]`` (every supported
+# architecture shares them). The recorder and every intervention resolve sites by these names only.
+SITES = {
+    "mlp.gate": "mlp.act_fn",  # output act_fn(gate_proj(x)): the gate activation          [batch, pos, d_ff]
+    "mlp.down": "mlp.down_proj",  # Linear d_ff -> d_model: input column j <-> neuron j     weight [d_model, d_ff]
+    "resid_post": "",  # the layer's output: the residual stream after layer l               [batch, pos, d_model]
+}
 
 
 @dataclass(frozen=True)
 class Adapter:
-    """The intervention sites of a decoder LLM, one entry per layer."""
+    """A decoder LLM's named intervention sites (``SITES``), one module per layer and site."""
 
     decoder: Any  # the base model without LM head: decoder(input_ids, attention_mask) -> hidden states
-    layers: list
-    act_fns: list  # hook point: output is the gate activation act_fn(gate_proj(x)), [batch, pos, d_ff]
-    gate_projs: list
-    down_projs: list  # input columns j <-> neuron j
+    sites: dict[str, list]  # site name -> the module of each layer
     activation: str
+
+    def site(self, name: str) -> list:
+        """The module of site ``name`` in every layer (a forward hook on it sees the site's value)."""
+        if name not in self.sites:
+            raise KeyError(f"unknown site {name!r}: sites are {', '.join(self.sites)}")
+        return self.sites[name]
 
     @property
     def n_layers(self) -> int:
-        return len(self.layers)
+        return len(self.sites["resid_post"])
 
     @property
     def d_ff(self) -> int:
-        return self.down_projs[0].in_features
+        return self.sites["mlp.down"][0].in_features
 
 
 @dataclass
@@ -66,27 +76,16 @@ class ModelHandle:
 
 
 def find_adapter(model) -> Adapter:
-    """Locate the decoder layers and MLP sites; fail clearly on unsupported architectures."""
+    """Resolve every site of ``SITES`` in every decoder layer; fail clearly on unsupported architectures."""
     model_type = getattr(model.config, "model_type", "?")
-    if model_type not in SUPPORTED_FAMILIES:
-        raise UserError(
-            f"unsupported architecture '{model_type}': lsn_exp supports {', '.join(SUPPORTED_FAMILIES)}"
-        )
-    decoder = model.model
-    layers = list(decoder.layers)
-    mlps = [layer.mlp for layer in layers]
-    act_fns = [mlp.act_fn for mlp in mlps]
-    if len({id(a) for a in act_fns}) != len(act_fns):
+    if model_type not in ARCHITECTURES:
+        raise UserError(f"unsupported architecture '{model_type}': lsn_exp supports {', '.join(ARCHITECTURES)}")
+    layers = list(model.model.layers)
+    sites = {name: [layer.get_submodule(path) for layer in layers] for name, path in SITES.items()}
+    if len({id(m) for m in sites["mlp.gate"]}) != len(layers):
         raise RuntimeError("act_fn modules are shared between layers; per-layer hooks would collide")
     activation = getattr(model.config, "hidden_activation", None) or model.config.hidden_act
-    return Adapter(
-        decoder=decoder,
-        layers=layers,
-        act_fns=act_fns,
-        gate_projs=[mlp.gate_proj for mlp in mlps],
-        down_projs=[mlp.down_proj for mlp in mlps],
-        activation=activation,
-    )
+    return Adapter(decoder=model.model, sites=sites, activation=activation)
 
 
 def resolve_device(name: str):

@@ -1,28 +1,29 @@
 """Stage 2: amplify the target language's neurons (the paper's intervention).
 
-Hook point, TransformerLens style, one per decoder layer l:
-    blocks.{l}.mlp.hook_gate = act_fn(gate_proj(x))            [batch, pos, d_ff]
-    mlp(x) = down_proj(hook_gate * up_proj(x))                    neuron j <-> input column j of down_proj
+Sites (lsn_exp.models.SITES), one per decoder layer l:
+    mlp.gate = act_fn(gate_proj(x))                         [batch, pos, d_ff]
+    mlp(x) = mlp.down(mlp.gate * up_proj(x))                neuron j <-> input column j of mlp.down
 
-A patch rewrites hook_gate[..., j] for the target language's neurons j at the selected layers, at every
+A patch rewrites mlp.gate[..., j] for the target language's neurons j at the selected layers, at every
 position and for every row, in scoring and in generation (KV-cache decode steps included):
-  mul c, set 0       weight edit: down_proj.weight[:, j] *= c (0). Exact for an element-wise factor, free
+  mul c, set 0       weight edit: mlp.down.weight[:, j] *= c (0). Exact for an element-wise factor, free
                      at run time; the original columns are kept and restored bit for bit.
-  set v, add v       one forward hook per layer on act_fn; v a number or the neuron's stored value (pmax,
+  set v, add v       one forward hook per layer on mlp.gate; v a number or the neuron's stored value (pmax,
                      pmedian) for the target, as precomputed index and value tensors; no host sync.
   stat (test time)   v = coef * statistic of the sample's own real tokens x all d_ff neurons of the layer
-                     (percentile: the coef-th percentile), computed in the same hook, per sample.
-torch is imported lazily: job.py imports this module for ``parse_factor`` before deciding to load anything.
+                     (percentile: the coef-th percentile; lsn_exp.teststat), computed in the same hook.
+torch is imported lazily: settings.py imports this module to validate a config before anything loads.
 """
 
 from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from lsn_exp.errors import UserError
+from lsn_exp.results import PatchSummary
 
 if TYPE_CHECKING:
     import torch
@@ -32,8 +33,8 @@ if TYPE_CHECKING:
 
 PATCHED_VALUES = ("pmax", "pmedian")
 OPS = ("mul", "set", "add")
-STATS = ("mean", "std", "iqr", "mad", "median", "max", "percentile")
-NEURON_SETS = ("lape", "baseline", "random")  # as lsn_exp.identify.NEURON_SETS (a test keeps them equal)
+STATS = ("mean", "std", "iqr", "mad", "median", "max", "percentile")  # test-time statistics (lsn_exp.teststat)
+NEURON_SETS = ("lape", "baseline", "random")  # LAPE, the language-activated baseline, a random control
 
 
 @dataclass(frozen=True)
@@ -177,60 +178,11 @@ def _layers_label(layers: tuple[int, ...]) -> str:
     return f"{layers[0]}-{layers[-1]}" if contiguous else ",".join(map(str, layers))
 
 
-# --- test-time statistics: per sample, over its real tokens x all neurons of one layer ---------------
-
-def sample_statistic(gate: torch.Tensor, real: torch.Tensor, stat: str, coef: float) -> torch.Tensor:
-    """float32 [B]: ``coef * stat`` of ``gate`` [B, T, d_ff] over each row's real positions ``real`` [B, T].
-
-    Padding never enters a row's statistic, and rows never mix. Quantiles interpolate linearly like
-    torch.quantile (median = 50th percentile); std is the unbiased one, like torch.std; mad is the
-    median absolute deviation from the median. Everything stays on the device: no host sync.
-    """
-    import torch
-
-    batch = gate.shape[0]
-    x = gate.float().reshape(batch, -1)  # [B, T*d_ff]
-    keep = real.bool()[:, :, None].expand(gate.shape).reshape(batch, -1)  # [B, T*d_ff]
-    n = keep.sum(dim=1).clamp(min=1)  # [B] real values per row
-    if stat == "mean":
-        value = torch.where(keep, x, 0.0).sum(dim=1) / n
-    elif stat == "std":
-        mean = torch.where(keep, x, 0.0).sum(dim=1) / n
-        squares = torch.where(keep, (x - mean[:, None]) ** 2, 0.0).sum(dim=1)
-        value = (squares / (n - 1).clamp(min=1)).sqrt()
-    elif stat == "max":
-        value = torch.where(keep, x, float("-inf")).amax(dim=1)
-    elif stat == "median":
-        value = _masked_quantile(x, keep, n, 0.5)
-    elif stat == "percentile":
-        return _masked_quantile(x, keep, n, coef / 100.0)
-    elif stat == "iqr":
-        value = _masked_quantile(x, keep, n, 0.75) - _masked_quantile(x, keep, n, 0.25)
-    elif stat == "mad":
-        median = _masked_quantile(x, keep, n, 0.5)
-        value = _masked_quantile((x - median[:, None]).abs(), keep, n, 0.5)
-    else:
-        raise UserError(f"patch.stat={stat} is not allowed: use one of {', '.join(STATS)}")
-    return coef * value
-
-
-def _masked_quantile(x: torch.Tensor, keep: torch.Tensor, n: torch.Tensor, q: float) -> torch.Tensor:
-    """[B]: the q-quantile of each row's kept values; padding sorts last as +inf, so ranks < n are real."""
-    import torch
-
-    ordered = torch.where(keep, x, float("inf")).sort(dim=1).values  # [B, N]
-    position = (n - 1).to(torch.float32) * q  # [B], fractional rank
-    low, high = position.floor().long(), position.ceil().long()
-    low_value = ordered.gather(1, low[:, None])[:, 0]
-    high_value = ordered.gather(1, high[:, None])[:, 0]
-    return low_value + (high_value - low_value) * (position - low)
-
-
-# --- the patch: a context manager ------------------------------------------------------------------
+# --- the plan: what each layer does, computed once on the host ------------------------------------------
 
 @dataclass
 class _Action:
-    """One op on some neurons of one layer's hook_gate."""
+    """One op on some neurons of one layer's gate site."""
 
     idx: torch.Tensor  # int64 [n] on the layer's device
     op: str  # mul | set | add
@@ -240,10 +192,73 @@ class _Action:
 @dataclass
 class _LayerPlan:
     layer: int
-    edit_idx: torch.Tensor | None = None  # int64 [m]: down_proj columns to scale
+    target_neurons: int
+    others_neurons: int
+    edit_idx: torch.Tensor | None = None  # int64 [m]: mlp.down columns to scale
     edit_scale: torch.Tensor | None = None  # float32 [m]
-    actions: list[_Action] | None = None  # run by the layer's hook, in order
+    actions: list[_Action] = field(default_factory=list)  # run by the layer's gate hook, in order
 
+    @property
+    def is_noop(self) -> bool:
+        return not self.actions and self.edit_idx is None
+
+
+def _stored_values(artifact: NeuronArtifact, spec: PatchSpec, idx, value, source, layer: int) -> torch.Tensor:
+    """float32 [n]: the constant, or each neuron's stored value (pmax / pmedian) for the target."""
+    import torch
+
+    if source is None:
+        return torch.full((idx.numel(),), float(value), dtype=torch.float32)
+    stored = artifact.p_max if source == "pmax" else artifact.p_median  # [K, L, d_ff]
+    return stored[artifact.lang_index(spec.target), layer, idx].to(torch.float32)
+
+
+def plan_layer(handle: ModelHandle, artifact: NeuronArtifact, spec: PatchSpec, layer: int,
+               weight_edit: bool) -> _LayerPlan:
+    """How ``spec`` patches ``layer``: down_proj column scales where exact, else gate-hook actions."""
+    import torch
+
+    weight = handle.adapter.site("mlp.down")[layer].weight
+    masks = artifact.masks[spec.neuron_set][:, layer].bool()  # [K, d_ff]
+    k = artifact.lang_index(spec.target)
+    target = masks[k]
+    others = masks[torch.arange(masks.shape[0]) != k].any(dim=0) & ~target  # a shared neuron is the target's
+    groups = [(target, spec.op, spec.value, spec.source, spec.stat)]
+    if spec.others_op is not None:
+        groups.append((others, spec.others_op, spec.others_value, None, None))
+    plan = _LayerPlan(layer, int(target.sum()), int(others.sum()) if spec.others_op is not None else 0)
+    edit_idx, edit_scale = [], []
+    for mask, op, value, source, stat in groups:
+        idx = mask.nonzero().flatten()  # int64 [n], CPU
+        if idx.numel() == 0 or _is_identity(op, value, source, stat):
+            continue
+        values = None if stat is not None else _stored_values(artifact, spec, idx, value, source, layer)
+        if weight_edit and values is not None and (op == "mul" or (op == "set" and value == 0)):
+            edit_idx.append(idx)
+            edit_scale.append(values if op == "mul" else torch.zeros_like(values))
+        else:
+            plan.actions.append(_Action(idx.to(weight.device), op, None if values is None else
+                                        values.to(device=weight.device, dtype=weight.dtype)))
+    if edit_idx:
+        plan.edit_idx, plan.edit_scale = torch.cat(edit_idx).to(weight.device), torch.cat(edit_scale).to(weight.device)
+    return plan
+
+
+def check_artifact(handle: ModelHandle, artifact: NeuronArtifact, spec: PatchSpec) -> None:
+    """The artifact fits the model and holds the spec's neuron set and target language."""
+    adapter = handle.adapter
+    if (artifact.n_layers, artifact.d_ff) != (adapter.n_layers, adapter.d_ff):
+        raise UserError(f"the neuron artifact has {artifact.n_layers} layers x {artifact.d_ff} neurons but the "
+                        f"model has {adapter.n_layers} x {adapter.d_ff}: identify neurons for this model first")
+    if spec.neuron_set not in artifact.masks:
+        raise UserError(f"patch.neuron_set={spec.neuron_set} is not in the artifact: use one of "
+                        f"{', '.join(artifact.masks)}")
+    if spec.target not in artifact.languages:
+        raise UserError(f"lang={spec.target} has no neurons in the artifact: recorded languages are "
+                        f"{' '.join(artifact.languages)}")
+
+
+# --- the patch: a context manager ------------------------------------------------------------------------
 
 _ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the Patch active on it
 
@@ -261,29 +276,20 @@ class Patch:
 
     def __init__(self, handle: ModelHandle, artifact: NeuronArtifact, spec: PatchSpec, *,
                  weight_edit: bool = True) -> None:
+        check_artifact(handle, artifact, spec)
         self.handle, self.artifact, self.spec, self.weight_edit = handle, artifact, spec, weight_edit
-        adapter = handle.adapter
-        if (artifact.n_layers, artifact.d_ff) != (adapter.n_layers, adapter.d_ff):
-            raise UserError(f"the neuron artifact has {artifact.n_layers} layers x {artifact.d_ff} neurons but the "
-                            f"model has {adapter.n_layers} x {adapter.d_ff}: identify neurons for this model first")
-        if spec.neuron_set not in artifact.masks:
-            raise UserError(f"patch.neuron_set={spec.neuron_set} is not in the artifact: use one of "
-                            f"{', '.join(artifact.masks)}")
-        if spec.target not in artifact.languages:
-            raise UserError(f"lang={spec.target} has no neurons in the artifact: recorded languages are "
-                            f"{' '.join(artifact.languages)}")
-        self.layers = _resolve_layers(spec.layers, adapter.n_layers)
-        self.neurons_per_layer = [0] * adapter.n_layers  # target neurons patched in each layer
-        self.others_per_layer = [0] * adapter.n_layers
-        self._plans = [plan for plan in (self._plan_layer(layer) for layer in self.layers) if plan is not None]
-        self._uses_stat = any(a.values is None for p in self._plans for a in p.actions or [])
-        self._handles: list = []
+        self.layers = _resolve_layers(spec.layers, handle.adapter.n_layers)
+        all_plans = [plan_layer(handle, artifact, spec, layer, weight_edit) for layer in self.layers]
+        self.neurons_per_layer = [0] * handle.adapter.n_layers  # target neurons patched in each layer
+        self.others_per_layer = [0] * handle.adapter.n_layers
+        for plan in all_plans:
+            self.neurons_per_layer[plan.layer], self.others_per_layer[plan.layer] = (plan.target_neurons,
+                                                                                     plan.others_neurons)
+        self._plans = [plan for plan in all_plans if not plan.is_noop]
+        self._uses_stat = any(a.values is None for p in self._plans for a in p.actions)
+        self._statistics = None  # PrefillStatistics while a stat patch is active
+        self._hooks: list = []  # torch hook handles, removed on exit
         self._saved_columns: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (layer, idx, original [d_model, m])
-        self._attention_mask: torch.Tensor | None = None  # [B, T_total] of the current decoder call
-        self._past_len = 0  # cached positions before the current decoder call
-        self._stats: dict[int, torch.Tensor] = {}  # layer -> [B] prefill statistic
-
-    # -- planning (host side, once) --
 
     @property
     def reads_whole_rows(self) -> bool:
@@ -295,59 +301,16 @@ class Patch:
         """Nothing to install: empty neuron set, factor 1, add 0, or no selected layer with neurons."""
         return not self._plans
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> PatchSummary:
         """For run records: the label, neuron counts and how the patch runs."""
-        edits = sum(p.edit_idx is not None for p in self._plans)
-        hooks = sum(bool(p.actions) for p in self._plans)
-        return {"patch": self.spec.describe(), "layers": list(self.layers),
-                "neurons": sum(self.neurons_per_layer), "neurons_per_layer": list(self.neurons_per_layer),
-                "others_neurons": sum(self.others_per_layer), "weight_edit_layers": edits, "hook_layers": hooks}
-
-    def _plan_layer(self, layer: int) -> _LayerPlan | None:
-        import torch
-
-        spec, artifact = self.spec, self.artifact
-        weight = self.handle.adapter.down_projs[layer].weight
-        masks = artifact.masks[spec.neuron_set][:, layer].bool()  # [K, d_ff]
-        k = artifact.lang_index(spec.target)
-        target = masks[k]
-        others = masks[torch.arange(masks.shape[0]) != k].any(dim=0) & ~target  # a shared neuron is the target's
-        self.neurons_per_layer[layer] = int(target.sum())
-        self.others_per_layer[layer] = int(others.sum()) if spec.others_op is not None else 0
-        groups = [(target, spec.op, spec.value, spec.source, spec.stat)]
-        if spec.others_op is not None:
-            groups.append((others, spec.others_op, spec.others_value, None, None))
-        plan = _LayerPlan(layer, actions=[])
-        edit_idx, edit_scale = [], []
-        for mask, op, value, source, stat in groups:
-            idx = mask.nonzero().flatten()  # int64 [n], CPU
-            if idx.numel() == 0 or _is_identity(op, value, source, stat):
-                continue
-            values = None if stat is not None else self._values(idx, value, source, layer)  # float32 [n]
-            if self.weight_edit and values is not None and (op == "mul" or (op == "set" and value == 0)):
-                edit_idx.append(idx)
-                edit_scale.append(values if op == "mul" else torch.zeros_like(values))
-            else:
-                plan.actions.append(_Action(idx.to(weight.device), op, None if values is None else
-                                            values.to(device=weight.device, dtype=weight.dtype)))
-        if edit_idx:
-            plan.edit_idx = torch.cat(edit_idx).to(weight.device)
-            plan.edit_scale = torch.cat(edit_scale).to(weight.device)
-        return plan if plan.actions or plan.edit_idx is not None else None
-
-    def _values(self, idx: torch.Tensor, value: float | None, source: str | None, layer: int) -> torch.Tensor:
-        """float32 [n]: the constant, or each neuron's stored value for the target."""
-        import torch
-
-        if source is None:
-            return torch.full((idx.numel(),), float(value), dtype=torch.float32)
-        stored = self.artifact.p_max if source == "pmax" else self.artifact.p_median  # [K, L, d_ff]
-        return stored[self.artifact.lang_index(self.spec.target), layer, idx].to(torch.float32)
-
-    # -- install / remove --
+        return PatchSummary(patch=self.spec.describe(), layers=list(self.layers),
+                            neurons=sum(self.neurons_per_layer), neurons_per_layer=list(self.neurons_per_layer),
+                            others_neurons=sum(self.others_per_layer),
+                            weight_edit_layers=sum(p.edit_idx is not None for p in self._plans),
+                            hook_layers=sum(bool(p.actions) for p in self._plans))
 
     def __enter__(self) -> Patch:
-        if self._handles or self._saved_columns:
+        if self._hooks or self._saved_columns:
             raise RuntimeError("this Patch is already active; it cannot be entered twice at once")
         try:
             self._install()
@@ -364,16 +327,20 @@ class Patch:
 
         adapter = self.handle.adapter
         if self._uses_stat:  # the statistics need each call's attention mask and cache length
-            self._handles.append(adapter.decoder.register_forward_pre_hook(self._capture_call, with_kwargs=True))
+            from lsn_exp.teststat import PrefillStatistics
+
+            self._statistics = PrefillStatistics(self.spec.stat, self.spec.coef)
+            self._hooks.append(adapter.decoder.register_forward_pre_hook(self._statistics.capture_call,
+                                                                         with_kwargs=True))
         for plan in self._plans:
             if plan.edit_idx is not None:
-                weight = adapter.down_projs[plan.layer].weight  # [d_model, d_ff]
+                weight = adapter.site("mlp.down")[plan.layer].weight  # [d_model, d_ff]
                 with torch.no_grad():
                     original = weight[:, plan.edit_idx].clone()  # [d_model, m]
                     self._saved_columns.append((plan.layer, plan.edit_idx, original))
                     weight[:, plan.edit_idx] = (original.float() * plan.edit_scale).to(weight.dtype)
             if plan.actions:
-                self._handles.append(adapter.act_fns[plan.layer].register_forward_hook(self._make_hook(plan)))
+                self._hooks.append(adapter.site("mlp.gate")[plan.layer].register_forward_hook(self._make_hook(plan)))
         _ACTIVE[self.handle.model] = self
 
     def _remove(self) -> None:
@@ -381,37 +348,23 @@ class Patch:
 
         if _ACTIVE.get(self.handle.model) is self:
             del _ACTIVE[self.handle.model]
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         with torch.no_grad():
             for layer, idx, original in reversed(self._saved_columns):
-                self.handle.adapter.down_projs[layer].weight[:, idx] = original  # bit-for-bit restore
-        self._saved_columns = []
-        self._attention_mask, self._past_len, self._stats = None, 0, {}
-
-    # -- run time (no host sync: shapes and Python ints only) --
-
-    def _capture_call(self, module, args: tuple, kwargs: dict) -> None:
-        """Pre-hook on the decoder: remember the 2D attention mask and how many positions are cached."""
-        import torch
-
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.ndim == 2):
-            raise RuntimeError("patch.stat needs a 2D attention_mask [batch, positions]; got a prepared "
-                               f"{type(mask).__name__} mask (static/compiled cache?): use the default dynamic cache")
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        self._attention_mask = mask
-        self._past_len = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0  # Python int
+                self.handle.adapter.site("mlp.down")[layer].weight[:, idx] = original  # bit-for-bit restore
+        self._saved_columns, self._statistics = [], None
 
     def _make_hook(self, plan: _LayerPlan):
+        """The gate-site hook of one layer (no host sync: shapes and Python ints only)."""
         import torch
 
-        actions, layer = plan.actions, plan.layer
+        actions, layer, statistics = plan.actions, plan.layer, self._statistics
         needs_stat = any(a.values is None for a in actions)
 
-        def hook(module, args, gate: torch.Tensor) -> torch.Tensor:  # gate: hook_gate [B, T, d_ff]
-            stat = self._statistic(layer, gate) if needs_stat else None  # [B] float32
+        def hook(module, args, gate: torch.Tensor) -> torch.Tensor:  # gate: mlp.gate site [B, T, d_ff]
+            stat = statistics(layer, gate) if needs_stat else None  # [B] float32
             if torch.is_grad_enabled():  # keep autograd's saved tensors intact
                 gate = gate.clone()
             for action in actions:
@@ -419,31 +372,6 @@ class Patch:
             return gate
 
         return hook
-
-    def _statistic(self, layer: int, gate: torch.Tensor) -> torch.Tensor:
-        """[B]: this layer's per-sample statistic, computed on the prefill and reused on cached steps.
-
-        A KV-cache decode step sees only the new position(s); recomputing the statistic over them would
-        make it depend on how generation is chunked. Each sample keeps the statistic of its own prompt
-        (its real prefill tokens) instead. Beam search, which reorders rows, is not supported.
-        """
-        import torch
-
-        batch, positions = gate.shape[:2]
-        if self._past_len > 0:
-            stat = self._stats.get(layer)
-            if stat is None or stat.shape[0] != batch:
-                raise RuntimeError(f"patch.stat: no prefill statistic for layer {layer} and batch {batch}; "
-                                   "enter the patch before generation starts (beam search is not supported)")
-            return stat
-        mask = self._attention_mask
-        if mask is None:  # no mask: every position is real
-            real = torch.ones(batch, positions, dtype=torch.bool, device=gate.device)
-        else:
-            real = mask[:, -positions:].to(device=gate.device, dtype=torch.bool)  # [B, T]
-        stat = sample_statistic(gate, real, self.spec.stat, self.spec.coef)
-        self._stats[layer] = stat
-        return stat
 
 
 def _apply(gate: torch.Tensor, action: _Action, stat: torch.Tensor | None) -> None:

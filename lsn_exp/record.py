@@ -153,7 +153,7 @@ class ActivationRecorder:
     @contextmanager
     def hooked(self):
         handles = [act.register_forward_hook(self._hook(layer))
-                   for layer, act in enumerate(self.handle.adapter.act_fns)]
+                   for layer, act in enumerate(self.handle.adapter.site("mlp.gate"))]
         try:
             yield self
         finally:

@@ -7,7 +7,6 @@ sweeps and lists the cells that have no complete results.
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import json
 import sys
@@ -17,15 +16,19 @@ from pathlib import Path
 
 import yaml
 
-from lsn_exp import plots
+from lsn_exp import outputs, plots
+from lsn_exp.metrics import fact_bootstrap
+from lsn_exp.results import LssCell, LssMatrix, LssResult, from_json, mean_over
 from lsn_exp.tracking import RESULTS_FILE
 
 
 @dataclass
-class Cell:
+class SweepRun:
+    """One run dir of a sweep (one grid point), with its typed results when complete."""
+
     run_dir: Path
     overrides: dict
-    results: dict | None  # None: no complete results
+    results: dict | None  # stage -> typed result (lsn_exp.results); None: no complete results
     config: dict = field(default_factory=dict)
     images: dict = field(default_factory=dict)
 
@@ -43,17 +46,17 @@ def _overrides(run_dir: Path) -> dict:
     return dict(item.split("=", 1) for item in items or [] if "=" in item)
 
 
-def collect(sweep_dir: Path) -> list[Cell]:
+def collect(sweep_dir: Path) -> list[SweepRun]:
     cells = []
     for run_dir in sorted((p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
                           key=lambda p: (len(p.name), p.name)):
         results_path = run_dir / RESULTS_FILE
         if results_path.exists():
             payload = json.loads(results_path.read_text())
-            cells.append(Cell(run_dir, _overrides(run_dir), payload["results"], payload["config"],
+            cells.append(SweepRun(run_dir, _overrides(run_dir), from_json(payload["results"]), payload["config"],
                               payload.get("images", {})))
         elif (run_dir / ".hydra").exists():
-            cells.append(Cell(run_dir, _overrides(run_dir), None))
+            cells.append(SweepRun(run_dir, _overrides(run_dir), None))
     return cells
 
 
@@ -70,7 +73,7 @@ def expected_cells(sweep_dir: Path) -> list[dict]:
     return [dict(combo) for combo in itertools.product(*axes)]
 
 
-def missing_cells(sweep_dir: Path, cells: list[Cell]) -> list[dict]:
+def missing_cells(sweep_dir: Path, cells: list[SweepRun]) -> list[dict]:
     """Grid cells without complete results; without a multirun.yaml, the run dirs lacking results."""
     grid = expected_cells(sweep_dir)
     if not grid:
@@ -87,41 +90,27 @@ def headline_metrics(results: dict, lang: str) -> dict:
     if "generate" in results:
         out["gen_target_unpatched"] = results["generate"]["target_share_unpatched"]
         out["gen_target_patched"] = results["generate"]["target_share_patched"]
-    if "mean" in results.get("lss", {}):
-        out["lss_mean"] = results["lss"]["mean"]
-        out["lss_mean_paper"] = results["lss"].get("mean_paper")
-    if "lss_matrix" in results:
-        out["lss_offdiag"] = results["lss_matrix"]["mean_offdiag"]
-        out["lss_offdiag_paper"] = results["lss_matrix"].get("mean_offdiag_paper")
-    for family, metrics in results.get("downstream", {}).get("summary", {}).items():
-        for metric, entry in metrics.items():
-            out[f"{family}_{metric}_self"] = entry.get("self")
-            out[f"{family}_{metric}_cross"] = entry.get("cross")
+    if isinstance(results.get("lss"), LssResult):
+        out["lss_mean"], out["lss_mean_paper"] = results["lss"].mean, results["lss"].mean_paper
+    if isinstance(results.get("lss_matrix"), LssMatrix):
+        out["lss_offdiag"] = results["lss_matrix"].mean_offdiag
+        out["lss_offdiag_paper"] = results["lss_matrix"].mean_offdiag_paper
+    if "downstream" in results:
+        for family, metrics in results["downstream"].summary().items():
+            for metric, entry in metrics.items():
+                out[f"{family}_{metric}_self"] = entry.get("self")
+                out[f"{family}_{metric}_cross"] = entry.get("cross")
     out["wall_time_s"] = results.get("wall_time_s")
     return out
 
 
-def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
-
-def markdown_table(header: list[str], rows: list[list]) -> list[str]:
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("—" if v is None else str(v))  # noqa: E731
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(fmt(v) for v in row) + " |" for row in rows)]
-
-
-def pivot_heatmaps(done: list[Cell], metric: str, out_dir: Path) -> list[Path]:
+def pivot_heatmaps(done: list[SweepRun], metric: str, out_dir: Path) -> list[Path]:
     """One heatmap per model: rows = language, columns = factor, cells = ``metric``."""
     images = []
     by_model = defaultdict(dict)
-    for cell in done:
-        model, lang, factor = cell.key
-        value = headline_metrics(cell.results, lang).get(metric)
+    for run in done:
+        model, lang, factor = run.key
+        value = headline_metrics(run.results, lang).get(metric)
         if value is not None:
             by_model[model][(lang, factor)] = value
     for model, values in sorted(by_model.items()):
@@ -133,91 +122,51 @@ def pivot_heatmaps(done: list[Cell], metric: str, out_dir: Path) -> list[Path]:
     return images
 
 
-def lss_cells(cell: Cell) -> list[dict]:
+def lss_cells(run: SweepRun) -> tuple[LssCell, ...]:
     """Every (source, target) LSS cell a run scored: a job toward one target or a full matrix."""
-    from lsn_exp.lss import read_cells
-
-    if isinstance(cell.results.get("lss"), dict) and cell.results["lss"].get("cells"):
-        return cell.results["lss"]["cells"]
-    path = cell.run_dir / "lss_cells.csv"
-    return read_cells(path) if "lss_matrix" in cell.results and path.exists() else []
+    found = [r for r in (run.results.get("lss"), run.results.get("lss_matrix")) if isinstance(r, (LssResult, LssMatrix))]
+    return tuple(c for r in found for c in r.cells)
 
 
-def fact_bootstrap(cells: list[dict], n_boot: int = 1000, seed: int = 0) -> dict[str, tuple[float, float]] | None:
-    """95% CIs of the mean LSS over ``cells`` (and of the paper count), resampling facts, not cells.
-
-    The cells of a model x factor share their facts (every source prompts the same sample, every target patches
-    it), so one resample of facts recomputes every cell, and the mean over cells, from it. Needs each cell's
-    ``outcomes`` (one character per fact: 1 win, 0 no win, s skipped) over one common sample; None otherwise.
-    """
-    import numpy as np
-
-    outcomes = [c.get("outcomes") or "" for c in cells]
-    n_facts = len(outcomes[0]) if outcomes else 0
-    if not n_facts or any(len(o) != n_facts for o in outcomes):
-        return None
-    wins = np.array([[ch == "1" for ch in o] for o in outcomes], dtype=np.float64)  # [C, N]
-    scored = np.array([[ch != "s" for ch in o] for o in outcomes], dtype=np.float64)  # [C, N]
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n_facts, size=(n_boot, n_facts))
-    counts = np.stack([np.bincount(row, minlength=n_facts) for row in draws]).T.astype(np.float64)  # [N, B]
-    won, seen = wins @ counts, scored @ counts  # [C, B]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        lss = np.nanmean(np.where(seen > 0, won / seen, np.nan), axis=0)  # [B]
-    paper = (won / n_facts).mean(axis=0)
-    return {name: (float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5)))
-            for name, v in (("lss", lss), ("lss_paper", paper))}
-
-
-def lss_section(done: list[Cell], sweep_dir: Path, n_boot: int = 1000) -> list[str]:
+def lss_section(done: list[SweepRun], sweep_dir: Path, n_boot: int = 1000) -> list[str]:
     """LSS by model x factor: the mean over (source, target) cells, with same-string facts skipped and with the
     paper's count side by side, each with a 95 % CI from a bootstrap over facts; the weakest cell; and the
     assembled source x target matrices (CSV + heatmap) of every model and factor."""
-    from lsn_exp.lss import cell_matrix, matrix_heatmap, mean_of, write_matrix_csv
-
     groups = defaultdict(dict)
-    for cell in done:
-        for c in lss_cells(cell):
-            groups[(cell.key[0], cell.key[2])][(c["source"], c["target"])] = c
+    for run in done:
+        for c in lss_cells(run):
+            groups[(run.key[0], run.key[2])][(c.source, c.target)] = c
     if not groups:
         return []
     rows, images = [], []
     for (model, factor), by_pair in sorted(groups.items()):
-        cells = [c for c in by_pair.values() if c["n"]]  # a cell with no scored fact has no LSS
+        cells = [c for c in by_pair.values() if c.n]  # a cell with no scored fact has no LSS
         ci = fact_bootstrap(cells, n_boot)
         interval = (lambda name: "—" if ci is None else f"[{ci[name][0]:.3f}, {ci[name][1]:.3f}]")  # noqa: E731
-        weakest = min(cells, key=lambda c: (c["lss"], c["source"], c["target"]))
-        rows.append([model, factor, mean_of(cells, "lss"), interval("lss"), mean_of(cells, "lss_paper"),
-                     interval("lss_paper"), len(cells), f"{weakest['source']}→{weakest['target']} "
-                     f"{weakest['lss']:.2f} [{weakest['ci_low']:.2f}, {weakest['ci_high']:.2f}]"])
-        sources = sorted({s for s, _ in by_pair})
-        targets = sorted({t for _, t in by_pair})
-        for suffix, key in (("", "lss"), ("_paper", "lss_paper")):
-            stem = f"lss_matrix_{model}_{factor}{suffix}"
-            matrix = cell_matrix(cells, sources, targets, key)
-            write_matrix_csv(sweep_dir / f"{stem}.csv", sources, targets, matrix)
-            images.append(matrix_heatmap(matrix, sources, targets, f"{key} {model} factor={factor}",
-                                         sweep_dir / f"{stem}.png"))
+        weakest = min(cells, key=lambda c: (c.lss, c.source, c.target))
+        rows.append([model, factor, mean_over(cells, "lss"), interval("lss"), mean_over(cells, "lss_paper"),
+                     interval("lss_paper"), len(cells), f"{weakest.source}→{weakest.target} "
+                     f"{weakest.lss:.2f} [{weakest.ci_low:.2f}, {weakest.ci_high:.2f}]"])
+        images += outputs.sweep_lss_matrices(cells, f"lss_matrix_{model}_{factor}", f"{model} factor={factor}",
+                                             sweep_dir)
     header = ["model", "factor", "mean LSS", "95% CI", "mean LSS (paper count)", "95% CI (paper)", "cells",
               "weakest cell [its CI]"]
     return ["## LSS by model x factor (cells = source→target pairs; CIs: bootstrap over facts)", "",
             "LSS skips facts whose source and target objects are the same string; the paper count keeps them "
-            "as non-wins.", "", *markdown_table(header, rows), "", *(f"![{p.stem}]({p.name})" for p in images), ""]
+            "as non-wins.", "", *outputs.markdown_rows(header, rows), "", *(f"![{p.stem}]({p.name})" for p in images),
+            ""]
 
 
-def downstream_section(done: list[Cell], sweep_dir: Path) -> list[str]:
+def downstream_section(done: list[SweepRun], sweep_dir: Path) -> list[str]:
     """Self- vs cross-language delta matrices (task language x patched language), per model and factor."""
-    from lsn_exp.downstream import downstream_matrices
-
     groups = defaultdict(list)
-    for cell in done:
-        if "downstream" in cell.results:
-            groups[(cell.key[0], cell.key[2])].append(cell.results["downstream"])
+    for run in done:
+        if "downstream" in run.results:
+            groups[(run.key[0], run.key[2])].append(run.results["downstream"])
     lines = []
     for (model, factor), results in sorted(groups.items()):
-        out_dir = sweep_dir / f"downstream_{model}_{factor}"
-        out_dir.mkdir(exist_ok=True)
-        made = downstream_matrices(results, out_dir, title=f"{model} factor={factor}")
+        made = outputs.downstream_matrices(results, sweep_dir / f"downstream_{model}_{factor}",
+                                           title=f"{model} factor={factor}")
         lines += [f"## Downstream deltas: {model}, factor={factor}", ""]
         lines += [f"![{key}]({Path(path).relative_to(sweep_dir)})" for key, path in made["images"].items()]
         lines.append("")
@@ -230,14 +179,14 @@ def build_report(sweep_dir: Path) -> Path:
     metric_names = sorted({k for c in done for k in headline_metrics(c.results, c.key[1])})
     rows = [[*c.key, *(headline_metrics(c.results, c.key[1]).get(m) for m in metric_names)] for c in done]
     header = ["model", "lang", "factor", *metric_names]
-    write_csv(sweep_dir / "report_cells.csv", header, rows)
+    outputs.write_csv(sweep_dir / "report_cells.csv", header, rows)
     main_metric = next((m for m in ("lss_mean", "lss_offdiag", "gen_target_patched") if m in metric_names), None)
     images = pivot_heatmaps(done, main_metric, sweep_dir) if main_metric else []
     missing = missing_cells(sweep_dir, cells)
 
     lines = [f"# lsn_exp report: {sweep_dir.name}", "",
              f"{len(done)} complete cell(s); {len(missing)} missing.", "", "## Cells", "",
-             *markdown_table(header, rows), ""]
+             *outputs.markdown_rows(header, rows), ""]
     if main_metric:
         lines += [f"## {main_metric} by model x factor (mean over languages)", ""]
         agg = defaultdict(list)
@@ -245,7 +194,7 @@ def build_report(sweep_dir: Path) -> Path:
             value = row[header.index(main_metric)]
             if value is not None:
                 agg[(cell.key[0], cell.key[2])].append(value)
-        lines += markdown_table(["model", "factor", main_metric, "n langs"],
+        lines += outputs.markdown_rows(["model", "factor", main_metric, "n langs"],
                                 [[m, f, sum(v) / len(v), len(v)] for (m, f), v in sorted(agg.items())])
         lines += ["", *(f"![{p.stem}]({p.name})" for p in images), ""]
     lines += lss_section(done, sweep_dir)

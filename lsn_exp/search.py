@@ -9,14 +9,13 @@ its own config, so it only ever resolves a search run with the same settings.
 
 from __future__ import annotations
 
-import csv
 import logging
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lsn_exp.errors import UserError
 from lsn_exp.patch import PatchSpec, parse_factor, parse_layers
+from lsn_exp.results import FactorSearchResult
 from lsn_exp.settings import lss_settings, plain, search_config
 
 if TYPE_CHECKING:
@@ -89,65 +88,57 @@ def resolve_best(model_identity: dict, store: ArtifactStore, patch_cfg, lss_cfg,
 
 
 def factor_search(handle: ModelHandle, artifact: NeuronArtifact, patch_cfg, lss_cfg, data_root,
-                  store: ArtifactStore | None, out_dir=None, artifact_key: str | None = None) -> dict:
-    """Score every grid entry on mean off-diagonal LSS, rank them, write factor_ranking.csv and a heatmap per
-    entry, and save the winner for ``factor=best``."""
+                  store: ArtifactStore | None, artifact_key: str | None = None) -> tuple[FactorSearchResult, dict]:
+    """Score every grid entry on mean off-diagonal LSS, rank them and save the winner for ``factor=best``.
+
+    Returns the ranking and each entry's LssMatrix (name -> matrix) for the job to write."""
     from lsn_exp import lss  # torch and lm-eval: only when a search runs (validation imports this module)
 
     entries = grid(lss_cfg)
     for entry in entries:
         entry_spec(entry, patch_cfg, artifact.languages[0])  # fail on a bad entry before any scoring
-    scfg = {**search_config(lss_cfg), "exclude_n_facts": lss_settings(lss_cfg).n_facts}
-    evaluator = lss.LssEvaluator(handle, scfg, data_root, store)
-    out_dir = Path(out_dir) if out_dir is not None else None
-    rows, images = [], {}
+    reported = lss_settings(lss_cfg).n_facts
+    evaluator = lss.LssEvaluator(handle, search_config(lss_cfg), data_root, store, exclude_n_facts=reported)
+    rows, matrices = [], {}
     for entry in entries:
         start = time.time()
-        result = lss.lss_matrix(handle, artifact, lambda t, e=entry: entry_spec(e, patch_cfg, t), scfg, data_root,
-                                store, evaluator=evaluator)
-        if out_dir is not None:
-            _, image = lss.write_matrix_outputs(result, out_dir / "factor_search", f"LSS {entry['name']}",
-                                                prefix=f"lss_{entry['name']}")
-            images[f"factor_search/{entry['name']}"] = image[f"lss_{entry['name']}/heatmap"]
-        rows.append({"name": entry["name"], "mean_offdiag_lss": result["mean_offdiag"],
-                     "mean_offdiag_lss_paper": result["mean_offdiag_paper"],
-                     "min_cell": result["weakest"][0]["lss"] if result["weakest"] else None,
-                     "patch": next(iter(result["per_target"].values()))["patch"] if result["per_target"] else "",
-                     "wall_time_s": round(time.time() - start, 1),
-                     "entry": {k: v for k, v in entry.items() if k != "name"}})
-        log.info("factor search: %s -> mean off-diagonal LSS %.3f", entry["name"], result["mean_offdiag"])
-    ranked = sorted(rows, key=lambda r: (-_sortable(r["mean_offdiag_lss"]), r["name"]))
+        matrices[entry["name"]] = lss.lss_matrix(handle, artifact, lambda t, e=entry: entry_spec(e, patch_cfg, t),
+                                                 None, data_root, store, evaluator=evaluator)
+        rows.append(_ranking_row(entry, matrices[entry["name"]], time.time() - start))
+        log.info("factor search: %s -> mean off-diagonal LSS %.3f", entry["name"], rows[-1]["mean_offdiag_lss"])
     sample = (f"{evaluator.n} facts (seed {evaluator.settings.seed}) drawn disjoint from the "
-              f"{lss_settings(lss_cfg).n_facts}-fact reporting sample")
-    for rank, row in enumerate(ranked, 1):
-        row.update(rank=rank, sample=sample)
+              f"{reported}-fact reporting sample")
+    ranked = rank(rows, sample)
     best = {"name": ranked[0]["name"], "entry": ranked[0]["entry"], "mean_offdiag_lss": ranked[0]["mean_offdiag_lss"],
             "sample": sample, "ranking": [{k: r[k] for k in ("rank", "name", "mean_offdiag_lss")} for r in ranked]}
     if store is not None:
-        import torch
-
-        key = search_key(handle.identity, artifact_key, patch_cfg, lss_cfg)
-        scores = torch.tensor([_sortable(r["mean_offdiag_lss"]) for r in ranked], dtype=torch.float64)
-        best["path"] = str(store.save(BEST_FACTOR_KIND, key, {"mean_offdiag_lss": scores}, best))
-    tables = {"factor_search/ranking": write_ranking(ranked, out_dir)} if out_dir is not None else {}
-    return {"ranking": ranked, "best": best, "sample": sample, "tables": tables, "images": images,
-            "n_facts": evaluator.n, "fact_ids": list(evaluator.fact_ids or []),
-            "baseline_cached": dict(evaluator.baseline_cached),
-            "data_files": [str(path) for path in evaluator.data_files]}
+        best["path"] = str(save_winner(store, search_key(handle.identity, artifact_key, patch_cfg, lss_cfg), ranked, best))
+    result = FactorSearchResult(ranking=ranked, best=best, sample=sample, n_facts=evaluator.n,
+                                fact_ids=list(evaluator.fact_ids), unpatched_cached=dict(evaluator.unpatched.cached))
+    return result, matrices
 
 
-RANKING_FIELDS = ("rank", "name", "mean_offdiag_lss", "mean_offdiag_lss_paper", "min_cell", "patch", "sample",
-                  "wall_time_s")
+def _ranking_row(entry: dict, matrix, seconds: float) -> dict:
+    weakest = matrix.weakest(1)
+    return {"name": entry["name"], "mean_offdiag_lss": matrix.mean_offdiag,
+            "mean_offdiag_lss_paper": matrix.mean_offdiag_paper, "min_cell": weakest[0].lss if weakest else None,
+            "patch": next(iter(matrix.per_target.values()))["patch"] if matrix.per_target else "",
+            "wall_time_s": round(seconds, 1), "entry": {k: v for k, v in entry.items() if k != "name"}}
 
 
-def write_ranking(ranked: list[dict], out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "factor_ranking.csv"
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(RANKING_FIELDS), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(ranked)
-    return path
+def rank(rows: list[dict], sample: str) -> list[dict]:
+    """Rows by mean off-diagonal LSS, best first (NaN last; ties by name), numbered from 1."""
+    ranked = sorted(rows, key=lambda r: (-_sortable(r["mean_offdiag_lss"]), r["name"]))
+    for position, row in enumerate(ranked, 1):
+        row.update(rank=position, sample=sample)
+    return ranked
+
+
+def save_winner(store: ArtifactStore, key: dict, ranked: list[dict], best: dict):
+    import torch
+
+    scores = torch.tensor([_sortable(r["mean_offdiag_lss"]) for r in ranked], dtype=torch.float64)
+    return store.save(BEST_FACTOR_KIND, key, {"mean_offdiag_lss": scores}, best)
 
 
 def _sortable(value) -> float:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from lsn_exp import data
+from lsn_exp.data import LANG_ORDER, LSS_LANGS, MT_PROMPTS
 from lsn_exp.errors import UserError
 from lsn_exp.patch import PatchSpec, check_layers, parse_factor
 
@@ -67,8 +69,6 @@ class IdentifySettings:
 
 
 def identify_settings(identify_cfg) -> IdentifySettings:
-    from lsn_exp import data
-
     cfg = plain(identify_cfg)
     langs = cfg.get("languages") or []
     data.languages(list(langs))  # unknown codes: one line
@@ -91,7 +91,6 @@ def identify_settings(identify_cfg) -> IdentifySettings:
 
 # --- stage 3: LSS ----------------------------------------------------------------------------------------
 
-LSS_LANGS = ("en", "nl", "id", "ms", "vi", "ja", "zh", "fr", "pt", "ru", "et", "it", "ta", "th", "tr")
 SEARCH_KEYS = ("n_facts", "sources", "targets")
 
 
@@ -154,20 +153,12 @@ def search_config(lss_cfg) -> dict:
 
 # --- stage 4: downstream ---------------------------------------------------------------------------------
 
-LANG_ORDER = ("en", "nl", "id", "ms", "vi", "ja", "zh", "fr", "pt", "ru", "et", "ht", "it", "qu", "sw", "ta",
-              "th", "tr")  # the paper's order (languages.tsv idx)
 FLORES_SPLITS = ("dev", "devtest")
-# English -> X prompts. "untargeted" names only the source language, so any move toward X comes from the
-# patch; "targeted" names X. The model continues after the final ":".
-MT_PROMPTS = {
-    "untargeted": "Translate the following English sentence.\nEnglish: {source}\nTranslation:",
-    "targeted": "Translate the following English sentence into {target_name}.\nEnglish: {source}\n{target_name}:",
-}
 
 
 @dataclass(frozen=True)
-class Family:
-    """A downstream task family: one lm-eval task per language it covers."""
+class TaskFamily:
+    """A downstream task family (the registry of lsn_exp.downstream): one lm-eval task per language it covers."""
 
     name: str
     kind: str  # mc | mt | ppl
@@ -178,26 +169,22 @@ class Family:
     local: bool = True  # our task dir (offline); False: lm-eval's tasks from the HF hub
 
     def langs(self) -> list[str]:
-        from lsn_exp import data
-
-        registry = data.language_registry()
-        return [code for code in LANG_ORDER if code in registry and code not in self.exclude
-                and (self.lang_field is None or getattr(registry[code], self.lang_field))]
+        """Our codes of the languages it covers, in the paper's order."""
+        covered = data.LANG_ORDER if self.lang_field is None else data.covered(self.lang_field)
+        return [code for code in covered if code not in self.exclude]
 
     def task(self, code: str) -> str:
-        from lsn_exp import data
-
         lang = data.language_registry()[code]
         return self.task_pattern.format(code=code, dataset=getattr(lang, self.lang_field) if self.lang_field else code)
 
 
-FAMILIES = {
-    "xcopa": Family("xcopa", "mc", ("acc",), "xcopa_local_{code}", "xcopa"),
-    "xwinograd": Family("xwinograd", "mc", ("acc",), "xwinograd_local_{code}", "xwinograd"),
-    "include": Family("include", "mc", ("acc",), "include_base_44_{dataset}", "include", local=False),
-    "flores_mt": Family("flores_mt", "mt", ("chrf++", "bleu", "lang_share", "empty_share"), "flores_mt_{code}",
+TASK_FAMILIES = {
+    "xcopa": TaskFamily("xcopa", "mc", ("acc",), "xcopa_local_{code}", "xcopa"),
+    "xwinograd": TaskFamily("xwinograd", "mc", ("acc",), "xwinograd_local_{code}", "xwinograd"),
+    "include": TaskFamily("include", "mc", ("acc",), "include_base_44_{dataset}", "include", local=False),
+    "flores_mt": TaskFamily("flores_mt", "mt", ("chrf++", "bleu", "lang_share", "empty_share"), "flores_mt_{code}",
                         None, exclude=("en",)),
-    "flores_ppl": Family("flores_ppl", "ppl", ("ll_per_token", "ppl", "bits_per_byte"), "flores_ppl_{code}", None),
+    "flores_ppl": TaskFamily("flores_ppl", "ppl", ("ll_per_token", "ppl", "bits_per_byte"), "flores_ppl_{code}", None),
 }
 
 
@@ -234,10 +221,10 @@ def eval_settings(eval_cfg) -> EvalSettings:
     """``cfg.eval`` (conf/eval/default.yaml) -> EvalSettings, every mistake as a one-line UserError."""
     cfg = plain(eval_cfg)
     families = cfg.get("tasks", "all")
-    families = list(FAMILIES) if families in (None, "all") else [families] if isinstance(families, str) else families
-    bad = [f for f in families if f not in FAMILIES]
+    families = list(TASK_FAMILIES) if families in (None, "all") else [families] if isinstance(families, str) else families
+    bad = [f for f in families if f not in TASK_FAMILIES]
     if bad or not families:
-        raise UserError(f"eval.tasks={families} is not allowed: use all or a list of {', '.join(FAMILIES)}")
+        raise UserError(f"eval.tasks={families} is not allowed: use all or a list of {', '.join(TASK_FAMILIES)}")
     langs = cfg.get("langs", "all")
     if langs in (None, "all"):
         langs = None
@@ -248,9 +235,9 @@ def eval_settings(eval_cfg) -> EvalSettings:
             raise UserError(f"eval.langs has unknown language(s) {unknown}: use all or codes of {' '.join(LANG_ORDER)}")
         langs = tuple(langs)
     limits = {str(k): _doc_limit(f"eval.limits.{k}", v) for k, v in (cfg.get("limits") or {}).items()}
-    bad = [f for f in limits if f not in FAMILIES]
+    bad = [f for f in limits if f not in TASK_FAMILIES]
     if bad:
-        raise UserError(f"eval.limits names unknown task families {bad}: use {', '.join(FAMILIES)}")
+        raise UserError(f"eval.limits names unknown task families {bad}: use {', '.join(TASK_FAMILIES)}")
     mt_prompt = str(cfg.get("mt_prompt", "untargeted"))
     if mt_prompt not in MT_PROMPTS:
         raise UserError(f"eval.mt_prompt={mt_prompt} is not allowed: use one of {', '.join(MT_PROMPTS)}")

@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lsn_exp import REPO_ROOT
+from lsn_exp.results import SCHEMA_VERSION, to_json
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class RunRecord:
 
     run_dir: Path
     config: dict
-    results: dict = field(default_factory=dict)
+    results: dict = field(default_factory=dict)  # stage -> typed result (lsn_exp.results) or plain data
     provenance: dict = field(default_factory=dict)
     images: dict = field(default_factory=dict)  # W&B key -> PNG path
     tables: dict = field(default_factory=dict)  # W&B key -> CSV path
@@ -115,9 +116,12 @@ class RunRecord:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         return cls(run_dir=run_dir, config=OmegaConf.to_container(cfg, resolve=True))
 
+    def json_results(self) -> dict:
+        return to_json(self.results)
+
     def save(self) -> Path:
         path = self.run_dir / RESULTS_FILE
-        write_json_atomic(path, {"config": self.config, "results": self.results,
+        write_json_atomic(path, {"schema_version": SCHEMA_VERSION, "config": self.config, "results": self.json_results(),
                                  "provenance": self.provenance, "images": self.images,
                                  "tables": self.tables})
         return path
@@ -134,7 +138,7 @@ def log_to_wandb(record: RunRecord, logger_cfg: DictConfig, group: str, name: st
                          group=group, name=name, job_type=job_type, dir=str(record.run_dir),
                          config=flatten(record.config), tags=list(logger_cfg.tags),
                          reinit="finish_previous")
-        run.summary.update({k: v for k, v in flatten(record.results).items()
+        run.summary.update({k: v for k, v in flatten(record.json_results()).items()
                             if isinstance(v, (int, float, str, bool))})
         for key, png in record.images.items():
             run.log({key: wandb.Image(str(png))})

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import struct
 import warnings
+import zlib
+from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -26,11 +30,12 @@ def test_atomic_write_leaves_the_old_file_when_serialisation_fails(tmp_path):
 
 
 def test_provenance_names_commit_packages_and_data_hashes(tmp_path):
+    """Provenance records the commit, the installed package versions and each data file's sha256."""
     data_file = tmp_path / "x.txt"
     data_file.write_text("hello\n")
     prov = provenance({"id": "m"}, [data_file])
     assert len(prov["git"]["commit"]) == 40
-    assert prov["packages"]["torch"].startswith("2.13.0")
+    assert prov["packages"]["torch"] == version("torch")
     assert prov["data_files"][str(data_file)] == \
         "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"
 
@@ -57,12 +62,73 @@ def test_wandb_failure_is_a_warning_and_results_survive(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["results"]["lss"]["mean"] == 0.5
 
 
+def read_offline_run(run_dir: Path) -> dict:
+    """Decode ``run_dir/wandb/offline-run-*/run-*.wandb``: {"config", "summary", "run", "history_keys"}.
+
+    wandb 0.31 ships no Python reader (sdk/internal/datastore.py is gone; wandb-core writes the file), so
+    this reads its LevelDB-style log: a 7-byte header (":W&B", magic 0xBEE1, version 0), then 32 KiB blocks of chunks, each
+    <crc32 (seeded with the type byte), length, type (1 full, 2 first, 3 middle, 4 last)> + data; the
+    joined data of a full/first..last run is one serialised ``wandb_internal_pb2.Record``. Config arrives
+    in the ``run`` record (and any later ``config`` records), values JSON-encoded; ``history_keys`` are the
+    top-level keys passed to ``run.log``.
+    """
+    from google.protobuf.json_format import MessageToDict
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    buf = path.read_bytes()
+    assert struct.unpack("<4sHB", buf[:7]) == (b":W&B", 0xBEE1, 0)
+    out = {"config": {}, "summary": {}, "run": {}, "history_keys": set()}
+    pos, pending = 7, b""
+
+    def key(item):
+        return item.key or ".".join(item.nested_key)
+
+    def apply(target, update):
+        for item in update.update:
+            target[key(item)] = json.loads(item.value_json)
+        for item in update.remove:
+            target.pop(key(item), None)
+
+    while pos + 7 <= len(buf):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
+            pos += 32768 - pos % 32768
+            continue
+        crc, length, kind = struct.unpack("<IHB", buf[pos:pos + 7])
+        chunk = buf[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == crc, f"bad chunk at {pos} in {path}"
+        pending += chunk
+        if kind not in (1, 4):
+            continue
+        rec, pending = pb.Record.FromString(pending), b""
+        which = rec.WhichOneof("record_type")
+        if which == "run":
+            out["run"] = MessageToDict(rec.run, preserving_proto_field_name=True)
+            apply(out["config"], rec.run.config)
+        elif which == "config":
+            apply(out["config"], rec.config)
+        elif which == "summary":
+            apply(out["summary"], rec.summary)
+        elif which == "history":
+            out["history_keys"] |= {item.key or item.nested_key[0] for item in rec.history.item}
+    return out
+
+
 def test_wandb_offline_run_is_written_in_the_run_dir(tmp_path):
+    """An offline W&B run lands in the run dir with the flattened config, summary and run identity."""
     record = _record(tmp_path)
     logger = OmegaConf.create({"name": "wandb", "project": "lsn-exp", "entity": None, "mode": "offline",
                                "tags": ["test"]})
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         log_to_wandb(record, logger, group="g", name="tiny-id-5", job_type="run")
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
+    run = read_offline_run(tmp_path)
+    assert {k: run["config"].get(k) for k in ("model.name", "lang.code", "factor")} == \
+        {"model.name": "tiny", "lang.code": "id", "factor": 5}
+    assert run["summary"]["lss.mean"] == 0.5
+    assert (run["run"]["run_group"], run["run"]["job_type"], run["run"]["display_name"]) == \
+        ("g", "run", "tiny-id-5")
+    assert run["run"]["project"] == "lsn-exp" and run["run"]["tags"] == ["test"]
+    assert run["history_keys"] == set()  # scalars go to the summary only; no images or tables here

@@ -1,8 +1,13 @@
-"""flores_mt_<lang>: English -> <lang> on FLORES-200 from the data root; corpus chrF++ / BLEU, language ID."""
+"""flores_mt_<lang>: English -> <lang> on FLORES-200 from the data root; corpus chrF++ / BLEU, language ID.
+
+The aggregations are lm-eval's view of the corpus scores; lsn_exp.metrics recomputes them from per-sentence
+statistics (for bootstraps and paired deltas) and checks that the two agree.
+"""
 
 import datasets
+from sacrebleu.metrics import BLEU, CHRF
 
-from lsn_exp.downstream import corpus_score, flores_mt_docs, output_language
+from lsn_exp.data import flores_mt_docs, language_of
 
 
 def load_flores_mt(lang: str, data_root=None, mt_prompt: str = "untargeted", flores_split: str = "devtest",
@@ -18,18 +23,18 @@ def prediction(output: str) -> str:
 
 def process_results(doc, results):
     text = prediction(results[0])
-    item = (text, doc["target"], doc["lang"])
-    return {"chrf++": item, "bleu": item, "lang_share": float(output_language(text) == doc["lang"]),
+    item = (text, doc["target"], doc["bleu_tokenize"])
+    return {"chrf++": item, "bleu": item, "lang_share": float(language_of(text) == doc["lang"]),
             "empty_share": float(text == "")}
 
 
 def agg_chrfpp(items) -> float:
-    """Corpus chrF++ over (prediction, reference, lang) items (one reference per sentence)."""
-    preds, refs, langs = zip(*items)
-    return corpus_score("chrf++", preds, refs, langs[0])
+    """Corpus chrF++ over (prediction, reference, tokenizer) items (one reference per sentence)."""
+    preds, refs, _ = zip(*items)
+    return CHRF(word_order=2).corpus_score(list(preds), [list(refs)]).score
 
 
 def agg_bleu(items) -> float:
-    """Corpus BLEU with the target language's tokenizer (downstream.bleu_tokenizer)."""
-    preds, refs, langs = zip(*items)
-    return corpus_score("bleu", preds, refs, langs[0])
+    """Corpus BLEU with the target language's tokenizer (lsn_exp.metrics.bleu_tokenizer, in every document)."""
+    preds, refs, tokenizers = zip(*items)
+    return BLEU(tokenize=tokenizers[0]).corpus_score(list(preds), [list(refs)]).score

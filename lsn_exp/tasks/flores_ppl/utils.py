@@ -2,7 +2,7 @@
 
 import datasets
 
-from lsn_exp.downstream import flores_ppl_docs
+from lsn_exp.data import flores_ppl_docs
 
 
 def load_flores_ppl(lang: str, data_root=None, flores_split: str = "devtest", **_metadata):

@@ -1,8 +1,8 @@
-"""Documents of the lss_<source> tasks, from the local mLAMA copy (prompts and sampling: lsn_exp/lss.py)."""
+"""Documents of the lss_<source> tasks, from the local mLAMA copy (prompts and sampling: lsn_exp/data.py)."""
 
 import datasets
 
-from lsn_exp.lss import lss_docs
+from lsn_exp.data import lss_docs
 
 
 def load_lss(source: str, data_root=None, n_facts=185, seed=0, exclude_n_facts=None, **_metadata):

@@ -2,7 +2,7 @@
 
 import datasets
 
-from lsn_exp.downstream import xcopa_docs
+from lsn_exp.data import xcopa_docs
 
 # Connectives per language exactly as lm-eval's xcopa utils define them (a test compares the two).
 CONNECTIVES = {

@@ -3,7 +3,7 @@ local data root. "Multiple input" mode: the choices are the contexts, the target
 
 import datasets
 
-from lsn_exp.downstream import xwinograd_docs
+from lsn_exp.data import xwinograd_docs
 
 
 def load_xwinograd(lang: str, data_root=None, **_metadata):
