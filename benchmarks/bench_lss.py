@@ -28,18 +28,19 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from lsn_exp import CONF_DIR, lss, models
+from lsn_exp import CONF_DIR, data, lss, models
 from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.identify import NeuronArtifact
 from lsn_exp.patch import Patch, PatchSpec, parse_factor
+from lsn_exp.settings import lss_settings
 
 
 def synthetic_artifact(handle, per_lang: float, seed: int = 0) -> NeuronArtifact:
     gen = torch.Generator().manual_seed(seed)
-    shape = (len(lss.LSS_LANGS), handle.adapter.n_layers, handle.adapter.d_ff)
+    shape = (len(data.LSS_LANGS), handle.adapter.n_layers, handle.adapter.d_ff)
     masks = {name: torch.rand(shape, generator=gen) < per_lang for name in ("lape", "baseline", "random")}
     p_max = torch.rand(shape, generator=gen) + 0.5
-    return NeuronArtifact(list(lss.LSS_LANGS), masks, p_max, p_max / 3, torch.rand(shape, generator=gen),
+    return NeuronArtifact(list(data.LSS_LANGS), masks, p_max, p_max / 3, torch.rand(shape, generator=gen),
                           meta={"synthetic": True})
 
 
@@ -97,7 +98,7 @@ def main() -> None:
     spec_for = lambda t: PatchSpec.from_config({"neuron_set": "lape"}, factor, t)  # noqa: E731
     cfg = {"n_facts": args.n_facts, "sources": args.langs, "targets": args.langs, "batch_size": args.batch_size,
            "bootstrap": 0}
-    langs = list(lss.lss_settings(cfg).sources)
+    langs = list(lss_settings(cfg).sources)
     print(f"model={args.model} device={handle.device} dtype={handle.model.dtype} threads={torch.get_num_threads()} "
           f"facts={args.n_facts} langs={len(langs)} factor={factor} batch_size={args.batch_size}")
 
@@ -105,27 +106,27 @@ def main() -> None:
         store = ArtifactStore(Path(cache))
         start = time.perf_counter()
         evaluator = lss.LssEvaluator(handle, cfg, None, store)
-        evaluator.ensure_baseline(langs)  # every column, cold cache
+        evaluator.unpatched.ensure(langs)  # every column, cold cache
         baseline_s = time.perf_counter() - start
         result = lss.lss_matrix(handle, artifact, spec_for, cfg, None, store, evaluator=evaluator)
         ours_s = time.perf_counter() - start
         print(f"ours (cold): {ours_s:8.1f} s  (setup + baseline {baseline_s:.1f} s, {len(langs)} patched runs "
-              f"{result['patched_wall_time_s']:.1f} s)  mean off-diagonal LSS {result['mean_offdiag']:.3f}")
+              f"{result.patched_wall_time_s:.1f} s)  mean off-diagonal LSS {result.mean_offdiag:.3f}")
         start = time.perf_counter()
         warm = lss.lss_matrix(handle, artifact, spec_for, cfg, None, store)  # baseline from the cache
         warm_s = time.perf_counter() - start
-        assert all(warm["baseline_cached"].values())
+        assert all(warm.unpatched_cached.values())
         print(f"ours (warm): {warm_s:8.1f} s  (baseline loaded from the cache, as for every later target/factor)")
         whole = lss.LssEvaluator(handle, cfg, None, store)
         whole.lm.share_prompts = False
         start = time.perf_counter()
         rows = lss.lss_matrix(handle, artifact, spec_for, cfg, None, store, evaluator=whole)
         whole_s = time.perf_counter() - start
-        same = sum(a["lss"] == b["lss"] or (a["n"] == 0 and b["n"] == 0) for a, b in zip(rows["cells"], warm["cells"]))
-        print(f"ours (warm, whole rows): {whole_s:8.1f} s  (no KV-cache sharing; {same}/{len(rows['cells'])} cells "
+        same = sum(a.lss == b.lss or (a.n == 0 and b.n == 0) for a, b in zip(rows.cells, warm.cells))
+        print(f"ours (warm, whole rows): {whole_s:8.1f} s  (no KV-cache sharing; {same}/{len(rows.cells)} cells "
               f"equal to the shared path) -> sharing {whole_s / warm_s:.2f}x")
 
-    facts = lss.sample_facts(lss.read_mlama(evaluator.root).facts, args.n_facts, 0)
+    facts = data.sample_facts(data.read_mlama(data.mlama_root(None)).facts, args.n_facts, 0)
     start = time.perf_counter()
     paper, paper_shifts = paper_loop(handle, artifact, spec_for, facts, langs, evaluator.settings.tol)
     paper_s = time.perf_counter() - start
@@ -133,10 +134,9 @@ def main() -> None:
     print(f"paper      : {paper_s:8.1f} s  (batch size 1, baseline rescored per target)  mean off-diagonal LSS "
           f"{paper_mean:.3f}")
 
-    differ = [(c["source"], c["target"]) for c in result["cells"] if c["lss"] != paper[(c["source"], c["target"])]
-              and not (c["n"] == 0 and np.isnan(paper[(c["source"], c["target"])]))]
-    gap = max(abs(c["mean_shift"] - float(paper_shifts[(c["source"], c["target"])].mean()))
-              for c in result["cells"] if c["n"] > 0)
+    differ = [(c.source, c.target) for c in result.cells if c.lss != paper[(c.source, c.target)]
+              and not (c.n == 0 and np.isnan(paper[(c.source, c.target)]))]
+    gap = max(abs(c.mean_shift - float(paper_shifts[(c.source, c.target)].mean())) for c in result.cells if c.n > 0)
     print(f"agreement: {len(differ)} of {len(paper)} cells differ {differ[:5]}; max |mean shift(ours) - "
           f"mean shift(paper)| = {gap:.2e} nats (tol {evaluator.settings.tol:g})")
     print(f"ratio paper/ours: {paper_s / ours_s:.1f}x cold, {paper_s / warm_s:.1f}x with the cached baseline")

@@ -20,8 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lsn_exp import data, outputs, settings
 from lsn_exp.patch import Factor, PatchSpec, parse_factor
-from lsn_exp.results import LssResult, Skipped, StageOutput
-from lsn_exp.tracking import RESULTS_FILE, RunRecord, log_to_wandb, provenance
+from lsn_exp.results import RESULTS_FILE, LssResult, Skipped, StageOutput
+from lsn_exp.tracking import RunRecord, log_to_wandb, provenance
 
 if TYPE_CHECKING:
     from lsn_exp.artifacts import ArtifactStore

@@ -34,6 +34,13 @@ def _fmt(value) -> str:
     return "" if value is None else f"{value:.6g}"
 
 
+def pivot_heatmap(values: dict[tuple[str, str], float], title: str, path: Path) -> Path:
+    """A report's language x factor heatmap of one headline metric."""
+    langs, factors = sorted({k[0] for k in values}), sorted({k[1] for k in values})
+    matrix = [[values.get((lang, f), float("nan")) for f in factors] for lang in langs]
+    return plots.heatmap(matrix, langs, factors, title, path, xlabel="factor", ylabel="target language")
+
+
 # --- identification --------------------------------------------------------------------------------------
 
 def neuron_tables(languages: list[str], per_layer: dict[str, list[list[int]]], overlap, out_dir: Path):

@@ -278,7 +278,7 @@ class Patch:
                  weight_edit: bool = True) -> None:
         check_artifact(handle, artifact, spec)
         self.handle, self.artifact, self.spec, self.weight_edit = handle, artifact, spec, weight_edit
-        self.layers = _resolve_layers(spec.layers, handle.adapter.n_layers)
+        self.layers = check_layers(spec.layers, handle.adapter.n_layers)
         all_plans = [plan_layer(handle, artifact, spec, layer, weight_edit) for layer in self.layers]
         self.neurons_per_layer = [0] * handle.adapter.n_layers  # target neurons patched in each layer
         self.others_per_layer = [0] * handle.adapter.n_layers
@@ -390,15 +390,10 @@ def _is_identity(op: str, value: float | None, source: str | None, stat: str | N
     return source is None and stat is None and ((op == "mul" and value == 1) or (op == "add" and value == 0))
 
 
-def check_layers(layers: tuple[int, ...], n_layers: int) -> None:
-    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+def check_layers(layers: tuple[int, ...] | None, n_layers: int) -> tuple[int, ...]:
+    """The selected layers (None: all), each checked against the model's layer count."""
+    bad = [layer for layer in layers or () if not 0 <= layer < n_layers]
     if bad:
         raise UserError(f"patch.layers has layer {bad[0]} out of range: this model has {n_layers} layers, "
                         f"use 0..{n_layers - 1}")
-
-
-def _resolve_layers(layers: tuple[int, ...] | None, n_layers: int) -> tuple[int, ...]:
-    if layers is None:
-        return tuple(range(n_layers))
-    check_layers(layers, n_layers)
-    return layers
+    return tuple(range(n_layers)) if layers is None else layers

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import yaml
 
-from lsn_exp import outputs, plots
+from lsn_exp import outputs
 from lsn_exp.metrics import fact_bootstrap
-from lsn_exp.results import LssCell, LssMatrix, LssResult, from_json, mean_over
-from lsn_exp.tracking import RESULTS_FILE
+from lsn_exp.results import RESULTS_FILE, LssCell, LssMatrix, LssResult, from_json, mean_over
 
 
 @dataclass
@@ -114,11 +113,7 @@ def pivot_heatmaps(done: list[SweepRun], metric: str, out_dir: Path) -> list[Pat
         if value is not None:
             by_model[model][(lang, factor)] = value
     for model, values in sorted(by_model.items()):
-        langs = sorted({k[0] for k in values})
-        factors = sorted({k[1] for k in values})
-        matrix = [[values.get((l, f), float("nan")) for f in factors] for l in langs]
-        images.append(plots.heatmap(matrix, langs, factors, f"{model}: {metric}", out_dir / f"{model}_{metric}.png",
-                                    xlabel="factor", ylabel="target language"))
+        images.append(outputs.pivot_heatmap(values, f"{model}: {metric}", out_dir / f"{model}_{metric}.png"))
     return images
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1  # bump when a stored field changes meaning or name
+RESULTS_FILE = "results.json"  # in every run dir
 
 
 def num(value) -> float | None:

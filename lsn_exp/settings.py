@@ -158,7 +158,7 @@ FLORES_SPLITS = ("dev", "devtest")
 
 @dataclass(frozen=True)
 class TaskFamily:
-    """A downstream task family (the registry of lsn_exp.downstream): one lm-eval task per language it covers."""
+    """A downstream task family (eval.tasks): one lm-eval task per language it covers."""
 
     name: str
     kind: str  # mc | mt | ppl

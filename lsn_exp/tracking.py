@@ -22,13 +22,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lsn_exp import REPO_ROOT
-from lsn_exp.results import SCHEMA_VERSION, to_json
+from lsn_exp.results import RESULTS_FILE, SCHEMA_VERSION, to_json
 
 log = logging.getLogger(__name__)
 
 TRACKED_PACKAGES = ("lsn_exp", "torch", "transformers", "lm_eval", "hydra-core", "omegaconf",
                     "wandb", "safetensors", "sacrebleu", "py3langid", "numpy")
-RESULTS_FILE = "results.json"
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -4,7 +4,7 @@
 
 Loads the model twice (fp32, bf16) on the CPU, takes the fp32 neuron artifact (default identification, cached)
 for both, and scores the 15-source x len(targets) LSS matrix with a no-op patch (x1) and with pmax. In fp32
-the unpatched scores come from the shared baseline columns (batched with all targets' objects per prompt,
+the unpatched scores come from the shared unpatched columns (batched with all targets' objects per prompt,
 not 2); in bf16 from an unpatched run in the patched run's own layout (LssEvaluator.paired_layout).
 Prints the no-op shift distribution per dtype, facts within the tolerance, and the bf16 - fp32 gaps.
 ``--fp32-specs pmax`` skips the fp32 no-op.
@@ -18,9 +18,11 @@ import time
 import numpy as np
 from omegaconf import OmegaConf
 
-from lsn_exp import CONF_DIR, identify, lss, models
+from lsn_exp import CONF_DIR, identify, lss, metrics, models
 from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.patch import PatchSpec
+from lsn_exp.results import mean_over
+from lsn_exp.settings import default_tol
 
 SPECS = {"noop": lambda t: PatchSpec(t, op="mul", value=1.0), "pmax": lambda t: PatchSpec(t, op="set", source="pmax")}
 
@@ -29,7 +31,7 @@ def shifts(handle, artifact, cfg, store, names) -> dict:
     """name -> (cells, {(source, target): per-fact shift [N] with NaN for skipped facts})."""
     evaluator = lss.LssEvaluator(handle, cfg, None, store)
     if not evaluator.paired_layout():
-        evaluator.ensure_baseline(evaluator.settings.targets)
+        evaluator.unpatched.ensure(evaluator.settings.targets)
     out = {}
     for name in names:
         spec_for = SPECS[name]
@@ -39,7 +41,7 @@ def shifts(handle, artifact, cfg, store, names) -> dict:
             by_source, _, _, _ = evaluator.deltas(artifact, spec_for(target))
             for source, shift in by_source.items():
                 per_fact[(source, target)] = shift
-                cells.append(lss.cell_stats(source, target, shift, evaluator.settings.tol, 0, 0))
+                cells.append(metrics.lss_cell(source, target, shift, evaluator.settings.tol, 0, 0))
         out[name] = (cells, per_fact)
         print(f"  {name}: {len(cells)} cells in {time.time() - start:.0f} s")
     return out
@@ -61,26 +63,26 @@ def main() -> None:
     for name, handle, names in (("float32", fp32, args.fp32_specs.split(",")), ("bfloat16", bf16, list(SPECS))):
         print(f"{name}:")
         results[name] = shifts(handle, artifact, cfg, store, names)
-    tols = {name: lss.default_tol(name) for name in results}
+    tols = {name: default_tol(name) for name in results}
     for name, by_spec in results.items():
         if "noop" not in by_spec:
             continue
         cells, per_fact = by_spec["noop"]
         noise = np.abs(np.concatenate([s[~np.isnan(s)] for s in per_fact.values()]))
-        wins = sum(c["wins"] for c in cells)
-        print(f"{name} no-op: {len(cells)} cells, LSS 0 in {sum(c['lss'] == 0 for c in cells)}, wins {wins}; "
+        wins = sum(c.wins for c in cells)
+        print(f"{name} no-op: {len(cells)} cells, LSS 0 in {sum(c.lss == 0 for c in cells)}, wins {wins}; "
               f"|shift| max {noise.max():.3g}, 99.9th pct {np.percentile(noise, 99.9):.3g}, median "
               f"{np.median(noise):.3g} nats over {noise.size} facts (tol {tols[name]:g})")
     for name, by_spec in results.items():
         cells, _ = by_spec["pmax"]
-        print(f"{name} pmax: mean LSS {lss.mean_of(cells, 'lss'):.4f} (paper count {lss.mean_of(cells, 'lss_paper'):.4f}),"
-              f" facts within tol {sum(c['within_tol'] for c in cells)} of {sum(c['n'] for c in cells)}")
+        print(f"{name} pmax: mean LSS {mean_over(cells, 'lss'):.4f} (paper count {mean_over(cells, 'lss_paper'):.4f}),"
+              f" facts within tol {sum(c.within_tol for c in cells)} of {sum(c.n for c in cells)}")
     (c32, f32), (c16, f16) = results["float32"]["pmax"], results["bfloat16"]["pmax"]
     gap = np.abs(np.concatenate([f16[k] - f32[k] for k in f32]))
     gap = gap[~np.isnan(gap)]
     flips = sum(int(((f16[k] > tols["bfloat16"]) != (f32[k] > tols["float32"]))[~np.isnan(f32[k])].sum()) for k in f32)
-    cell_gap = [abs(a["lss"] - b["lss"]) for a, b in zip(c16, c32) if a["n"]]
-    print(f"bf16 - fp32 pmax: mean LSS {lss.mean_of(c16, 'lss') - lss.mean_of(c32, 'lss'):+.4f}; per cell |Δ| max "
+    cell_gap = [abs(a.lss - b.lss) for a, b in zip(c16, c32) if a.n]
+    print(f"bf16 - fp32 pmax: mean LSS {mean_over(c16, 'lss') - mean_over(c32, 'lss'):+.4f}; per cell |Δ| max "
           f"{max(cell_gap):.4f}, mean {np.mean(cell_gap):.4f}; per-fact |Δ shift| median {np.median(gap):.3g}, max "
           f"{gap.max():.3g} nats; facts whose win flips {flips} of {gap.size}")
 

@@ -7,16 +7,19 @@ from __future__ import annotations
 import csv
 import importlib.util
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import sacrebleu
 import torch
 
-from lsn_exp import downstream, evaluate
+from lsn_exp import data, downstream, evaluate, metrics, outputs
 from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.errors import UserError
 from lsn_exp.patch import PatchSpec, parse_factor
+from lsn_exp.results import DownstreamResult, MetricDelta, TaskScore
+from lsn_exp.settings import TASK_FAMILIES
 from conftest import synthetic_artifact
 
 LOCAL = ["xcopa", "xwinograd", "flores_mt", "flores_ppl"]
@@ -44,10 +47,10 @@ def test_connectives_are_lm_evals():
     theirs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(theirs)
     ours = importlib.util.spec_from_file_location("xcopa_local_utils",
-                                                  downstream.TASKS_DIR / "xcopa_local" / "utils.py")
+                                                  evaluate.TASKS_DIR / "xcopa_local" / "utils.py")
     mine = importlib.util.module_from_spec(ours)
     ours.loader.exec_module(mine)
-    assert sorted(mine.CONNECTIVES) == sorted(downstream.FAMILIES["xcopa"].langs()) == sorted(
+    assert sorted(mine.CONNECTIVES) == sorted(TASK_FAMILIES["xcopa"].langs()) == sorted(
         name[len("doc_to_text_"):] for name in dir(theirs) if name.startswith("doc_to_text_"))
     for lang, connectives in mine.CONNECTIVES.items():
         assert getattr(theirs, f"doc_to_text_{lang}").keywords["connector"] == connectives
@@ -107,9 +110,10 @@ def test_mt_output_opening_with_a_newline_is_a_translation_not_empty(data_root):
     spec = importlib.util.spec_from_file_location("flores_mt_utils", evaluate.TASKS_DIR / "flores_mt" / "utils.py")
     utils = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(utils)
-    doc = {"target": "Bonjour le monde.", "lang": "fr"}
+    doc = {"target": "Bonjour le monde.", "lang": "fr", "bleu_tokenize": metrics.bleu_tokenizer("fr")}
     out = utils.process_results(doc, ["\n\n Bonjour le monde.\nEnglish: next sentence"])
     assert out["chrf++"][0] == "Bonjour le monde." and out["empty_share"] == 0.0
+    assert out["bleu"] == ("Bonjour le monde.", "Bonjour le monde.", "13a")
     assert utils.process_results(doc, [" \n \n"])["empty_share"] == 1.0
     task = evaluate.task_manager(metadata={"data_root": str(data_root)}).load(["flores_mt_fr"])["tasks"]["flores_mt_fr"]
     until = task.config.generation_kwargs["until"]
@@ -118,7 +122,7 @@ def test_mt_output_opening_with_a_newline_is_a_translation_not_empty(data_root):
 
 def test_group_outputs_merge_subtasks_like_include():
     """INCLUDE runs as a group of subtasks (hub only): the group's documents are every subtask's, in order."""
-    ref = downstream.TaskRef(downstream.FAMILIES["include"], "id", "include_base_44_indonesian")
+    ref = downstream.TaskRef(TASK_FAMILIES["include"], "id", "include_base_44_indonesian")
     results = {"group_subtasks": {ref.name: ["sub_b", "sub_a"]},
                "groups": {ref.name: {"acc,none": 0.6}},
                "samples": {"sub_a": [{"doc_id": 1, "acc": 0.0}, {"doc_id": 0, "acc": 1.0}],
@@ -126,8 +130,9 @@ def test_group_outputs_merge_subtasks_like_include():
     out = downstream.outputs_from_samples(ref, results, tokenizer=None)
     assert out.keys == ["sub_a:0", "sub_a:1", "sub_b:0", "sub_b:1", "sub_b:2"]
     assert out.tensors["correct"].tolist() == [1.0, 0.0, 1.0, 1.0, 0.0] and out.lm_eval == {"acc": 0.6}
-    stats = downstream.metric_stats(ref, out)["acc"]
-    assert downstream.metric_value("acc", stats.sum(0), "id") == pytest.approx(0.6)
+    assert isinstance(out, downstream.DocOutputs)
+    stats = out.stats(ref)["acc"]
+    assert metrics.metric_value("acc", stats.sum(0), "id") == pytest.approx(0.6)
 
 
 def test_include_task_names_exist_in_lm_eval():
@@ -144,15 +149,15 @@ def test_include_task_names_exist_in_lm_eval():
 # --- metrics ----------------------------------------------------------------------------------------------
 
 def test_bleu_tokenizers_and_corpus_scores_match_sacrebleu():
-    assert downstream.bleu_tokenizer("zh") == "zh" and downstream.bleu_tokenizer("fr") == "13a"
-    assert downstream.bleu_tokenizer("ja") in ("ja-mecab", "char")
-    assert downstream.bleu_tokenizer("th") in ("flores200", "char")
+    assert metrics.bleu_tokenizer("zh") == "zh" and metrics.bleu_tokenizer("fr") == "13a"
+    assert metrics.bleu_tokenizer("ja") in ("ja-mecab", "char")
+    assert metrics.bleu_tokenizer("th") in ("flores200", "char")
     preds = ["猫がマットの上に座った", "犬", ""]
     refs = ["猫はマットの上に座っていた", "その犬", "はい"]
-    tok = downstream.bleu_tokenizer("ja")
-    assert downstream.corpus_score("bleu", preds, refs, "ja") == pytest.approx(
+    tok = metrics.bleu_tokenizer("ja")
+    assert metrics.corpus_score("bleu", preds, refs, "ja") == pytest.approx(
         sacrebleu.corpus_bleu(preds, [refs], tokenize=tok).score, abs=1e-9)
-    assert downstream.corpus_score("chrf++", preds, refs, "ja") == pytest.approx(
+    assert metrics.corpus_score("chrf++", preds, refs, "ja") == pytest.approx(
         sacrebleu.corpus_chrf(preds, [refs], word_order=2).score, abs=1e-9)
 
 
@@ -160,14 +165,15 @@ def test_compare_by_hand():
     rng = np.random.default_rng(0)
     now = np.c_[[1, 1, 0, 1], np.ones(4)]
     base = np.c_[[1, 0, 0, 0], np.ones(4)]
-    cell = downstream.compare("acc", now, base, "en", 100, rng)
-    assert cell["value"] == 0.75 and cell["base"] == 0.25 and cell["delta"] == 0.5
-    assert cell["stderr"] == pytest.approx(np.std([1, 1, 0, 1], ddof=1) / 2)
-    assert cell["delta_stderr"] == pytest.approx(np.std([0, 1, 0, 1], ddof=1) / 2)
+    cell = metrics.paired_delta("acc", now, base, "en", 100, rng)
+    assert isinstance(cell, MetricDelta)
+    assert cell.value == 0.75 and cell.base == 0.25 and cell.delta == 0.5
+    assert cell.stderr == pytest.approx(np.std([1, 1, 0, 1], ddof=1) / 2)
+    assert cell.delta_stderr == pytest.approx(np.std([0, 1, 0, 1], ddof=1) / 2)
     ppl = np.array([[-10.0, 5, 20], [-30.0, 10, 40]])  # ll, tokens, bytes
-    cell = downstream.compare("ppl", ppl, ppl, "en", 50, rng)
-    assert cell["value"] == pytest.approx(math.exp(40 / 15)) and cell["delta"] == 0 and cell["delta_stderr"] == 0
-    assert downstream.metric_value("bits_per_byte", ppl.sum(0), "en") == pytest.approx(40 / (60 * math.log(2)))
+    cell = metrics.paired_delta("ppl", ppl, ppl, "en", 50, rng)
+    assert cell.value == pytest.approx(math.exp(40 / 15)) and cell.delta == 0 and cell.delta_stderr == 0
+    assert metrics.metric_value("bits_per_byte", ppl.sum(0), "en") == pytest.approx(40 / (60 * math.log(2)))
 
 
 def test_rolling_loglikelihood_scores_the_sentence_after_one_bos(tiny):
@@ -194,45 +200,51 @@ def run(tiny, data_root, tmp_path_factory):
     evaluator = downstream.DownstreamEvaluator(tiny, cfg, data_root, store)
     spec = PatchSpec.from_config({"neuron_set": "lape"}, parse_factor("pmax"), "id")
     out_dir = tmp_path_factory.mktemp("job")
-    result = evaluator.score(synthetic_artifact(tiny, list(downstream.LANG_ORDER)), spec, out_dir=out_dir)
-    return {"evaluator": evaluator, "result": result, "store": store, "cfg": cfg}
+    result, mt_rows = evaluator.score(synthetic_artifact(tiny, list(data.LANG_ORDER)), spec)
+    tables = outputs.downstream_tables(result, mt_rows, out_dir)
+    return {"evaluator": evaluator, "result": result, "mt_rows": mt_rows, "tables": tables, "store": store,
+            "cfg": cfg}
 
 
 def test_every_local_task_runs_offline_and_include_is_skipped(run):
     result = run["result"]
+    assert isinstance(result, DownstreamResult)
     expected = {ref.name for name in LOCAL for ref in downstream.plan(downstream.settings({"tasks": [name]}))}
-    assert set(result["tasks"]) == expected and len(expected) == 11 + 6 + 17 + 18
-    assert "hub" in result["skipped"]["include"] and "offline" in result["skipped"]["include"]
-    for name, task in result["tasks"].items():
-        assert task["n"] == 2 and task["self"] == (task["lang"] == "id")
-        for metric in downstream.FAMILIES[task["family"]].metrics:
-            cell = task["metrics"][metric]
-            assert cell["value"] is not None and cell["base"] is not None, (name, metric)
-            assert cell["delta"] == pytest.approx(cell["value"] - cell["base"])
-    assert result["tasks"]["flores_mt_ja"]["bleu_tokenizer"] == downstream.bleu_tokenizer("ja")
-    assert any(abs(t["metrics"]["ll_per_token"]["delta"]) > 0 for t in result["tasks"].values()
-               if t["family"] == "flores_ppl")  # the patch changes the model
-    summary = result["summary"]
+    assert set(result.tasks) == expected and len(expected) == 11 + 6 + 17 + 18
+    assert "hub" in result.skipped["include"] and "offline" in result.skipped["include"]
+    for name, task in result.tasks.items():
+        assert isinstance(task, TaskScore)
+        assert task.n == 2 and task.self_language == (task.lang == "id")
+        for metric in TASK_FAMILIES[task.family].metrics:
+            cell = task.metrics[metric]
+            assert cell.value is not None and cell.base is not None, (name, metric)
+            assert cell.delta == pytest.approx(cell.value - cell.base)
+    assert result.tasks["flores_mt_ja"].bleu_tokenizer == metrics.bleu_tokenizer("ja")
+    assert any(abs(t.metrics["ll_per_token"].delta) > 0 for t in result.tasks.values()
+               if t.family == "flores_ppl")  # the patch changes the model
+    summary = result.summary()
     assert summary["xwinograd"]["acc"]["self"] is None and summary["xwinograd"]["acc"]["n_cross"] == 6
     assert summary["flores_ppl"]["ppl"]["n_cross"] == 17 and summary["xcopa"]["acc"]["n_cross"] == 10
-    assert summary["flores_mt"]["chrf++"]["self"] == result["tasks"]["flores_mt_id"]["metrics"]["chrf++"]["delta"]
-    assert not any(result["baseline_cached"].values())
-    rows = list(csv.DictReader(open(result["tables"]["downstream/tasks"])))
+    assert summary["flores_mt"]["chrf++"]["self"] == result.tasks["flores_mt_id"].metrics["chrf++"].delta
+    assert not any(run["evaluator"].unpatched_cached.values())
+    assert not any(t.unpatched_cached for t in result.tasks.values())
+    rows = list(csv.DictReader(open(run["tables"]["downstream/tasks"])))
     assert len(rows) == 11 + 6 + 17 * 4 + 18 * 3
-    assert len(list(csv.DictReader(open(result["tables"]["downstream/mt_outputs"])))) == 17 * 2
-    assert "| flores_mt | **id** | chrf++ |" in downstream.markdown_table(result)
-    assert "| flores_mt | **id** | empty_share |" in downstream.markdown_table(result)
-    assert 0 <= result["tasks"]["flores_mt_id"]["metrics"]["empty_share"]["base"] <= 1
+    assert len(run["mt_rows"]) == 17 * 2
+    assert len(list(csv.DictReader(open(run["tables"]["downstream/mt_outputs"])))) == 17 * 2
+    assert "| flores_mt | **id** | chrf++ |" in outputs.downstream_markdown(result)
+    assert "| flores_mt | **id** | empty_share |" in outputs.downstream_markdown(result)
+    assert 0 <= result.tasks["flores_mt_id"].metrics["empty_share"].base <= 1
 
 
 def test_our_scores_equal_lm_evals_aggregates(run):
     evaluator = run["evaluator"]
     checked = 0
     for ref in evaluator.refs:
-        out = evaluator.baseline[ref.name]
-        stats = downstream.metric_stats(ref, out)
+        out = evaluator.unpatched[ref.name]
+        stats = out.stats(ref)
         for metric, theirs in out.lm_eval.items():
-            assert downstream.metric_value(metric, stats[metric].sum(0), ref.lang) == pytest.approx(
+            assert metrics.metric_value(metric, stats[metric].sum(0), ref.lang) == pytest.approx(
                 theirs, rel=1e-6, abs=1e-9), (ref.name, metric)
             checked += 1
     assert checked == 11 + 6 + 17 * 4 + 18
@@ -241,19 +253,20 @@ def test_our_scores_equal_lm_evals_aggregates(run):
 def test_cached_baseline_and_noop_patch(run, tiny, data_root, tmp_path):
     cfg = {**run["cfg"], "tasks": ["xcopa", "flores_mt", "flores_ppl"], "langs": ["id", "ja", "th"]}
     evaluator = downstream.DownstreamEvaluator(tiny, cfg, data_root, run["store"])
-    assert evaluator.baseline_cached and all(evaluator.baseline_cached.values())
+    assert evaluator.unpatched_cached and all(evaluator.unpatched_cached.values())
     noop = PatchSpec.from_config({"neuron_set": "lape"}, parse_factor(1), "id")
-    result = evaluator.score(synthetic_artifact(tiny, list(downstream.LANG_ORDER)), noop)
-    assert set(result["tasks"]) == {"xcopa_local_id", "xcopa_local_th", "flores_mt_id", "flores_mt_ja", "flores_mt_th",
-                                    "flores_ppl_id", "flores_ppl_ja", "flores_ppl_th"}
-    for name, task in result["tasks"].items():
-        for metric, cell in task["metrics"].items():
+    result, _ = evaluator.score(synthetic_artifact(tiny, list(data.LANG_ORDER)), noop)
+    assert set(result.tasks) == {"xcopa_local_id", "xcopa_local_th", "flores_mt_id", "flores_mt_ja", "flores_mt_th",
+                                 "flores_ppl_id", "flores_ppl_ja", "flores_ppl_th"}
+    assert all(t.unpatched_cached for t in result.tasks.values())
+    for name, task in result.tasks.items():
+        for metric, cell in task.metrics.items():
             # the cached baseline was scored in other batches (all tasks at once): fp32 noise only
-            assert cell["delta"] == pytest.approx(0, abs=1e-4), (name, metric, cell)
+            assert cell.delta == pytest.approx(0, abs=1e-4), (name, metric, cell)
     # a different limit is a different baseline
     other = downstream.DownstreamEvaluator(tiny, {**cfg, "tasks": ["xcopa"], "langs": ["id"], "limit": 3}, data_root,
                                            run["store"])
-    assert other.baseline_cached == {"xcopa_local_id": False}
+    assert other.unpatched_cached == {"xcopa_local_id": False}
 
 
 def test_translation_scores_do_not_depend_on_batch_size(tiny, data_root):
@@ -261,11 +274,11 @@ def test_translation_scores_do_not_depend_on_batch_size(tiny, data_root):
     runs = {bs: downstream.DownstreamEvaluator(tiny, {**cfg, "batch_size": bs}, data_root, None) for bs in (1, 8)}
     assert runs[1].lm.batch_size == 1 and runs[8].lm.batch_size == 8
     for ref in runs[1].refs:
-        one, eight = runs[1].baseline[ref.name], runs[8].baseline[ref.name]
+        one, eight = runs[1].unpatched[ref.name], runs[8].unpatched[ref.name]
         assert one.texts == eight.texts
         for metric in ref.family.metrics:
-            s1, s8 = downstream.metric_stats(ref, one)[metric], downstream.metric_stats(ref, eight)[metric]
-            assert downstream.metric_value(metric, s1.sum(0), ref.lang) == downstream.metric_value(
+            s1, s8 = one.stats(ref)[metric], eight.stats(ref)[metric]
+            assert metrics.metric_value(metric, s1.sum(0), ref.lang) == metrics.metric_value(
                 metric, s8.sum(0), ref.lang)
 
 
@@ -297,23 +310,24 @@ def test_eval_config_group_composes():
         default = compose("config", overrides=[("" if has_eval else "+") + "eval=default"])
         full = compose("config", overrides=[("" if has_eval else "+") + "eval=full"])
     s = downstream.settings(default.eval)
-    assert s.families == tuple(downstream.FAMILIES) and s.limit == 100 and s.mt_prompt == "untargeted"
+    assert s.families == tuple(TASK_FAMILIES) and s.limit == 100 and s.mt_prompt == "untargeted"
     assert downstream.settings(full.eval).limit is None
 
 
 def test_matrices_from_a_sweep(run, tmp_path):
     base = run["result"]
-    shifted = {name: {**t, "self": t["lang"] == "ja",
-                      "metrics": {m: {**c, "delta": (c["delta"] or 0) + 1.0} for m, c in t["metrics"].items()}}
-               for name, t in base["tasks"].items()}
-    other = {**base, "target": "ja", "tasks": shifted}
-    other["summary"] = downstream.summarize(other["tasks"], "ja")
-    out = downstream.downstream_matrices([other, base], tmp_path, title="tiny pmax")
+    shifted = {name: replace(t, self_language=t.lang == "ja",
+                             metrics={m: replace(c, delta=(c.delta or 0) + 1.0) for m, c in t.metrics.items()})
+               for name, t in base.tasks.items()}
+    other = replace(base, target="ja", tasks=shifted)
+    # the summary follows the tasks: ja is now the self language
+    assert other.summary()["flores_mt"]["chrf++"]["self"] == shifted["flores_mt_ja"].metrics["chrf++"].delta
+    out = outputs.downstream_matrices([other, base], tmp_path, title="tiny pmax")
     xcopa = out["matrices"]["xcopa/acc"]
-    assert xcopa["cols"] == ["id", "ja"] and xcopa["rows"] == downstream.FAMILIES["xcopa"].langs()
+    assert xcopa["cols"] == ["id", "ja"] and xcopa["rows"] == TASK_FAMILIES["xcopa"].langs()
     row = xcopa["rows"].index("th")
-    assert xcopa["values"][row] == [base["tasks"]["xcopa_local_th"]["metrics"]["acc"]["delta"],
-                                    base["tasks"]["xcopa_local_th"]["metrics"]["acc"]["delta"] + 1.0]
+    assert xcopa["values"][row] == [base.tasks["xcopa_local_th"].metrics["acc"].delta,
+                                    base.tasks["xcopa_local_th"].metrics["acc"].delta + 1.0]
     assert out["matrices"]["flores_mt/chrf++"]["rows"][0] == "nl"  # no English row for en->X
     for key, path in {**out["tables"], **out["images"]}.items():
         assert path.exists() and path.stat().st_size > 0, key
@@ -323,4 +337,4 @@ def test_matrices_from_a_sweep(run, tmp_path):
     self_cross = list(csv.DictReader(open(out["tables"]["downstream/self_cross"])))
     assert {r["patched"] for r in self_cross} == {"id", "ja"}
     with pytest.raises(UserError, match="one factor"):
-        downstream.downstream_matrices([base, base], tmp_path)
+        outputs.downstream_matrices([base, base], tmp_path)

@@ -118,15 +118,15 @@ def test_cache_keys_hold_dtype_device_and_code_versions(tiny, data_root, tmp_pat
     assert not reselected.recorded and reselected.key not in (fp32.key, bf16.key)
 
 
-def test_lss_and_downstream_baseline_keys_hold_dtype_device_and_version(tiny, data_root):
+def test_lss_and_downstream_unpatched_keys_hold_dtype_device_and_version(tiny, data_root):
     from lsn_exp import downstream, lss
 
     evaluator = lss.LssEvaluator(tiny, {"n_facts": 2, "sources": ["en"]}, data_root, None)
-    spec = evaluator.baseline_spec("en", "fr")
+    spec = evaluator.unpatched.spec("en", "fr")
     assert (spec["dtype"], spec["device"], spec["lss_version"]) == ("torch.float32", "cpu", lss.LSS_VERSION)
     task_eval = downstream.DownstreamEvaluator(tiny, {"tasks": ["xcopa"], "langs": ["id"], "limit": 2}, data_root,
                                                None)
-    spec = task_eval.baseline_spec(task_eval.refs[0])
+    spec = downstream.unpatched_spec(tiny, task_eval.refs[0], task_eval.root, task_eval.settings)
     assert (spec["dtype"], spec["device"], spec["version"]) == ("torch.float32", "cpu", downstream.DOWNSTREAM_VERSION)
 
 

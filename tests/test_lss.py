@@ -4,6 +4,7 @@ with a no-op patch, batch-layout noise against the tolerance, and the factor sea
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import shutil
 
@@ -11,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from lsn_exp import evaluate, lss, search
+from lsn_exp import data, evaluate, lss, metrics, outputs, search
 from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.errors import UserError
 from lsn_exp.patch import Patch, PatchSpec
+from lsn_exp.results import FactorSearchResult, LssCell, LssMatrix, LssResult
+from lsn_exp.settings import default_tol, lss_settings
 from conftest import synthetic_artifact
 
 SOURCES = ["en", "ja", "th"]  # a spaced language and two written without spaces before the object
@@ -22,7 +25,7 @@ SOURCES = ["en", "ja", "th"]  # a spaced language and two written without spaces
 
 @pytest.fixture(scope="module")
 def artifact(tiny):
-    return synthetic_artifact(tiny, list(lss.LSS_LANGS))
+    return synthetic_artifact(tiny, list(data.LSS_LANGS))
 
 
 # --- prompts and data -----------------------------------------------------------------------------
@@ -38,21 +41,21 @@ def artifact(tiny):
     ("[X] is [Y] .", "  ", False, "empty_subject"),
 ])
 def test_build_prompt_cases(template, subject, no_space, expected):
-    assert lss.build_prompt(template, subject, no_space) == expected
+    assert data.build_prompt(template, subject, no_space) == expected
 
 
 def test_every_local_fact_yields_a_prompt_and_objects_in_all_15_languages(data_root):
-    mlama = lss.read_mlama(data_root)
+    mlama = data.read_mlama(data_root)
     base = data_root / "mlama"
     rows = {lang: {(r["predicate_id"], r["lineid"]): r for r in map(json.loads, (
-        base / "parallel15" / f"{lang}.jsonl").read_text(encoding="utf-8").splitlines())} for lang in lss.LSS_LANGS}
+        base / "parallel15" / f"{lang}.jsonl").read_text(encoding="utf-8").splitlines())} for lang in data.LSS_LANGS}
     templates = {lang: {r["relation"]: r["template"] for r in map(json.loads, (
-        base / "templates" / f"{lang}.jsonl").read_text(encoding="utf-8").splitlines())} for lang in lss.LSS_LANGS}
+        base / "templates" / f"{lang}.jsonl").read_text(encoding="utf-8").splitlines())} for lang in data.LSS_LANGS}
     assert len(mlama.facts) + sum(mlama.excluded.values()) == len(rows["en"]) == 4916
     assert mlama.excluded == {}  # every local fact is usable (exclusions would be counted by reason)
     for fact in mlama.facts:
         relation, lineid = fact.fact_id.split(":")
-        for lang in lss.LSS_LANGS:
+        for lang in data.LSS_LANGS:
             row = rows[lang][(relation, int(lineid))]
             prompt, sep, obj = fact.prompts[lang], fact.seps[lang], fact.objects[lang]
             assert prompt and prompt == prompt.strip() and "[X]" not in prompt and "[Y]" not in prompt
@@ -60,13 +63,13 @@ def test_every_local_fact_yields_a_prompt_and_objects_in_all_15_languages(data_r
             filled = templates[lang][relation].replace("[X]", row["sub_label"].strip())
             gap = filled[len(prompt):filled.index("[Y]")]
             assert filled.startswith(prompt) and row["sub_label"].strip() in prompt and gap.strip() == ""
-            assert sep == ("" if lang in lss.NO_SPACE_LANGS or not gap else " "), (fact.fact_id, lang)
+            assert sep == ("" if lang in data.NO_SPACE_LANGS or not gap else " "), (fact.fact_id, lang)
             assert fact.continuation(lang, lang) == sep + obj
 
 
 def test_sample_is_seeded_and_spread_over_relations(data_root):
-    facts = lss.read_mlama(data_root).facts
-    a, b, c = (lss.sample_facts(facts, 185, seed) for seed in (0, 0, 1))
+    facts = data.read_mlama(data_root).facts
+    a, b, c = (data.sample_facts(facts, 185, seed) for seed in (0, 0, 1))
     assert len(a) == 185 and [f.fact_id for f in a] == [f.fact_id for f in b] != [f.fact_id for f in c]
     available, picked = {}, {}
     for fact in facts:
@@ -76,14 +79,14 @@ def test_sample_is_seeded_and_spread_over_relations(data_root):
     top = max(picked.values())
     assert len(available) == 40 and set(picked) == set(available)  # every relation is represented
     assert all(min(available[r], top - 1) <= picked.get(r, 0) <= top for r in available)  # round robin
-    assert len(lss.sample_facts(facts, "all", 0)) == len(facts)
+    assert len(data.sample_facts(facts, "all", 0)) == len(facts)
     with pytest.raises(UserError, match="n_facts"):
-        lss.sample_facts(facts, 0, 0)
+        data.sample_facts(facts, 0, 0)
 
 
 def test_lss_tasks_load_through_the_task_manager(data_root):
     manager = evaluate.task_manager(metadata={"data_root": str(data_root), "n_facts": 3, "seed": 0})
-    assert {f"lss_{lang}" for lang in lss.LSS_LANGS} <= set(manager.all_tasks)
+    assert {f"lss_{lang}" for lang in data.LSS_LANGS} <= set(manager.all_tasks)
     tasks = manager.load(["lss_en", "lss_ja"])["tasks"]
     for source, sep in (("en", " "), ("ja", "")):
         task = tasks[f"lss_{source}"]
@@ -179,14 +182,15 @@ def test_shared_prompt_path_under_a_patch_and_whole_rows_for_a_statistic(tiny, a
 
 def test_cell_stats_by_hand():
     # shifts 0.5, -0.2, 0.0005 (within tol: no win), 2.0, and two same-string facts (NaN: skipped)
-    cell = lss.cell_stats("en", "fr", [0.5, np.nan, -0.2, 0.0005, np.nan, 2.0], tol=1e-3, n_boot=500, seed=0)
-    assert cell["lss"] == 0.5 and cell["wins"] == 2 and cell["n"] == 4 and cell["skipped"] == 2
-    assert cell["within_tol"] == 1 and cell["mean_shift"] == pytest.approx((0.5 - 0.2 + 0.0005 + 2.0) / 4)
-    assert 0.0 <= cell["ci_low"] <= 0.5 <= cell["ci_high"] <= 1.0
+    cell = metrics.lss_cell("en", "fr", [0.5, np.nan, -0.2, 0.0005, np.nan, 2.0], tol=1e-3, n_boot=500, seed=0)
+    assert isinstance(cell, LssCell) and (cell.source, cell.target) == ("en", "fr")
+    assert cell.lss == 0.5 and cell.wins == 2 and cell.n == 4 and cell.skipped == 2
+    assert cell.within_tol == 1 and cell.mean_shift == pytest.approx((0.5 - 0.2 + 0.0005 + 2.0) / 4)
+    assert 0.0 <= cell.ci_low <= 0.5 <= cell.ci_high <= 1.0
     # the paper's count: a same-string fact is a non-win, so 2 wins of all 6 facts
-    assert cell["lss_paper"] == pytest.approx(2 / 6)
-    assert 0.0 <= cell["lss_paper_ci_low"] <= 2 / 6 <= cell["lss_paper_ci_high"] <= 1.0
-    assert cell["outcomes"] == "1s00s1"
+    assert cell.lss_paper == pytest.approx(2 / 6)
+    assert 0.0 <= cell.lss_paper_ci_low <= 2 / 6 <= cell.lss_paper_ci_high <= 1.0
+    assert cell.outcomes == "1s00s1"
 
 
 # --- three hand-made facts, LSS computed by hand -----------------------------------------------------
@@ -203,7 +207,7 @@ def hand_root(tmp_path_factory, data_root):
     root = tmp_path_factory.mktemp("hand_mlama")
     shutil.copytree(data_root / "mlama" / "templates", root / "mlama" / "templates")
     (root / "mlama" / "parallel15").mkdir(parents=True)
-    for lang in lss.LSS_LANGS:
+    for lang in data.LSS_LANGS:
         rows = [{"predicate_id": "P17", "lineid": i, "uuid": f"u{i}", "sub_uri": f"Qs{i}",
                  "sub_label": subjects.get(lang, subjects["en"]), "obj_uri": f"Qo{i}",
                  "obj_label": objects.get(lang, objects["en"] + "-" + lang)}
@@ -228,9 +232,11 @@ def test_three_hand_made_facts_match_lss_computed_by_hand(tiny, artifact, hand_r
     cfg = {"n_facts": "all", "sources": langs, "targets": langs, "bootstrap": 200, "batch_size": 4}
     spec_for = lambda t: PatchSpec(t, op="mul", value=8.0)  # noqa: E731
     result = lss.lss_matrix(tiny, artifact, spec_for, cfg, hand_root, store=None)
-    mlama = lss.read_mlama(hand_root)
+    assert isinstance(result, LssMatrix)
+    matrix, matrix_paper = result.matrix("lss"), result.matrix("lss_paper")
+    mlama = data.read_mlama(hand_root)
     assert len(mlama.facts) == 3
-    tol = lss.default_tol(torch.float32)
+    tol = default_tol(torch.float32)
     for target in langs:
         with Patch(tiny, artifact, spec_for(target)):
             patched = {(s, i, o): logprob(tiny, f.prompts[s], f.continuation(s, o))
@@ -247,16 +253,16 @@ def test_three_hand_made_facts_match_lss_computed_by_hand(tiny, artifact, hand_r
                 after = patched[(source, i, target)] - patched[(source, i, source)]
                 shifts.append(after - base)
                 wins += after - base > tol
-            cell = next(c for c in result["cells"] if c["source"] == source and c["target"] == target)
-            assert (cell["n"], cell["skipped"]) == (n, 3 - n)
-            assert cell["wins"] == wins and cell["lss"] == pytest.approx(wins / n)
-            assert cell["lss_paper"] == pytest.approx(wins / 3)  # all 3 facts, same-string ones as non-wins
-            assert result["matrix_paper"][source][target] == pytest.approx(wins / 3)
-            assert cell["mean_shift"] == pytest.approx(np.mean(shifts), abs=1e-4)
-            assert result["matrix"][source][target] == pytest.approx(wins / n)
-    en_fr = next(c for c in result["cells"] if c["source"] == "en" and c["target"] == "fr")
-    assert en_fr["skipped"] == 1  # "Canada" in both
-    assert result["matrix"]["en"]["en"] is None
+            cell = next(c for c in result.cells if c.source == source and c.target == target)
+            assert (cell.n, cell.skipped) == (n, 3 - n)
+            assert cell.wins == wins and cell.lss == pytest.approx(wins / n)
+            assert cell.lss_paper == pytest.approx(wins / 3)  # all 3 facts, same-string ones as non-wins
+            assert matrix_paper[source][target] == pytest.approx(wins / 3)
+            assert cell.mean_shift == pytest.approx(np.mean(shifts), abs=1e-4)
+            assert matrix[source][target] == pytest.approx(wins / n)
+    en_fr = next(c for c in result.cells if c.source == "en" and c.target == "fr")
+    assert en_fr.skipped == 1  # "Canada" in both
+    assert matrix["en"]["en"] is None
 
 
 # --- the cached baseline: a no-op is exactly 0; batch layouts differ only within the tolerance ---------
@@ -269,24 +275,24 @@ def test_noop_patch_gives_lss_zero_everywhere_with_the_cached_baseline(tiny, art
     store = ArtifactStore(tmp_path)
     cfg = {"n_facts": 4, "sources": SOURCES, "targets": SOURCES, "bootstrap": 100}
     first = lss.LssEvaluator(tiny, {**cfg, "batch_size": 16}, data_root, store)
-    first.ensure_baseline(["en"])  # a job toward en: the en column and each source's own
-    assert first.baseline_cached == {s: False for s in SOURCES}
-    assert len(list((tmp_path / lss.BASELINE_KIND).glob("*/meta.json"))) == 5  # en<-en, ja<-en/ja, th<-en/th
-    assert np.isnan(first.baseline["en"][:, lss.LSS_LANGS.index("ja")]).all()
-    first.ensure_baseline(SOURCES)
+    first.unpatched.ensure(["en"])  # a job toward en: the en column and each source's own
+    assert first.unpatched.cached == {s: False for s in SOURCES}
+    assert len(list((tmp_path / lss.UNPATCHED_KIND).glob("*/meta.json"))) == 5  # en<-en, ja<-en/ja, th<-en/th
+    assert np.isnan(first.unpatched.columns["en"][:, data.LSS_LANGS.index("ja")]).all()
+    first.unpatched.ensure(SOURCES)
     cached = lss.LssEvaluator(tiny, {**cfg, "batch_size": 3}, data_root, store)  # another batch layout
-    cached.ensure_baseline(SOURCES)
-    assert cached.baseline_cached == {s: True for s in SOURCES}
+    cached.unpatched.ensure(SOURCES)
+    assert cached.unpatched.cached == {s: True for s in SOURCES}
     for s in SOURCES:
-        assert np.array_equal(cached.baseline[s], first.baseline[s], equal_nan=True)
-    meta = json.loads(next((tmp_path / lss.BASELINE_KIND).glob("*/meta.json")).read_text())
+        assert np.array_equal(cached.unpatched.columns[s], first.unpatched.columns[s], equal_nan=True)
+    meta = json.loads(next((tmp_path / lss.UNPATCHED_KIND).glob("*/meta.json")).read_text())
     assert meta["spec"]["model"] == tiny.identity and meta["meta"]["provenance"]["data_files"]
     for noop in NOOPS:
         result = lss.lss_matrix(tiny, artifact, lambda t, n=noop: PatchSpec(t, op=n.op, value=n.value, stat=n.stat,
                                                                                coef=n.coef),
                                 cfg, data_root, store, evaluator=cached)
-        assert all(c["lss"] == 0.0 and c["wins"] == 0 and c["within_tol"] == c["n"] for c in result["cells"])
-        assert result["mean_offdiag"] == 0.0 and result["mean_offdiag_paper"] == 0.0 and len(result["cells"]) == 6
+        assert all(c.lss == 0.0 and c.wins == 0 and c.within_tol == c.n for c in result.cells)
+        assert result.mean_offdiag == 0.0 and result.mean_offdiag_paper == 0.0 and len(result.cells) == 6
 
 
 def test_batch_size_1_and_16_differ_only_within_the_tolerance(tiny, artifact, data_root):
@@ -295,9 +301,9 @@ def test_batch_size_1_and_16_differ_only_within_the_tolerance(tiny, artifact, da
     sixteen = lss.LssEvaluator(tiny, {**cfg, "batch_size": 16}, data_root, store=None)
     tol = one.settings.tol
     for evaluator in (one, sixteen):
-        evaluator.ensure_baseline(lss.LSS_LANGS)
+        evaluator.unpatched.ensure(data.LSS_LANGS)
     for s in SOURCES:
-        assert np.abs(one.baseline[s] - sixteen.baseline[s]).max() < tol / 10
+        assert np.abs(one.unpatched.columns[s] - sixteen.unpatched.columns[s]).max() < tol / 10
     for target, spec in [(t, spec) for t in ("en", "ja") for spec in (
             PatchSpec(t, op="set", source="pmax"),  # shared prompts: KV cache, left-padded contexts
             PatchSpec(t, op="set", stat="max"))]:  # per-sample statistic: whole rows with the attention mask
@@ -313,9 +319,9 @@ def test_batch_size_1_and_16_differ_only_within_the_tolerance(tiny, artifact, da
             # a fact may flip only where its shift lies within the layout noise of the tolerance
             assert np.all(np.abs(shift_a[differ] - tol) <= np.abs(shift_a - shift_b)[differ])
             if not differ.any():
-                ca = lss.cell_stats(source, target, a[source], tol, 0, 0)
-                cb = lss.cell_stats(source, target, b[source], tol, 0, 0)
-                assert ca["lss"] == cb["lss"] and ca["lss_paper"] == cb["lss_paper"]
+                ca = metrics.lss_cell(source, target, a[source], tol, 0, 0)
+                cb = metrics.lss_cell(source, target, b[source], tol, 0, 0)
+                assert ca.lss == cb.lss and ca.lss_paper == cb.lss_paper
 
 
 # --- matrix outputs and the factor search -------------------------------------------------------------
@@ -332,22 +338,26 @@ def test_factor_search_ranks_the_grid_and_saves_the_best(tiny, artifact, data_ro
     with pytest.raises(UserError, match="run `python -m lsn_exp stage=factor_search model=tiny` first"):
         search.resolve_best(tiny.identity, store, lape, SEARCH_CFG, "neurons", "python -m lsn_exp stage="
                             "factor_search model=tiny")
-    out = search.factor_search(tiny, artifact, lape, SEARCH_CFG, data_root, store, out_dir=tmp_path,
-                               artifact_key="neurons")
-    ranking = out["ranking"]
+    out, matrices = search.factor_search(tiny, artifact, lape, SEARCH_CFG, data_root, store, artifact_key="neurons")
+    assert isinstance(out, FactorSearchResult) and list(matrices) == ["x5", "set0", "pmax", "noop"]
+    for name, matrix in matrices.items():  # what the factor_search job step writes (lsn_exp.job)
+        assert isinstance(matrix, LssMatrix)
+        outputs.lss_matrix_files(matrix, tmp_path / "factor_search", f"LSS {name}", prefix=f"lss_{name}")
+    outputs.ranking_csv(out.ranking, tmp_path)
+    ranking = out.ranking
     assert [r["rank"] for r in ranking] == [1, 2, 3, 4]
     scores = [r["mean_offdiag_lss"] for r in ranking]
     assert scores == sorted(scores, reverse=True) and next(r for r in ranking if r["name"] == "noop")[
         "mean_offdiag_lss"] == 0.0
-    assert out["n_facts"] == 3 and (tmp_path / "factor_search" / "lss_x5_matrix.png").exists()
-    searched = set(out["fact_ids"])
-    reported = {f.fact_id for f in lss.sample_facts(lss.read_mlama(data_root).facts, 10, 0)}
+    assert out.n_facts == 3 and (tmp_path / "factor_search" / "lss_x5_matrix.png").exists()
+    searched = set(out.fact_ids)
+    reported = {f.fact_id for f in data.sample_facts(data.read_mlama(data_root).facts, 10, 0)}
     assert len(searched) == 3 and not searched & reported  # the scored facts, not only the label, are disjoint
     table = (tmp_path / "factor_ranking.csv").read_text()
     assert "disjoint from the 10-fact reporting sample" in table and "mean_offdiag_lss_paper" in table
     patch_cfg, factor = search.resolve_best(tiny.identity, store, lape, SEARCH_CFG, "neurons", "")
     spec = PatchSpec.from_config(patch_cfg, factor, "ja")
-    assert spec == search.entry_spec(out["best"]["entry"], lape, "ja")
+    assert spec == search.entry_spec(out.best["entry"], lape, "ja")
 
 
 @pytest.mark.parametrize("change", [
@@ -374,37 +384,43 @@ def test_factor_best_never_resolves_a_search_run_with_other_settings(change, tin
 
 
 def test_search_sample_is_disjoint_from_the_reporting_sample(data_root):
-    facts = lss.read_mlama(data_root).facts
-    report = {f.fact_id for f in lss.sample_facts(facts, 185, 0)}
-    searched = lss.sample_facts(facts, 40, 0, exclude_n_facts=185)
+    facts = data.read_mlama(data_root).facts
+    report = {f.fact_id for f in data.sample_facts(facts, 185, 0)}
+    searched = data.sample_facts(facts, 40, 0, exclude_n_facts=185)
     assert len(searched) == 40 and not report & {f.fact_id for f in searched}
-    assert [f.fact_id for f in searched] == [f.fact_id for f in lss.sample_facts(facts, 40, 0, exclude_n_facts=185)]
-    docs = lss.lss_docs(data_root, "en", 40, 0, exclude_n_facts=185)
+    assert [f.fact_id for f in searched] == [f.fact_id for f in data.sample_facts(facts, 40, 0, exclude_n_facts=185)]
+    docs = data.lss_docs(data_root, "en", 40, 0, exclude_n_facts=185)
     assert {d["fact_id"] for d in docs} == {f.fact_id for f in searched}
     with pytest.raises(UserError, match="left beside the reporting sample"):
-        lss.sample_facts(facts, len(facts) - 100, 0, exclude_n_facts=185)
+        data.sample_facts(facts, len(facts) - 100, 0, exclude_n_facts=185)
 
 
 def test_matrix_outputs_and_user_errors(tiny, artifact, data_root, tmp_path):
     cfg = {"n_facts": 2, "sources": ["en", "fr"], "targets": ["fr"], "bootstrap": 20}
-    result = lss.lss_matrix(tiny, artifact, lambda t: PatchSpec(t, op="mul", value=5.0), cfg, data_root, None,
-                            out_dir=tmp_path, title="tiny x5")
-    assert set(result["matrix"]) == {"en", "fr"} and result["matrix"]["fr"]["fr"] is None
-    assert result["images"]["lss/heatmap"].exists() and result["tables"]["lss/matrix"].exists()
-    lines = result["tables"]["lss/matrix"].read_text().splitlines()
+    result = lss.lss_matrix(tiny, artifact, lambda t: PatchSpec(t, op="mul", value=5.0), cfg, data_root, None)
+    assert isinstance(result, LssMatrix)
+    tables, images = outputs.lss_matrix_files(result, tmp_path, "tiny x5")
+    assert set(result.matrix()) == {"en", "fr"} and result.matrix()["fr"]["fr"] is None
+    assert images["lss/heatmap"].exists() and tables["lss/matrix"].exists()
+    lines = tables["lss/matrix"].read_text().splitlines()
     assert lines[0] == "source\\target,fr" and lines[1].startswith("en,") and lines[2] == "fr,"
-    json.dumps({k: v for k, v in result.items() if k not in ("tables", "images")})  # plain data for results.json
-    single = lss.lss_for_target(tiny, artifact, PatchSpec("en", op="mul", value=5.0), cfg, data_root, None,
-                                out_dir=tmp_path)
-    assert set(single["lss"]) == {"fr"} and single["mean_lss"] == single["lss"]["fr"]
-    assert single["tables"]["lss/cells"].read_text().startswith("source,target,lss,ci_low,ci_high,lss_paper")
-    assert lss.read_cells(single["tables"]["lss/cells"])[0]["outcomes"] == single["cells"][0]["outcomes"]
-    assert result["tables"]["lss/matrix_paper"].exists() and result["images"]["lss/heatmap_paper"].exists()
+    stored = json.loads(json.dumps(result.to_json()))  # plain data for results.json
+    assert stored["matrix"] == result.matrix() and LssMatrix.from_json(stored) == result
+    single = lss.lss_for_target(tiny, artifact, PatchSpec("en", op="mul", value=5.0), cfg, data_root, None)
+    assert isinstance(single, LssResult)
+    assert set(single.by_source("lss")) == {"fr"} and single.mean == single.by_source("lss")["fr"]
+    cells_table = outputs.cells_csv(list(single.cells), tmp_path / "lss_en_cells.csv")
+    assert cells_table.read_text().startswith("source,target,lss,ci_low,ci_high,lss_paper")
+    with open(cells_table, newline="") as handle:
+        assert next(csv.DictReader(handle))["outcomes"] == single.cells[0].outcomes
+    stored = LssResult.from_json(json.loads(json.dumps(single.to_json())))  # results.json holds the cells
+    assert stored.cells[0].outcomes == single.cells[0].outcomes and stored == single
+    assert tables["lss/matrix_paper"].exists() and images["lss/heatmap_paper"].exists()
     for bad, match in (({"sources": ["en", "xx"]}, "lss.sources"), ({"n_facts": "many"}, "lss.n_facts"),
                        ({"n_facts": 0}, "lss.n_facts"), ({"n_facts": -3}, "lss.n_facts"), ({"tol": -1}, "lss.tol"),
                        ({"tol": "nan"}, "lss.tol"), ({"targets": ["xx"]}, "lss.targets")):
         with pytest.raises(UserError, match=match):
-            lss.lss_settings(bad)
+            lss_settings(bad)
     with pytest.raises(UserError, match="not an LSS language"):
         lss.LssEvaluator(tiny, cfg, data_root, None).score(artifact, PatchSpec("sw", op="mul", value=2.0))
 
@@ -457,16 +473,16 @@ def test_bf16_noop_is_exactly_zero_with_the_paired_layout(data_root, tmp_path):
     handle = load_tiny("llama")
     handle.model.to(torch.bfloat16)
     store = ArtifactStore(tmp_path)
-    art = synthetic_artifact(handle, list(lss.LSS_LANGS))
+    art = synthetic_artifact(handle, list(data.LSS_LANGS))
     cfg = {"n_facts": 4, "sources": SOURCES, "targets": ["en", "ja"], "bootstrap": 0}
     evaluator = lss.LssEvaluator(handle, cfg, data_root, store)
     assert evaluator.paired_layout()
     noop = lss.lss_matrix(handle, art, lambda t: PatchSpec(t, op="mul", value=1.0), cfg, data_root, store,
                           evaluator=evaluator)
-    assert all(c["wins"] == 0 and c["within_tol"] == c["n"] for c in noop["cells"]) and noop["mean_offdiag"] == 0.0
+    assert all(c.wins == 0 and c.within_tol == c.n for c in noop.cells) and noop.mean_offdiag == 0.0
     shifts, _, _, _ = evaluator.deltas(art, PatchSpec("ja", op="mul", value=1.0))
     assert all(np.nanmax(np.abs(shift)) == 0.0 for shift in shifts.values())  # bit-identical, not just within tol
-    assert len(list((tmp_path / lss.BASELINE_KIND).glob("*/meta.json"))) >= 2  # one paired entry per target
+    assert len(list((tmp_path / lss.UNPATCHED_KIND).glob("*/meta.json"))) >= 2  # one paired entry per target
     patched = lss.lss_matrix(handle, art, lambda t: PatchSpec(t, op="mul", value=8.0), cfg, data_root, store,
                              evaluator=evaluator)
-    assert patched["mean_offdiag"] > 0
+    assert patched.mean_offdiag > 0

@@ -1,4 +1,4 @@
-"""Model loading and the architecture adapter."""
+"""Model loading and the named intervention sites."""
 
 from __future__ import annotations
 
@@ -12,24 +12,38 @@ from conftest import FAMILY_ARCH, load_tiny
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_ARCH))
-def test_adapter_finds_the_gate_activation_site(family):
+def test_named_sites_resolve_to_the_gate_activation_down_proj_and_residual_stream(family):
     handle = load_tiny(family)
     adapter = handle.adapter
     assert adapter.n_layers == 4 and adapter.d_ff == 128
-    assert len({id(a) for a in adapter.act_fns}) == 4
+    assert set(adapter.sites) == set(models.SITES)
+    assert all(len(adapter.site(name)) == 4 for name in models.SITES)
+    assert len({id(a) for a in adapter.site("mlp.gate")}) == 4
     captured = {}
     layer = 2
-    adapter.act_fns[layer].register_forward_hook(lambda m, i, o: captured.update(act=o, gate_in=i[0]))
-    adapter.down_projs[layer].register_forward_hook(lambda m, i, o: captured.update(down_in=i[0]))
+    adapter.site("mlp.gate")[layer].register_forward_hook(lambda m, i, o: captured.update(act=o, gate_in=i[0]))
+    adapter.site("mlp.down")[layer].register_forward_hook(lambda m, i, o: captured.update(down_in=i[0]))
+    adapter.site("resid_post")[layer].register_forward_hook(lambda m, i, o: captured.update(resid=o))
+    handle.model.model.layers[layer + 1].register_forward_pre_hook(lambda m, a, k: captured.update(next_in=a[0] if a else
+                                                                                                   k["hidden_states"]),
+                                                                    with_kwargs=True)
     ids = handle.tokenizer(["Hello world, this is a test."], return_tensors="pt").input_ids
-    mlp = adapter.layers[layer].mlp
+    mlp = handle.model.model.layers[layer].mlp
     mlp.register_forward_hook(lambda m, i, o: captured.update(mlp_in=i[0]))
     with torch.no_grad():
         handle.model(ids)
-        gate = adapter.gate_projs[layer](captured["mlp_in"])
+        gate = mlp.gate_proj(captured["mlp_in"])
         up = mlp.up_proj(captured["mlp_in"])
-    assert torch.equal(captured["gate_in"], gate)  # act_fn sees gate_proj(x)
-    torch.testing.assert_close(captured["down_in"], captured["act"] * up)  # down_proj column j <-> neuron j
+    assert torch.equal(captured["gate_in"], gate)  # the mlp.gate site sees gate_proj(x)
+    torch.testing.assert_close(captured["down_in"], captured["act"] * up)  # mlp.down column j <-> neuron j
+    resid = captured["resid"][0] if isinstance(captured["resid"], tuple) else captured["resid"]
+    assert resid.shape == (1, ids.shape[1], handle.model.config.hidden_size)
+    assert torch.equal(resid, captured["next_in"])  # resid_post of layer l is what layer l+1 reads
+
+
+def test_an_unknown_site_names_the_known_ones():
+    with pytest.raises(KeyError, match="mlp.gate, mlp.down, resid_post"):
+        load_tiny().adapter.site("attn.q")
 
 
 def test_unsupported_architecture_names_the_supported_ones():
@@ -43,8 +57,8 @@ def test_unsupported_architecture_names_the_supported_ones():
 def test_tiny_models_are_reproducible_from_their_seed():
     a, b, c = load_tiny(seed=1), load_tiny(seed=1), load_tiny(seed=2)
     assert a.identity == b.identity != c.identity
-    assert torch.equal(a.adapter.down_projs[0].weight, b.adapter.down_projs[0].weight)
-    assert not torch.equal(a.adapter.down_projs[0].weight, c.adapter.down_projs[0].weight)
+    assert torch.equal(a.adapter.site("mlp.down")[0].weight, b.adapter.site("mlp.down")[0].weight)
+    assert not torch.equal(a.adapter.site("mlp.down")[0].weight, c.adapter.site("mlp.down")[0].weight)
 
 
 @pytest.mark.slow

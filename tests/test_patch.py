@@ -16,8 +16,8 @@ from lsn_exp import identify
 from lsn_exp.errors import UserError
 from lsn_exp.identify import NeuronArtifact
 from lsn_exp.models import ModelHandle, load
-from lsn_exp.patch import (NEURON_SETS, STATS, Patch, PatchSpec, parse_factor, parse_layers,
-                           sample_statistic)
+from lsn_exp.patch import NEURON_SETS, STATS, Patch, PatchSpec, parse_factor, parse_layers
+from lsn_exp.teststat import sample_statistic
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = ("llama", "qwen2", "gemma3_text")
@@ -114,7 +114,7 @@ def gate_capture(handle: ModelHandle, layer: int, run) -> list[torch.Tensor]:
     """hook_gate [B, T, d_ff] of ``layer`` at each forward of ``run()``, after any patch hook already
     installed (hooks run in registration order)."""
     seen: list[torch.Tensor] = []
-    hook = handle.adapter.act_fns[layer].register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    hook = handle.adapter.site("mlp.gate")[layer].register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
     try:
         run()
     finally:
@@ -146,8 +146,15 @@ def hook_registry(handle: ModelHandle) -> dict[str, dict[str, list]]:
 
 # --- spec and config -------------------------------------------------------------------------------
 
-def test_neuron_sets_match_identify():
-    assert NEURON_SETS == tuple(identify.NEURON_SETS)
+def test_identification_builds_every_neuron_set_a_patch_accepts():
+    from lsn_exp.record import Recording
+
+    gen = torch.Generator().manual_seed(0)
+    shape = (2, 2, 8)
+    rec = Recording(languages=["en", "fr"], counts=torch.randint(0, 10, shape, generator=gen),
+                    tokens=torch.tensor([10, 10]), sentences=torch.tensor([3, 3]), p_max=torch.rand(shape, generator=gen),
+                    p_median=torch.rand(shape, generator=gen), always_active=torch.rand(shape, generator=gen) > 0.5)
+    assert tuple(identify.identify(rec, 0.5, 0.5, 0.5, seed=0).masks) == NEURON_SETS
 
 
 def test_from_config_factor_and_overrides():
@@ -266,10 +273,10 @@ def test_weight_edit_equals_hook(arch, spec):
     batch = encode(handle, TEXTS)
     hooks = hook_registry(handle)
     with Patch(handle, artifact, spec) as edit:
-        assert edit.summary()["hook_layers"] == 0 and hook_registry(handle) == hooks  # weights only
+        assert edit.summary().hook_layers == 0 and hook_registry(handle) == hooks  # weights only
         by_weights = hidden(handle, batch)
     with Patch(handle, artifact, spec, weight_edit=False) as hooked:
-        assert hooked.summary()["weight_edit_layers"] == 0
+        assert hooked.summary().weight_edit_layers == 0
         by_hook = hidden(handle, batch)
     assert not torch.equal(by_hook, hidden(handle, batch))
     torch.testing.assert_close(by_weights, by_hook, rtol=1e-5, atol=1e-5)
@@ -430,7 +437,7 @@ def test_hooks_run_without_host_sync(device):
     for spec in [*HOOK_SPECS, *STAT_SPECS]:
         with Patch(handle, artifact, spec):
             pre_hooks = list(decoder._forward_pre_hooks.values())  # the statistic's mask capture
-            hooks = [(m, h) for m in handle.adapter.act_fns for h in m._forward_hooks.values()]
+            hooks = [(m, h) for m in handle.adapter.site("mlp.gate") for h in m._forward_hooks.values()]
             assert len(pre_hooks) == (spec.stat is not None)
             hooked += bool(hooks)
             with no_host_sync(device):

@@ -23,7 +23,7 @@ def brute_force(handle, sentences):
     min_abs = torch.full((layers, handle.adapter.d_ff), float("inf"))  # closest any activation gets to 0
     means, acts = [], {}
     hooks = [a.register_forward_hook(lambda m, i, o, l=l: acts.__setitem__(l, o[0, 1:]))
-             for l, a in enumerate(handle.adapter.act_fns)]
+             for l, a in enumerate(handle.adapter.site("mlp.gate"))]
     try:
         with torch.no_grad():
             for row in ids:

@@ -73,12 +73,38 @@ def test_report_cli_on_a_missing_dir_is_one_line(tmp_path):
     assert result.returncode == 2 and "is not a directory" in result.stderr
 
 
+def _cell(outcomes: str, source: str = "en", target: str = "fr"):
+    """An LssCell whose per-fact outcomes are ``outcomes`` (1 win, 0 no win, s skipped)."""
+    from lsn_exp.metrics import lss_cell
+
+    shift = [{"1": 1.0, "0": -1.0, "s": float("nan")}[ch] for ch in outcomes]
+    cell = lss_cell(source, target, shift, tol=1e-3, n_boot=0, seed=0)
+    assert cell.outcomes == outcomes
+    return cell
+
+
 def test_headline_names_each_stage_number():
     from lsn_exp.job import headline
+    from lsn_exp.results import DownstreamResult, LssResult, MetricDelta, PatchSummary, TaskScore
 
-    line = headline({"identify": {"lape_neurons": {"id": 30, "ms": 12}}, "lss": {"mean": 0.5, "mean_paper": 0.4},
-                     "downstream": {"summary": {"xcopa": {"acc": {"self": 0.07, "cross": -0.003}},
-                                                "xwinograd": {"acc": {"self": None, "cross": -0.034}}}},
+    patch = PatchSummary(patch="id:lape:mul=2", layers=[0, 1], neurons=42, neurons_per_layer=[20, 22],
+                         others_neurons=0, weight_edit_layers=2, hook_layers=0)
+    lss = LssResult(target="id", patch=patch, cells=(_cell("1100s"),), tol=1e-3, n_facts=5,
+                    fact_ids=[f"P17:{i}" for i in range(5)], requests=8, wall_time_s=1.0)
+    assert (lss.mean, lss.mean_paper) == (0.5, 0.4)
+
+    def task(family, lang, self_language, delta):
+        acc = MetricDelta(value=0.5 + delta, stderr=0.01, base=0.5, base_stderr=0.01, delta=delta, delta_stderr=0.01)
+        return TaskScore(family=family, lang=lang, n=100, self_language=self_language, metrics={"acc": acc},
+                         unpatched_cached=True)
+
+    downstream = DownstreamResult(target="id", patch=patch, tasks={
+        "xcopa_local_id": task("xcopa", "id", True, 0.07), "xcopa_local_it": task("xcopa", "it", False, -0.003),
+        "xwinograd_local_fr": task("xwinograd", "fr", False, -0.034)}, skipped={}, settings={}, wall_time_s=3.0,
+        data_root="")
+    summary = downstream.summary()
+    assert summary["xcopa"]["acc"]["self"] == 0.07 and summary["xwinograd"]["acc"]["self"] is None
+    line = headline({"identify": {"lape_neurons": {"id": 30, "ms": 12}}, "lss": lss, "downstream": downstream,
                      "wall_time_s": 12.5})
     assert line == ("LAPE neurons=42 | mean LSS 0.500 (paper count 0.400) | xcopa acc Δ self +0.070 cross -0.003 | "
                     "xwinograd acc Δ self — cross -0.034 | 12.5 s")
@@ -87,14 +113,14 @@ def test_headline_names_each_stage_number():
 def test_report_ci_resamples_facts_shared_by_all_cells():
     """Cells that share their facts are not independent: ten cells with the same outcomes carry the
     uncertainty of one cell's ten facts, which a bootstrap over cells would report as a zero-width CI."""
-    from lsn_exp.report import fact_bootstrap
+    from lsn_exp.metrics import fact_bootstrap
 
-    same = [{"outcomes": "1100110010", "n": 10} for _ in range(10)]
+    same = [_cell("1100110010") for _ in range(10)]
     ci = fact_bootstrap(same, n_boot=2000)
     assert ci["lss"][0] < 0.3 and ci["lss"][1] > 0.7  # one cell's 10 facts: wide
-    independent = [{"outcomes": "".join("1" if (i + j) % 2 else "0" for j in range(10)), "n": 10} for i in range(10)]
+    independent = [_cell("".join("1" if (i + j) % 2 else "0" for j in range(10))) for i in range(10)]
     narrow = fact_bootstrap(independent, n_boot=2000)
     assert narrow["lss"] == (0.5, 0.5)  # every resample of facts keeps the mean over these cells at 0.5
-    skipped = fact_bootstrap([{"outcomes": "1s1s1s0s00", "n": 6}], n_boot=2000)
+    skipped = fact_bootstrap([_cell("1s1s1s0s00")], n_boot=2000)
     assert skipped["lss_paper"][1] <= skipped["lss"][1]  # the paper count puts skipped facts in the denominator
-    assert fact_bootstrap([{"outcomes": "10"}, {"outcomes": "101"}]) is None  # no common sample: no CI
+    assert fact_bootstrap([_cell("10"), _cell("101")]) is None  # no common sample: no CI
