@@ -39,7 +39,7 @@ from lsn_exp.data import MT_PROMPTS
 from lsn_exp.patch import Patch, PatchSpec
 from lsn_exp.results import DownstreamResult, TaskScore
 from lsn_exp.settings import TASK_FAMILIES, EvalSettings, TaskFamily, eval_settings
-from lsn_exp.tracking import provenance
+from lsn_exp.tracking import provenance, sha256_file
 
 if TYPE_CHECKING:
     from lsn_exp.artifacts import ArtifactStore
@@ -149,12 +149,10 @@ def _data_files(ref: TaskRef, root: Path | None, settings_: EvalSettings) -> lis
     return files
 
 
-@cache
-def _sha(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+_file_sha256 = cache(sha256_file)  # a task's data files hash once per process
 
 
-def _fingerprint(ref: TaskRef, root: Path | None, settings_: EvalSettings) -> dict:
+def _task_fingerprint(ref: TaskRef, root: Path | None, settings_: EvalSettings) -> dict:
     """What the task's documents and requests come from: its task files and data files (or the hub)."""
     if not ref.family.local:
         return {"hub": INCLUDE_HUB_ID}
@@ -162,7 +160,7 @@ def _fingerprint(ref: TaskRef, root: Path | None, settings_: EvalSettings) -> di
     digest = hashlib.sha256()
     for path in sorted(p for p in task_dir.iterdir() if p.suffix in (".yaml", ".py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    files = {p.name: _sha(p) for p in _data_files(ref, root, settings_)} if root is not None else {"hub": True}
+    files = {p.name: _file_sha256(p) for p in _data_files(ref, root, settings_)} if root is not None else {"hub": True}
     return {"tasks": digest.hexdigest()[:16], "data": files}
 
 
@@ -171,7 +169,7 @@ def unpatched_spec(handle: ModelHandle, ref: TaskRef, root: Path | None, setting
     spec = {"model": handle.identity, "dtype": str(handle.model.dtype),
             "device": getattr(handle.device, "type", str(handle.device)), "task": ref.name,
             "limit": settings_.limit_for(ref.family.name), "version": DOWNSTREAM_VERSION,
-            "lm_eval": version("lm_eval"), "files": _fingerprint(ref, root, settings_)}
+            "lm_eval": version("lm_eval"), "files": _task_fingerprint(ref, root, settings_)}
     if ref.family.kind in ("mt", "ppl"):
         spec["flores_split"] = settings_.flores_split
     if ref.family.kind == "mt":

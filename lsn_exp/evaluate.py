@@ -282,7 +282,8 @@ def hflm(handle: ModelHandle, batch_size: int | None = None, lm_class: type[LsnH
     """lm-eval's HF model around ``handle.model`` (patched in place by ``Patch``). Log-softmax runs in float32
     whatever the model dtype: in bf16 it rounds log-probs near large logits to steps of 0.06-0.125 nats."""
     logging.getLogger("lm_eval.models.huggingface").addFilter(_quiet)
-    return lm_class(pretrained=handle.model, tokenizer=handle.tokenizer, batch_size=int(batch_size or handle.batch_size),
+    return lm_class(pretrained=handle.model, tokenizer=handle.tokenizer,
+                    batch_size=int(batch_size or handle.batch_size),
                     logits_cache=True, softmax_dtype=torch.float32)
 
 

@@ -2,7 +2,8 @@
 
 A stage is a list of steps; each step reads the job context and returns a StageOutput (typed results,
 tables, images, data files) that the job merges into the run record. The record is saved (atomically)
-before anything is sent to W&B.
+before anything is sent to W&B. Steps import the torch and lm-eval modules inside themselves, so
+validation and dry runs load neither.
 """
 
 from __future__ import annotations
@@ -131,8 +132,9 @@ def factor_search(ctx: JobContext) -> StageOutput:
     for row in result.ranking:
         print(f"{row['rank']:>2}. {row['name']:<14} mean off-diagonal LSS {row['mean_offdiag_lss']:.3f} "
               f"(paper count {row['mean_offdiag_lss_paper']:.3f})")
-    return StageOutput({"factor_search": result}, {"factor_search/ranking": outputs.ranking_csv(result.ranking, ctx.run_dir)},
-                       images, lss.data_files(ctx.data_root))
+    ranking = outputs.ranking_csv(result.ranking, ctx.run_dir)
+    return StageOutput({"factor_search": result}, {"factor_search/ranking": ranking}, images,
+                       lss.data_files(ctx.data_root))
 
 
 def downstream(ctx: JobContext) -> StageOutput:
@@ -216,8 +218,8 @@ def completed(run_dir: Path, digest: str) -> bool:
 
 def note_attempt(run_dir: Path, what: str) -> None:
     """One line per attempt in attempts.log (started / completed / skipped): a cell's history, for people and tests."""
-    with open(run_dir / "attempts.log", "a") as handle:
-        handle.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {what}\n")
+    with open(run_dir / "attempts.log", "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {what}\n")
 
 
 def headline(results: dict) -> str:

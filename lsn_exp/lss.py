@@ -146,7 +146,9 @@ class UnpatchedScores:
             ll = evaluate.loglikelihoods(self.lm, insts, disable_tqdm=False)
             return {"loglik": torch.tensor(ll, dtype=torch.float64)}, {"sources": list(keep), "target": target}
 
-        tensors = compute()[0] if self.store is None else self.store.get_or_compute(UNPATCHED_KIND, spec, compute).tensors
+        if self.store is None:
+            return compute()[0]["loglik"].numpy().reshape(-1, 2)
+        tensors = self.store.get_or_compute(UNPATCHED_KIND, spec, compute).tensors
         return np.asarray(tensors["loglik"].numpy(), dtype=np.float64).reshape(-1, 2)
 
 
@@ -208,7 +210,8 @@ class LssEvaluator:
             self.unpatched.ensure([target])
         start = time.time()
         with Patch(self.handle, artifact, spec) as patch:
-            ll = np.asarray(evaluate.loglikelihoods(self.lm, insts, disable_tqdm=False), dtype=np.float64).reshape(-1, 2)
+            ll = np.asarray(evaluate.loglikelihoods(self.lm, insts, disable_tqdm=False), dtype=np.float64)
+            ll = ll.reshape(-1, 2)  # [requests / 2, 2]: log P(obj_s), log P(obj_t)
             patch_summary = patch.summary()
         seconds = time.time() - start
         shifts, offset = {}, 0
@@ -227,8 +230,9 @@ class LssEvaluator:
     def score(self, artifact: NeuronArtifact, spec: PatchSpec) -> LssResult:
         """LSS(s→t) for every source s ≠ t = spec.target, scored under ``Patch(handle, artifact, spec)``."""
         shifts, patch_summary, seconds, n_requests = self.deltas(artifact, spec)
-        cells = tuple(metrics.lss_cell(source, spec.target, shift, tol=self.settings.tol, n_boot=self.settings.bootstrap,
-                                       seed=self.settings.seed) for source, shift in shifts.items())
+        s = self.settings
+        cells = tuple(metrics.lss_cell(source, spec.target, shift, tol=s.tol, n_boot=s.bootstrap, seed=s.seed)
+                      for source, shift in shifts.items())
         return LssResult(target=spec.target, patch=patch_summary, cells=cells, tol=self.settings.tol, n_facts=self.n,
                          fact_ids=list(self.fact_ids), requests=n_requests, wall_time_s=round(seconds, 2),
                          unpatched_cached=dict(self.unpatched.cached), data=self.mlama_summary)

@@ -29,16 +29,18 @@ from lsn_exp.tracking import sha256_file
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma", "gemma2", "gemma3", "gemma3_text")  # model_type values
 CONVERSION_VERSION = 1
 
-# Named intervention sites, one per decoder layer l, as paths under ``model.model.layers[l]`` (every supported
-# architecture shares them). The recorder and every intervention resolve sites by these names only.
+# Named intervention sites, one per decoder layer l, as paths under ``model.model.layers[l]``. The recorder
+# and every intervention resolve sites by these names only.
 SITES = {
     "mlp.gate": "mlp.act_fn",  # output act_fn(gate_proj(x)): the gate activation          [batch, pos, d_ff]
     "mlp.down": "mlp.down_proj",  # Linear d_ff -> d_model: input column j <-> neuron j     weight [d_model, d_ff]
     "resid_post": "",  # the layer's output: the residual stream after layer l               [batch, pos, d_model]
 }
+# model_type -> its site table; every supported family names its MLP like Llama (a new one adds its own table)
+ARCHITECTURES = {model_type: SITES for model_type in ("llama", "qwen2", "mistral", "gemma", "gemma2", "gemma3",
+                                                      "gemma3_text")}
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ def find_adapter(model) -> Adapter:
     if model_type not in ARCHITECTURES:
         raise UserError(f"unsupported architecture '{model_type}': lsn_exp supports {', '.join(ARCHITECTURES)}")
     layers = list(model.model.layers)
-    sites = {name: [layer.get_submodule(path) for layer in layers] for name, path in SITES.items()}
+    sites = {name: [layer.get_submodule(path) for layer in layers] for name, path in ARCHITECTURES[model_type].items()}
     if len({id(m) for m in sites["mlp.gate"]}) != len(layers):
         raise RuntimeError("act_fn modules are shared between layers; per-layer hooks would collide")
     activation = getattr(model.config, "hidden_activation", None) or model.config.hidden_act
@@ -124,7 +126,7 @@ def load(cfg, cache_dir: str | None = None) -> ModelHandle:
         if not path.is_dir():
             raise UserError(f"model.path={path} is not a directory with a transformers checkpoint")
         model, tokenizer = _from_pretrained(str(path), dtype=dtype)
-        identity = {"id": str(path), "weights_fingerprint": _fingerprint(path)}
+        identity = {"id": str(path), "weights_fingerprint": _weights_fingerprint(path)}
     elif cfg.source == "hub":
         model, tokenizer = _from_hub(cfg.id, cfg.revision, dtype)
         identity = {"id": cfg.id, "revision": cfg.revision,
@@ -221,15 +223,15 @@ def _dist_version(module_name: str) -> str | None:
     return None
 
 
-def _fingerprint(path: Path) -> str:
+def _weights_fingerprint(path: Path) -> str:
     """Cheap weights identity for a local dir: names, sizes and the head/tail MiB of each weight file."""
     digest = hashlib.sha256()
     for file in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
         digest.update(f"{file.name}:{file.stat().st_size}".encode())
-        with open(file, "rb") as handle:
-            digest.update(handle.read(1 << 20))
-            handle.seek(max(0, file.stat().st_size - (1 << 20)))
-            digest.update(handle.read())
+        with open(file, "rb") as f:
+            digest.update(f.read(1 << 20))
+            f.seek(max(0, file.stat().st_size - (1 << 20)))
+            digest.update(f.read())
     return digest.hexdigest()
 
 

@@ -156,7 +156,8 @@ def _by_target(results: list[DownstreamResult]) -> dict[str, DownstreamResult]:
     by_target: dict[str, DownstreamResult] = {}
     for result in (r for r in results if r.target is not None):
         if result.target in by_target:
-            raise UserError(f"two results patch toward {result.target}: build matrices from one factor's jobs at a time")
+            raise UserError(f"two results patch toward {result.target}: "
+                            "build matrices from one factor's jobs at a time")
         by_target[result.target] = result
     order = [c for c in LANG_ORDER if c in by_target] + sorted(c for c in by_target if c not in LANG_ORDER)
     return {code: by_target[code] for code in order}
@@ -214,7 +215,8 @@ def downstream_markdown(result: DownstreamResult) -> str:
     lines = [f"Patched toward **{result.target}** ({result.patch.patch if result.patch else 'unpatched'}); "
              f"limit {s['limit']} (overrides {s['limits'] or 'none'}), MT prompt {s['mt_prompt']}, "
              f"FLORES {s['flores_split']}.", "",
-             "| family | lang | metric | n | unpatched | patched | Δ (± paired se) |", "|---|---|---|---|---|---|---|"]
+             "| family | lang | metric | n | unpatched | patched | Δ (± paired se) |",
+             "|---|---|---|---|---|---|---|"]
     for row in task_rows(result):
         f = METRIC_FMT.get(row["metric"], ".3f")
         lang = f"**{row['lang']}**" if row["self"] else row["lang"]

@@ -128,7 +128,7 @@ def make_batches(ids: list[list[int]], n_prefix: int, n_stat: int, batch_size: i
 
 
 class ActivationRecorder:
-    """Forward hooks on every layer's act_fn; accumulate counts and stat-sentence means."""
+    """Forward hooks on every layer's mlp.gate site; accumulate counts and stat-sentence means."""
 
     def __init__(self, handle: ModelHandle, n_stat: int):
         adapter = handle.adapter
@@ -152,13 +152,13 @@ class ActivationRecorder:
 
     @contextmanager
     def hooked(self):
-        handles = [act.register_forward_hook(self._hook(layer))
-                   for layer, act in enumerate(self.handle.adapter.site("mlp.gate"))]
+        hooks = [gate.register_forward_hook(self._hook(layer))
+                 for layer, gate in enumerate(self.handle.adapter.site("mlp.gate"))]
         try:
             yield self
         finally:
-            for h in handles:
-                h.remove()
+            for hook in hooks:
+                hook.remove()
 
     @torch.inference_mode()
     def run(self, batches: list[Batch], desc: str) -> None:

@@ -46,17 +46,17 @@ def _overrides(run_dir: Path) -> dict:
 
 
 def collect(sweep_dir: Path) -> list[SweepRun]:
-    cells = []
+    runs = []
     for run_dir in sorted((p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
                           key=lambda p: (len(p.name), p.name)):
         results_path = run_dir / RESULTS_FILE
         if results_path.exists():
             payload = json.loads(results_path.read_text())
-            cells.append(SweepRun(run_dir, _overrides(run_dir), from_json(payload["results"]), payload["config"],
+            runs.append(SweepRun(run_dir, _overrides(run_dir), from_json(payload["results"]), payload["config"],
                               payload.get("images", {})))
         elif (run_dir / ".hydra").exists():
-            cells.append(SweepRun(run_dir, _overrides(run_dir), None))
-    return cells
+            runs.append(SweepRun(run_dir, _overrides(run_dir), None))
+    return runs
 
 
 def expected_cells(sweep_dir: Path) -> list[dict]:
@@ -72,12 +72,12 @@ def expected_cells(sweep_dir: Path) -> list[dict]:
     return [dict(combo) for combo in itertools.product(*axes)]
 
 
-def missing_cells(sweep_dir: Path, cells: list[SweepRun]) -> list[dict]:
+def missing_cells(sweep_dir: Path, runs: list[SweepRun]) -> list[dict]:
     """Grid cells without complete results; without a multirun.yaml, the run dirs lacking results."""
     grid = expected_cells(sweep_dir)
     if not grid:
-        return [c.overrides for c in cells if c.results is None]
-    complete = [c.overrides for c in cells if c.results is not None]
+        return [c.overrides for c in runs if c.results is None]
+    complete = [c.overrides for c in runs if c.results is not None]
     return [cell for cell in grid if not any(all(done.get(k) == v for k, v in cell.items()) for done in complete)]
 
 
@@ -119,7 +119,8 @@ def pivot_heatmaps(done: list[SweepRun], metric: str, out_dir: Path) -> list[Pat
 
 def lss_cells(run: SweepRun) -> tuple[LssCell, ...]:
     """Every (source, target) LSS cell a run scored: a job toward one target or a full matrix."""
-    found = [r for r in (run.results.get("lss"), run.results.get("lss_matrix")) if isinstance(r, (LssResult, LssMatrix))]
+    found = [r for r in (run.results.get("lss"), run.results.get("lss_matrix"))
+             if isinstance(r, (LssResult, LssMatrix))]
     return tuple(c for r in found for c in r.cells)
 
 
@@ -169,15 +170,15 @@ def downstream_section(done: list[SweepRun], sweep_dir: Path) -> list[str]:
 
 
 def build_report(sweep_dir: Path) -> Path:
-    cells = collect(sweep_dir)
-    done = [c for c in cells if c.results is not None]
+    runs = collect(sweep_dir)
+    done = [run for run in runs if run.results is not None]
     metric_names = sorted({k for c in done for k in headline_metrics(c.results, c.key[1])})
     rows = [[*c.key, *(headline_metrics(c.results, c.key[1]).get(m) for m in metric_names)] for c in done]
     header = ["model", "lang", "factor", *metric_names]
     outputs.write_csv(sweep_dir / "report_cells.csv", header, rows)
     main_metric = next((m for m in ("lss_mean", "lss_offdiag", "gen_target_patched") if m in metric_names), None)
     images = pivot_heatmaps(done, main_metric, sweep_dir) if main_metric else []
-    missing = missing_cells(sweep_dir, cells)
+    missing = missing_cells(sweep_dir, runs)
 
     lines = [f"# lsn_exp report: {sweep_dir.name}", "",
              f"{len(done)} complete cell(s); {len(missing)} missing.", "", "## Cells", "",

@@ -112,7 +112,8 @@ def factor_search(handle: ModelHandle, artifact: NeuronArtifact, patch_cfg, lss_
     best = {"name": ranked[0]["name"], "entry": ranked[0]["entry"], "mean_offdiag_lss": ranked[0]["mean_offdiag_lss"],
             "sample": sample, "ranking": [{k: r[k] for k in ("rank", "name", "mean_offdiag_lss")} for r in ranked]}
     if store is not None:
-        best["path"] = str(save_winner(store, search_key(handle.identity, artifact_key, patch_cfg, lss_cfg), ranked, best))
+        key = search_key(handle.identity, artifact_key, patch_cfg, lss_cfg)
+        best["path"] = str(save_winner(store, key, ranked, best))
     result = FactorSearchResult(ranking=ranked, best=best, sample=sample, n_facts=evaluator.n,
                                 fact_ids=list(evaluator.fact_ids), unpatched_cached=dict(evaluator.unpatched.cached))
     return result, matrices

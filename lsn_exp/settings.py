@@ -221,7 +221,10 @@ def eval_settings(eval_cfg) -> EvalSettings:
     """``cfg.eval`` (conf/eval/default.yaml) -> EvalSettings, every mistake as a one-line UserError."""
     cfg = plain(eval_cfg)
     families = cfg.get("tasks", "all")
-    families = list(TASK_FAMILIES) if families in (None, "all") else [families] if isinstance(families, str) else families
+    if families in (None, "all"):
+        families = list(TASK_FAMILIES)
+    elif isinstance(families, str):
+        families = [families]
     bad = [f for f in families if f not in TASK_FAMILIES]
     if bad or not families:
         raise UserError(f"eval.tasks={families} is not allowed: use all or a list of {', '.join(TASK_FAMILIES)}")

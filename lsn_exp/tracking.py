@@ -35,10 +35,10 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(obj, handle, indent=2, sort_keys=False, default=str)
-            handle.flush()
-            os.fsync(handle.fileno())
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False, default=str)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -47,8 +47,8 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
@@ -120,7 +120,8 @@ class RunRecord:
 
     def save(self) -> Path:
         path = self.run_dir / RESULTS_FILE
-        write_json_atomic(path, {"schema_version": SCHEMA_VERSION, "config": self.config, "results": self.json_results(),
+        write_json_atomic(path, {"schema_version": SCHEMA_VERSION, "config": self.config,
+                                 "results": self.json_results(),
                                  "provenance": self.provenance, "images": self.images,
                                  "tables": self.tables})
         return path
@@ -152,6 +153,6 @@ def log_to_wandb(record: RunRecord, logger_cfg: DictConfig, group: str, name: st
 def _csv_table(wandb, path: Path):
     import csv
 
-    with open(path, newline="") as handle:
-        rows = list(csv.reader(handle))
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
     return wandb.Table(columns=rows[0], data=rows[1:])
