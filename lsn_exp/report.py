@@ -18,7 +18,7 @@ import yaml
 
 from lsn_exp import outputs
 from lsn_exp.metrics import fact_bootstrap
-from lsn_exp.results import RESULTS_FILE, LssCell, LssMatrix, LssResult, from_json, mean_over
+from lsn_exp.results import RESULTS_FILE, SCHEMA_VERSION, LssCell, LssMatrix, LssResult, from_json, mean_over
 
 
 @dataclass
@@ -50,10 +50,14 @@ def collect(sweep_dir: Path) -> list[SweepRun]:
     for run_dir in sorted((p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
                           key=lambda p: (len(p.name), p.name)):
         results_path = run_dir / RESULTS_FILE
-        if results_path.exists():
-            payload = json.loads(results_path.read_text())
+        payload = json.loads(results_path.read_text()) if results_path.exists() else None
+        if payload is not None and payload.get("schema_version") != SCHEMA_VERSION:
+            print(f"lsn_exp.report: {results_path} has results schema {payload.get('schema_version')}, this report "
+                  f"reads {SCHEMA_VERSION}: listed as missing (re-run the cell with force=true)", file=sys.stderr)
+            payload = None
+        if payload is not None:
             runs.append(SweepRun(run_dir, _overrides(run_dir), from_json(payload["results"]), payload["config"],
-                              payload.get("images", {})))
+                                 payload.get("images", {})))
         elif (run_dir / ".hydra").exists():
             runs.append(SweepRun(run_dir, _overrides(run_dir), None))
     return runs

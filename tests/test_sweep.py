@@ -73,6 +73,20 @@ def test_report_cli_on_a_missing_dir_is_one_line(tmp_path):
     assert result.returncode == 2 and "is not a directory" in result.stderr
 
 
+def test_a_results_file_of_another_schema_is_listed_as_missing_not_misread(sweep, tmp_path, capsys):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(sweep, old)
+    cell = old / "0" / "results.json"
+    payload = json.loads(cell.read_text())
+    del payload["schema_version"]  # results.json as written before the typed results
+    cell.write_text(json.dumps(payload))
+    report = build_report(old).read_text()
+    assert "3 complete cell(s); 1 missing." in report
+    assert "has results schema None, this report reads 1" in capsys.readouterr().err
+
+
 def _cell(outcomes: str, source: str = "en", target: str = "fr"):
     """An LssCell whose per-fact outcomes are ``outcomes`` (1 win, 0 no win, s skipped)."""
     from lsn_exp.metrics import lss_cell
