@@ -36,9 +36,10 @@ import torch
 
 from lsn_exp import data, evaluate, metrics
 from lsn_exp.data import MT_PROMPTS
-from lsn_exp.patch import Patch, PatchSpec
+from lsn_exp.patch import PatchSpec
 from lsn_exp.results import DownstreamResult, TaskScore
 from lsn_exp.settings import TASK_FAMILIES, EvalSettings, TaskFamily, eval_settings
+from lsn_exp.steer import Intervention, intervene
 from lsn_exp.tracking import provenance, sha256_file
 
 if TYPE_CHECKING:
@@ -268,14 +269,15 @@ class DownstreamEvaluator:
     def data_files(self) -> list[Path]:
         return sorted({p for r in self.refs for p in _data_files(r, self.root, self.settings)})
 
-    def score(self, artifact: NeuronArtifact | None, spec: PatchSpec | None) -> tuple[DownstreamResult, list]:
-        """Every selected task under ``Patch(handle, artifact, spec)`` (spec None: unpatched) vs the unpatched
+    def score(self, artifact: NeuronArtifact | None,
+              spec: PatchSpec | Intervention | None) -> tuple[DownstreamResult, list]:
+        """Every selected task under ``intervene(handle, artifact, spec)`` (spec None: unpatched) vs the unpatched
         outputs; also the MT output rows (outputs.MT_OUTPUT_FIELDS)."""
         start = time.time()
         if spec is None:
             patched, patch_summary = self.run(self.refs), None
         else:
-            with Patch(self.handle, artifact, spec) as patch:
+            with intervene(self.handle, artifact, spec) as patch:
                 patched, patch_summary = self.run(self.refs), patch.summary()
         seconds = time.time() - start
         target = spec.target if spec is not None else None
@@ -304,7 +306,8 @@ class DownstreamEvaluator:
                          bleu_tokenizer=metrics.bleu_tokenizer(ref.lang) if ref.family.kind == "mt" else None)
 
 
-def evaluate_downstream(handle: ModelHandle, artifact: NeuronArtifact | None, patch_spec: PatchSpec | None, eval_cfg,
+def evaluate_downstream(handle: ModelHandle, artifact: NeuronArtifact | None,
+                        patch_spec: PatchSpec | Intervention | None, eval_cfg,
                         data_root, store: ArtifactStore | None) -> tuple[DownstreamResult, list, list[Path]]:
     """A job: the patched model on ``eval.tasks`` for every task language, against the (cached) unpatched
     model. Returns the result, the MT output rows and the data files read."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lsn_exp.errors import UserError
 from lsn_exp.record import Recording
 from lsn_exp.tracking import sha256_file
 
@@ -26,6 +27,8 @@ class NeuronArtifact:
     p_median: torch.Tensor  # float32 [K, L, d_ff]: lower median (50th of 100 sorted values)
     activation_prob: torch.Tensor  # float32 [K, L, d_ff]: count / tokens
     meta: dict = field(default_factory=dict)
+    resid_mean: torch.Tensor | None = None  # float32 [K, L, d_model]: mean residual stream after each layer
+    resid_norm: torch.Tensor | None = None  # float32 [K, L]: mean L2 norm of a token's residual there
 
     @property
     def n_layers(self) -> int:
@@ -47,6 +50,16 @@ class NeuronArtifact:
     def neurons(self, set_name: str, code: str) -> list[torch.Tensor]:
         """Per layer, the int64 indices of ``code``'s neurons in ``set_name``."""
         return [row.nonzero().flatten() for row in self.mask(set_name, code)]
+
+    def diffmean(self, code: str) -> torch.Tensor:
+        """float32 [L, d_model]: the DiffMean vector of ``code`` at every layer: its mean residual minus the average
+        of the other recorded languages' means (each language weighs the same, whatever its token count)."""
+        if self.resid_mean is None:
+            raise UserError("this neuron artifact holds no residual means (recorded before DiffMean vectors): "
+                            "record again (the current identify stage stores them)")
+        k = self.lang_index(code)
+        others = self.resid_mean[torch.arange(len(self.languages)) != k]
+        return self.resid_mean[k] - others.mean(dim=0)
 
     def counts_per_layer(self, set_name: str) -> torch.Tensor:
         """int64 [K, L]: how many neurons each language has in each layer."""
@@ -108,7 +121,8 @@ def identify(recording: Recording, top_rate: float, filter_rate: float, bar_rate
     meta = {"thresholds": thresholds, "rates": {"top": top_rate, "filter": filter_rate, "bar": bar_rate},
             "seed": seed, "tokens": recording.tokens.tolist(), "sentences": recording.sentences.tolist()}
     return NeuronArtifact(languages=list(recording.languages), masks=masks, p_max=recording.p_max,
-                          p_median=recording.p_median, activation_prob=prob, meta=meta)
+                          p_median=recording.p_median, activation_prob=prob, meta=meta,
+                          resid_mean=recording.resid_mean, resid_norm=recording.resid_norm)
 
 
 # --- cached stage entry ---------------------------------------------------------------------------
@@ -124,6 +138,7 @@ class IdentifyResult:
 def artifact_to_tensors(art: NeuronArtifact) -> tuple[dict, dict]:
     tensors = {f"mask.{name}": mask for name, mask in art.masks.items()}
     tensors.update(p_max=art.p_max, p_median=art.p_median, activation_prob=art.activation_prob)
+    tensors.update({k: v for k, v in (("resid_mean", art.resid_mean), ("resid_norm", art.resid_norm)) if v is not None})
     return tensors, {"languages": art.languages, **art.meta}
 
 
@@ -131,10 +146,11 @@ def artifact_from_tensors(tensors: dict, meta: dict) -> NeuronArtifact:
     masks = {name.split(".", 1)[1]: t for name, t in tensors.items() if name.startswith("mask.")}
     meta = dict(meta)
     return NeuronArtifact(languages=meta.pop("languages"), masks=masks, p_max=tensors["p_max"],
-                          p_median=tensors["p_median"], activation_prob=tensors["activation_prob"], meta=meta)
+                          p_median=tensors["p_median"], activation_prob=tensors["activation_prob"], meta=meta,
+                          resid_mean=tensors.get("resid_mean"), resid_norm=tensors.get("resid_norm"))
 
 
-IDENTIFY_VERSION = 1  # bump when selection (LAPE, baseline, random) or the artifact's layout changes
+IDENTIFY_VERSION = 2  # bump when selection (LAPE, baseline, random) or the artifact's layout changes
 
 
 def recording_spec(handle, settings, prefix) -> dict:

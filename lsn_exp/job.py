@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lsn_exp import data, outputs, settings
 from lsn_exp.patch import Factor, PatchSpec, parse_factor
+from lsn_exp.steer import Intervention, SteerSpec
 from lsn_exp.results import RESULTS_FILE, LssResult, Skipped, StageOutput
 from lsn_exp.tracking import RunRecord, log_to_wandb, provenance
 
@@ -45,15 +46,18 @@ class JobContext:
     artifact: NeuronArtifact | None = None
     artifact_key: str | None = None  # the neuron artifact's cache key (factor=best looks the search up by it)
 
-    def patch_spec(self, target: str | None = None) -> PatchSpec:
-        """The patch toward ``target`` (default: the job's lang); factor=best reads the factor search."""
+    def intervention(self, target: str | None = None) -> Intervention:
+        """The neuron patch (and steering vector) toward ``target`` (default: the job's lang); factor=best reads
+        the factor search."""
         patch_cfg, factor = self.cfg.patch, self.factor
         if factor.kind == "best":
             from lsn_exp.search import resolve_best
 
             patch_cfg, factor = resolve_best(self.model_handle.identity, self.store, self.cfg.patch, self.cfg.lss,
                                              self.artifact_key, search_command())
-        return PatchSpec.from_config(patch_cfg, factor, target or self.cfg.lang.code)
+        target = target or self.cfg.lang.code
+        return Intervention(PatchSpec.from_config(patch_cfg, factor, target), SteerSpec.from_config(self.cfg.steer,
+                                                                                                      target))
 
 
 def load_model(ctx: JobContext) -> StageOutput:
@@ -84,11 +88,11 @@ def identify_neurons(ctx: JobContext) -> StageOutput:
 def generate_demo(ctx: JobContext) -> StageOutput:
     """Greedy continuations of neutral English prompts, unpatched and patched, with detected language."""
     from lsn_exp import generate
-    from lsn_exp.patch import Patch
+    from lsn_exp.steer import intervene
 
-    target, spec = ctx.cfg.lang.code, ctx.patch_spec()
+    target, spec = ctx.cfg.lang.code, ctx.intervention()
     before = generate.generate_labelled(ctx.model_handle)
-    after = generate.generate_labelled(ctx.model_handle, patch=Patch(ctx.model_handle, ctx.artifact, spec))
+    after = generate.generate_labelled(ctx.model_handle, patch=intervene(ctx.model_handle, ctx.artifact, spec))
     for b, a in zip(before, after):
         print(f"{b.prompt!r}\n  unpatched [{b.label}] {b.text!r}\n  {spec.describe()} [{a.label}] {a.text!r}")
     table = outputs.generations_csv(ctx.run_dir / "generations.csv", before, after)
@@ -105,7 +109,7 @@ def lss_scores(ctx: JobContext) -> StageOutput:
     target = ctx.cfg.lang.code
     if target not in data.LSS_LANGS:
         return StageOutput({"lss": Skipped(f"mLAMA has no {target}: LSS covers {' '.join(data.LSS_LANGS)}")})
-    result = lss.lss_for_target(ctx.model_handle, ctx.artifact, ctx.patch_spec(), ctx.cfg.lss, ctx.data_root,
+    result = lss.lss_for_target(ctx.model_handle, ctx.artifact, ctx.intervention(), ctx.cfg.lss, ctx.data_root,
                                 ctx.store)
     table = outputs.cells_csv(list(result.cells), ctx.run_dir / f"lss_{target}_cells.csv")
     return StageOutput({"lss": result}, {"lss/cells": table}, data_files=lss.data_files(ctx.data_root))
@@ -115,7 +119,7 @@ def lss_matrix(ctx: JobContext) -> StageOutput:
     """The full sources x targets matrix for this factor in one model load."""
     from lsn_exp import lss
 
-    result = lss.lss_matrix(ctx.model_handle, ctx.artifact, ctx.patch_spec, ctx.cfg.lss, ctx.data_root, ctx.store)
+    result = lss.lss_matrix(ctx.model_handle, ctx.artifact, ctx.intervention, ctx.cfg.lss, ctx.data_root, ctx.store)
     tables, images = outputs.lss_matrix_files(result, ctx.run_dir, f"LSS {ctx.cfg.model.name} factor={ctx.factor}")
     return StageOutput({"lss_matrix": result}, tables, images, lss.data_files(ctx.data_root))
 
@@ -141,7 +145,7 @@ def downstream(ctx: JobContext) -> StageOutput:
     """XCOPA, XWinograd, INCLUDE (online), FLORES MT and perplexity: patched vs cached unpatched."""
     from lsn_exp.downstream import evaluate_downstream
 
-    result, mt_rows, files = evaluate_downstream(ctx.model_handle, ctx.artifact, ctx.patch_spec(), ctx.cfg.eval,
+    result, mt_rows, files = evaluate_downstream(ctx.model_handle, ctx.artifact, ctx.intervention(), ctx.cfg.eval,
                                                  ctx.data_root, ctx.store)
     return StageOutput({"downstream": result}, outputs.downstream_tables(result, mt_rows, ctx.run_dir),
                        data_files=files)

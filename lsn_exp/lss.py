@@ -38,9 +38,10 @@ import torch
 from lsn_exp import data, evaluate, metrics
 from lsn_exp.data import LSS_LANGS
 from lsn_exp.errors import UserError
-from lsn_exp.patch import Patch, PatchSpec
+from lsn_exp.patch import PatchSpec
 from lsn_exp.results import LssMatrix, LssResult
 from lsn_exp.settings import LssSettings, lss_settings
+from lsn_exp.steer import Intervention, intervene
 from lsn_exp.tracking import provenance
 
 if TYPE_CHECKING:
@@ -195,7 +196,7 @@ class LssEvaluator:
                 insts += [self.requests.instances[source][i][s], self.requests.instances[source][i][t]]
         return keep, insts
 
-    def deltas(self, artifact: NeuronArtifact, spec: PatchSpec):
+    def deltas(self, artifact: NeuronArtifact, spec: PatchSpec | Intervention):
         """Per source s ≠ t: the shift Δ(patched toward t) − Δ(unpatched) of every sampled fact, float64 [N];
         NaN where the two objects are the same string (a win is impossible there, so it is not scored).
         Returns (shifts, patch summary, patched seconds, requests); the patched requests of all sources go to
@@ -209,7 +210,7 @@ class LssEvaluator:
         if unpatched is None:
             self.unpatched.ensure([target])
         start = time.time()
-        with Patch(self.handle, artifact, spec) as patch:
+        with intervene(self.handle, artifact, spec) as patch:
             ll = np.asarray(evaluate.loglikelihoods(self.lm, insts, disable_tqdm=False), dtype=np.float64)
             ll = ll.reshape(-1, 2)  # [requests / 2, 2]: log P(obj_s), log P(obj_t)
             patch_summary = patch.summary()
@@ -227,8 +228,8 @@ class LssEvaluator:
             shifts[source][idx] = (ll[rows, 1] - ll[rows, 0]) - base_delta
         return shifts, patch_summary, seconds, len(insts)
 
-    def score(self, artifact: NeuronArtifact, spec: PatchSpec) -> LssResult:
-        """LSS(s→t) for every source s ≠ t = spec.target, scored under ``Patch(handle, artifact, spec)``."""
+    def score(self, artifact: NeuronArtifact, spec: PatchSpec | Intervention) -> LssResult:
+        """LSS(s→t) for every source s ≠ t = spec.target, scored under ``intervene(handle, artifact, spec)``."""
         shifts, patch_summary, seconds, n_requests = self.deltas(artifact, spec)
         s = self.settings
         cells = tuple(metrics.lss_cell(source, spec.target, shift, tol=s.tol, n_boot=s.bootstrap, seed=s.seed)
@@ -243,13 +244,14 @@ def data_files(data_root) -> list:
     return list(data.read_mlama(data.mlama_root(data_root)).files)
 
 
-def lss_for_target(handle: ModelHandle, artifact: NeuronArtifact, spec: PatchSpec, lss_cfg, data_root,
+def lss_for_target(handle: ModelHandle, artifact: NeuronArtifact, spec: PatchSpec | Intervention, lss_cfg, data_root,
                    store: ArtifactStore | None) -> LssResult:
     """A job with ``lang=t``: LSS(s→t) for every source s ≠ t (``lss.sources``)."""
     return LssEvaluator(handle, lss_cfg, data_root, store).score(artifact, spec)
 
 
-def lss_matrix(handle: ModelHandle, artifact: NeuronArtifact, spec_for: Callable[[str], PatchSpec], lss_cfg,
+def lss_matrix(handle: ModelHandle, artifact: NeuronArtifact, spec_for: Callable[[str], PatchSpec | Intervention],
+               lss_cfg,
                data_root, store: ArtifactStore | None, evaluator: LssEvaluator | None = None) -> LssMatrix:
     """The sources x targets LSS matrix in one model load: the unpatched scores once, one patched run per target.
 

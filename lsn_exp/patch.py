@@ -390,10 +390,10 @@ def _is_identity(op: str, value: float | None, source: str | None, stat: str | N
     return source is None and stat is None and ((op == "mul" and value == 1) or (op == "add" and value == 0))
 
 
-def check_layers(layers: tuple[int, ...] | None, n_layers: int) -> tuple[int, ...]:
+def check_layers(layers: tuple[int, ...] | None, n_layers: int, name: str = "patch.layers") -> tuple[int, ...]:
     """The selected layers (None: all), each checked against the model's layer count."""
     bad = [layer for layer in layers or () if not 0 <= layer < n_layers]
     if bad:
-        raise UserError(f"patch.layers has layer {bad[0]} out of range: this model has {n_layers} layers, "
+        raise UserError(f"{name} has layer {bad[0]} out of range: this model has {n_layers} layers, "
                         f"use 0..{n_layers - 1}")
     return tuple(range(n_layers)) if layers is None else layers

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from lsn_exp.errors import UserError
 from lsn_exp.models import ModelHandle
 
-RECORD_VERSION = 2  # bump when what a recording holds or how it is computed changes (part of its cache key)
+RECORD_VERSION = 3  # bump when what a recording holds or how it is computed changes (part of its cache key)
 PREFIX_CHOICES = ("auto", "bos", "eos", "none")
 
 
@@ -36,6 +37,8 @@ class Recording:
     p_max: torch.Tensor  # float32 [K, L, d]
     p_median: torch.Tensor  # float32 [K, L, d]: lower median (torch.median)
     always_active: torch.Tensor  # bool [K, L, d]: sentence mean > 0 in every stat sentence
+    resid_mean: torch.Tensor | None = None  # float32 [K, L, d_model]: mean residual stream after each layer
+    resid_norm: torch.Tensor | None = None  # float32 [K, L]: mean L2 norm of a token's residual after each layer
 
 
 @dataclass(frozen=True)
@@ -127,8 +130,20 @@ def make_batches(ids: list[list[int]], n_prefix: int, n_stat: int, batch_size: i
     return batches
 
 
+class LanguagePass(NamedTuple):
+    """What one language's recording pass gives (counted tokens: no padding, no prefix)."""
+
+    counts: torch.Tensor  # int64 [L, d_ff]: tokens with gate activation > 0
+    tokens: int
+    sentences: int
+    means: torch.Tensor  # float32 [S, L, d_ff]: each stat sentence's mean gate activation
+    resid_mean: torch.Tensor  # float32 [L, d_model]: mean residual stream after each layer
+    resid_norm: torch.Tensor  # float32 [L]: mean L2 norm of a token's residual after each layer
+
+
 class ActivationRecorder:
-    """Forward hooks on every layer's mlp.gate site; accumulate counts and stat-sentence means."""
+    """Forward hooks on every layer's mlp.gate site (counts, stat-sentence means) and resid_post site (the
+    residual stream's sum and norm over counted tokens, for DiffMean vectors), accumulated in fp32/int64."""
 
     def __init__(self, handle: ModelHandle, n_stat: int):
         adapter = handle.adapter
@@ -136,6 +151,9 @@ class ActivationRecorder:
         self.counts = torch.zeros(adapter.n_layers, adapter.d_ff, dtype=torch.int64, device=handle.device)
         self.means = torch.zeros(n_stat, adapter.n_layers, adapter.d_ff, dtype=torch.float32,
                                  device=handle.device)
+        self.resid_sum = torch.zeros(adapter.n_layers, handle.model.config.hidden_size, dtype=torch.float32,
+                                     device=handle.device)
+        self.resid_norm_sum = torch.zeros(adapter.n_layers, dtype=torch.float32, device=handle.device)
         self.batch: Batch | None = None
         self.stat_pos: torch.Tensor | None = None  # batch rows that are stat sentences
         self.stat_ids: torch.Tensor | None = None  # their index among the stat sentences
@@ -150,10 +168,20 @@ class ActivationRecorder:
                 self.means[self.stat_ids, layer] = sums / weights.sum(dim=1, keepdim=True).clamp(min=1)
         return hook
 
+    def _resid_hook(self, layer: int):
+        def hook(module, inputs, output):  # output: [B, T, d_model] (or a tuple whose first item it is)
+            resid = (output[0] if isinstance(output, tuple) else output).float()
+            weights = self.batch.count_mask.float()  # [B, T]
+            self.resid_sum[layer] += torch.einsum("bt,btd->d", weights, resid)
+            self.resid_norm_sum[layer] += (resid.norm(dim=-1) * weights).sum()
+        return hook
+
     @contextmanager
     def hooked(self):
-        hooks = [gate.register_forward_hook(self._hook(layer))
-                 for layer, gate in enumerate(self.handle.adapter.site("mlp.gate"))]
+        adapter = self.handle.adapter
+        hooks = [gate.register_forward_hook(self._hook(layer)) for layer, gate in enumerate(adapter.site("mlp.gate"))]
+        hooks += [block.register_forward_hook(self._resid_hook(layer))
+                  for layer, block in enumerate(adapter.site("resid_post"))]
         try:
             yield self
         finally:
@@ -178,9 +206,7 @@ class ActivationRecorder:
 
 def record_language(handle: ModelHandle, sentences: list[str], max_tokens: int | None, n_stat: int,
                     prefix: Prefix, batch_size: int, desc: str = "record"):
-    """Counts, token total, sentence total and stat-sentence means [S, L, d] for one language.
-
-    ``max_tokens`` None records every sentence."""
+    """One language's pass; ``max_tokens`` None records every sentence."""
     ids = tokenize(handle.tokenizer, sentences, prefix)
     n_prefix = 0 if prefix.token_id is None else 1
     lengths = [len(row) - n_prefix for row in ids]
@@ -190,17 +216,18 @@ def record_language(handle: ModelHandle, sentences: list[str], max_tokens: int |
     recorder = ActivationRecorder(handle, n_stat)
     recorder.run(make_batches(ids, n_prefix, n_stat, batch_size, handle.tokenizer.pad_token_id), desc)
     n_tokens = sum(len(row) - n_prefix for row in ids)
-    return recorder.counts.cpu(), n_tokens, n_kept, recorder.means.cpu()
+    return LanguagePass(recorder.counts.cpu(), n_tokens, n_kept, recorder.means.cpu(),
+                        recorder.resid_sum.cpu() / max(n_tokens, 1), recorder.resid_norm_sum.cpu() / max(n_tokens, 1))
 
 
 def language_stats(handle: ModelHandle, sentences: list[str], max_tokens: int | None, n_stat: int,
                    prefix: Prefix, batch_size: int, desc: str = "record") -> dict[str, torch.Tensor]:
     """One language's statistics as tensors (the unit the artifact cache stores)."""
-    counts, n_tokens, n_sentences, means = record_language(handle, sentences, max_tokens, n_stat, prefix,
-                                                           batch_size, desc)
-    return {"counts": counts, "tokens": torch.tensor(n_tokens), "sentences": torch.tensor(n_sentences),
-            "p_max": means.max(dim=0).values, "p_median": means.median(dim=0).values,
-            "always_active": (means > 0).all(dim=0)}
+    found = record_language(handle, sentences, max_tokens, n_stat, prefix, batch_size, desc)
+    return {"counts": found.counts, "tokens": torch.tensor(found.tokens), "sentences": torch.tensor(found.sentences),
+            "p_max": found.means.max(dim=0).values, "p_median": found.means.median(dim=0).values,
+            "always_active": (found.means > 0).all(dim=0), "resid_mean": found.resid_mean,
+            "resid_norm": found.resid_norm}
 
 
 def stack_languages(stats: dict[str, dict[str, torch.Tensor]]) -> Recording:
@@ -208,4 +235,5 @@ def stack_languages(stats: dict[str, dict[str, torch.Tensor]]) -> Recording:
     field = lambda name: torch.stack([s[name] for s in stats.values()])  # noqa: E731
     return Recording(languages=list(stats), counts=field("counts"), tokens=field("tokens"),
                      sentences=field("sentences"), p_max=field("p_max"), p_median=field("p_median"),
-                     always_active=field("always_active"))
+                     always_active=field("always_active"), resid_mean=field("resid_mean"),
+                     resid_norm=field("resid_norm"))

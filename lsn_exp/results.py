@@ -50,6 +50,7 @@ class PatchSummary(Serializable):
     others_neurons: int
     weight_edit_layers: int
     hook_layers: int
+    steer: str | None = None  # the steering vector added with the patch (lsn_exp.steer), if any
 
 
 def _patch(data: dict | None) -> PatchSummary | None:

@@ -18,6 +18,7 @@ from lsn_exp import data
 from lsn_exp.data import LANG_ORDER, LSS_LANGS, MT_PROMPTS
 from lsn_exp.errors import UserError
 from lsn_exp.patch import PatchSpec, check_layers, parse_factor
+from lsn_exp.steer import SteerSpec
 
 MAX_TOKENS_ALL = ("all", "none", "null")
 
@@ -316,9 +317,11 @@ def validate(cfg, stages) -> None:
         patch_cfg.update(op=None, value=None, stat=None)
         factor = parse_factor(1)
     spec = PatchSpec.from_config(patch_cfg, factor, target)
+    steer = SteerSpec.from_config(plain(cfg.get("steer")), target)
     n_layers = model_layers(cfg.model, cfg.get("cache_dir"))
-    if spec.layers is not None and n_layers is not None:
-        check_layers(spec.layers, n_layers)
+    for name, layers in (("patch.layers", spec.layers), ("steer.layers", steer.layers)):
+        if layers is not None and n_layers is not None:
+            check_layers(layers, n_layers, name)
     if searched:  # the grid shapes the search and the key factor=best looks up
         from lsn_exp.search import grid_specs  # search imports this module
 

@@ -110,6 +110,9 @@ BAD_OVERRIDES = [  # each must fail before any model loads, dry run or not, in o
     ("lss.search.n_facts=0", "lss.n_facts=0 is not allowed"),
     ("eval.tasks=[foo]", "eval.tasks=['foo'] is not allowed"),
     ("eval.limit=0", "eval.limit=0 is not allowed"),
+    ("steer.alpha=abc", "steer.alpha='abc' is not a number"),
+    ("steer.scale=cube", "steer.scale=cube is not allowed"),
+    ("steer.layers=7", "steer.layers has layer 7 out of range: this model has 4 layers"),
 ]
 
 

@@ -40,7 +40,7 @@ def brute_force(handle, sentences):
 
 def test_counts_and_means_equal_a_brute_force_capture(tiny, flores_dev):
     sentences = flores_dev["fr"][:12]
-    counts, n_tokens, n_sent, means = record_language(tiny, sentences, 10_000, 12, bos(tiny), batch_size=5)
+    counts, n_tokens, n_sent, means, *_ = record_language(tiny, sentences, 10_000, 12, bos(tiny), batch_size=5)
     ref_counts, ref_tokens, ref_means, min_abs = brute_force(tiny, sentences)
     assert n_tokens == ref_tokens and n_sent == 12
     torch.testing.assert_close(means, ref_means, atol=1e-5, rtol=1e-4)
@@ -53,6 +53,8 @@ def test_batch_size_and_padding_never_change_counts_or_means(tiny, flores_dev):
     eight = record_language(tiny, sentences, 10_000, 10, bos(tiny), batch_size=8)
     assert one[1:3] == eight[1:3]
     torch.testing.assert_close(one[3], eight[3], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(one.resid_mean, eight.resid_mean, atol=1e-5, rtol=1e-4)  # DiffMean's input
+    torch.testing.assert_close(one.resid_norm, eight.resid_norm, atol=1e-4, rtol=1e-5)
     differing = one[0] != eight[0]
     # Only a sign flip of an activation within ~1e-5 of zero may move a count.
     _, _, _, min_abs = brute_force(tiny, sentences)
@@ -67,7 +69,7 @@ def test_token_cap_drops_the_first_sentence_that_would_pass_it():
 
 
 def test_cap_is_exact_on_real_text(tiny, flores_dev):
-    counts, n_tokens, n_sent, _ = record_language(tiny, flores_dev["en"], 300, 5, bos(tiny), batch_size=8)
+    counts, n_tokens, n_sent, *_ = record_language(tiny, flores_dev["en"], 300, 5, bos(tiny), batch_size=8)
     lengths = [len(r) - 1 for r in tokenize(tiny.tokenizer, flores_dev["en"], bos(tiny))]
     assert n_sent == select_under_cap(lengths, 300) and n_tokens == sum(lengths[:n_sent]) <= 300
     # every counted token is counted once per neuron at most
@@ -85,7 +87,7 @@ def test_without_a_bos_every_sentence_starts_after_a_fixed_token_left_out_of_cou
     sentences = flores_dev["fr"][:6]
     ids = tokenize(qwen.tokenizer, sentences, prefix)
     assert all(row[0] == prefix.token_id for row in ids)
-    counts, n_tokens, _, means = record_language(qwen, sentences, 10_000, 6, prefix, batch_size=4)
+    counts, n_tokens, _, means, *_ = record_language(qwen, sentences, 10_000, 6, prefix, batch_size=4)
     ref_counts, ref_tokens, ref_means, min_abs = brute_force(qwen, sentences)
     assert n_tokens == ref_tokens == sum(len(r) for r in qwen.tokenizer(sentences, add_special_tokens=False)[
         "input_ids"])
@@ -115,7 +117,7 @@ def test_bf16_recording_accumulates_means_in_float32(flores_dev):
     handle = load_tiny("llama")
     handle.model.to(torch.bfloat16)
     sentences = flores_dev["en"][:4]
-    counts, _, _, means = record_language(handle, sentences, 10_000, 4, bos(handle), batch_size=1)
+    counts, _, _, means, *_ = record_language(handle, sentences, 10_000, 4, bos(handle), batch_size=1)
     ref_counts, _, ref_means, _ = brute_force(handle, sentences)  # the same bf16 activations, float64 sums
     assert means.dtype == torch.float32 and counts.dtype == torch.int64
     assert torch.equal(counts, ref_counts)
@@ -129,3 +131,25 @@ def test_positive_gate_activation_iff_positive_preactivation():
     for name in ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new"):
         act = ACT2FN[name]
         assert torch.equal(act(x) > 0, x > 0), name
+
+
+def test_residual_means_equal_a_hand_computed_mean_over_real_tokens(flores_dev):
+    """The DiffMean input: the residual stream after each layer, averaged over every counted token (no padding,
+    no prefix token), equals a per-sentence capture of ``hidden_states``, at batch size 1 and 8."""
+    handle = load_tiny("qwen2")  # BOS-less: the prefix is the EOS token
+    prefix = prefix_token(handle.tokenizer)
+    sentences = flores_dev["ja"][:5] + flores_dev["en"][:3]
+    rows, norms = [], []
+    for ids in tokenize(handle.tokenizer, sentences, prefix):
+        with torch.no_grad():
+            hidden = handle.adapter.decoder(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+        after = torch.stack(hidden[1:])[:, 0, 1:].double()  # [L, T-1, d_model]: after each layer, prefix dropped
+        rows.append(after)
+        norms.append(after.norm(dim=-1))
+    want = torch.cat(rows, dim=1).mean(dim=1)  # [L, d_model]
+    want_norm = torch.cat(norms, dim=1).mean(dim=1)  # [L]; the last hidden state is after the final norm: skipped
+    for batch_size in (1, 8):
+        found = record_language(handle, sentences, 10_000, 4, prefix, batch_size=batch_size)
+        assert found.resid_mean.dtype == torch.float32
+        torch.testing.assert_close(found.resid_mean[:-1].double(), want[:-1], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(found.resid_norm[:-1].double(), want_norm[:-1], atol=1e-4, rtol=1e-4)

@@ -1,0 +1,165 @@
+"""Steering vectors: DiffMean on the residual stream, alone or with a neuron patch.
+
+For target t and layer l, v_l = mean residual stream after layer l over t's recorded FLORES tokens minus the
+average of the other recorded languages' means (``NeuronArtifact.diffmean``; recorded in the same pass as the
+neuron statistics, padding and prefix excluded). A steer adds alpha * v_l (scaled, see ``SCALES``) to the
+``resid_post`` site of each chosen layer, at every position, in scoring and in generation; alpha = 0 installs
+nothing, so it is bit-identical to no intervention.
+
+``Intervention`` pairs a PatchSpec (neurons) with an optional SteerSpec (vector); ``intervene`` applies both as
+one context manager that restores the model bit for bit on exit. torch is imported lazily (settings.py imports
+this module to validate a config).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from lsn_exp.errors import UserError
+from lsn_exp.patch import Patch, PatchSpec, check_layers, parse_layers
+from lsn_exp.results import PatchSummary
+
+if TYPE_CHECKING:
+    from lsn_exp.identify import NeuronArtifact
+    from lsn_exp.models import ModelHandle
+
+# none: alpha multiplies the raw difference of means; unit: v / |v| (alpha in residual units, as CLaS-Bench);
+# resid_norm: v / |v| x the layer's mean token residual norm (averaged over languages): alpha is a share of it
+SCALES = ("none", "unit", "resid_norm")
+
+
+@dataclass(frozen=True)
+class SteerSpec:
+    """Add alpha x the target's DiffMean vector to the residual stream after each chosen layer."""
+
+    target: str
+    alpha: float = 0.0
+    layers: tuple[int, ...] | None = None  # None: all layers
+    scale: str = "resid_norm"
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.alpha):
+            raise UserError(f"steer.alpha={self.alpha} is not a finite number")
+        if self.scale not in SCALES:
+            raise UserError(f"steer.scale={self.scale} is not allowed: use one of {', '.join(SCALES)}")
+
+    @classmethod
+    def from_config(cls, steer_cfg, target: str) -> SteerSpec:
+        cfg = dict(steer_cfg or {})
+        try:
+            alpha = float(cfg.get("alpha", 0.0))
+        except (TypeError, ValueError):
+            raise UserError(f"steer.alpha={cfg.get('alpha')!r} is not a number") from None
+        return cls(target=str(target), alpha=alpha, layers=parse_layers(cfg.get("layers")),
+                   scale=str(cfg.get("scale", "resid_norm")))
+
+    @property
+    def is_noop(self) -> bool:
+        return self.alpha == 0
+
+    def describe(self) -> str:
+        label = f"diffmean*{self.alpha:g}" + ("" if self.scale == "none" else f"({self.scale})")
+        return label + ("" if self.layers is None else f"@L{','.join(map(str, self.layers))}")
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """A neuron patch and an optional steering vector toward one target language."""
+
+    patch: PatchSpec
+    steer: SteerSpec | None = None
+
+    @property
+    def target(self) -> str:
+        return self.patch.target
+
+    def toward(self, target: str) -> Intervention:
+        return Intervention(replace(self.patch, target=target),
+                            None if self.steer is None else replace(self.steer, target=target))
+
+    def describe(self) -> str:
+        return self.patch.describe() + ("" if self.steer is None or self.steer.is_noop else
+                                        f"+{self.steer.describe()}")
+
+
+def steering_vectors(artifact: NeuronArtifact, spec: SteerSpec, n_layers: int) -> dict:
+    """layer -> float32 [d_model]: alpha x the scaled DiffMean vector of the target, for every chosen layer."""
+    import torch
+
+    layers = check_layers(spec.layers, n_layers, "steer.layers")
+    v = artifact.diffmean(spec.target)  # [L, d_model]
+    out = {}
+    for layer in layers:
+        vector = v[layer].to(torch.float32)
+        if spec.scale != "none":
+            vector = vector / vector.norm().clamp(min=1e-12)
+        if spec.scale == "resid_norm":
+            vector = vector * artifact.resid_norm[:, layer].mean()
+        out[layer] = spec.alpha * vector
+    return out
+
+
+class Steer:
+    """``with Steer(handle, artifact, spec): ...`` adds the vectors inside the block, removes every hook on exit."""
+
+    def __init__(self, handle: ModelHandle, artifact: NeuronArtifact, spec: SteerSpec):
+        self.handle, self.spec = handle, spec
+        self.vectors = {} if spec.is_noop else steering_vectors(artifact, spec, handle.adapter.n_layers)
+        self._hooks: list = []
+
+    def __enter__(self) -> Steer:
+        sites = self.handle.adapter.site("resid_post")
+        weight = self.handle.adapter.site("mlp.down")[0].weight
+        for layer, vector in self.vectors.items():
+            added = vector.to(device=weight.device, dtype=weight.dtype)
+            self._hooks.append(sites[layer].register_forward_hook(_adder(added)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+
+def _adder(vector):
+    def hook(module, args, output):  # output: resid_post [B, T, d_model] (or a tuple whose first item it is)
+        if isinstance(output, tuple):
+            return (output[0] + vector, *output[1:])
+        return output + vector
+
+    return hook
+
+
+class Intervened:
+    """The active form of an Intervention: the neuron patch and the steer, entered and left together."""
+
+    def __init__(self, handle: ModelHandle, artifact: NeuronArtifact, spec: Intervention):
+        self.spec = spec
+        self.patch = Patch(handle, artifact, spec.patch)
+        self.steer = None if spec.steer is None or spec.steer.is_noop else Steer(handle, artifact, spec.steer)
+        self._stack: ExitStack | None = None
+
+    def __enter__(self) -> Intervened:
+        with ExitStack() as stack:
+            stack.enter_context(self.patch)
+            if self.steer is not None:
+                stack.enter_context(self.steer)
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+
+    def summary(self) -> PatchSummary:
+        return replace(self.patch.summary(), patch=self.spec.describe(),
+                       steer=None if self.steer is None else self.spec.steer.describe())
+
+
+def intervene(handle: ModelHandle, artifact: NeuronArtifact, spec: PatchSpec | Intervention):
+    """The context manager that applies ``spec`` (a neuron patch, or a patch plus a steering vector)."""
+    return Patch(handle, artifact, spec) if isinstance(spec, PatchSpec) else Intervened(handle, artifact, spec)

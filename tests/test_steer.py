@@ -1,0 +1,136 @@
+"""DiffMean steering vectors: recorded means, the vector, alpha = 0, composing with a neuron patch, restoring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lsn_exp import identify
+from lsn_exp.artifacts import ArtifactStore
+from lsn_exp.errors import UserError
+from lsn_exp.patch import PatchSpec
+from lsn_exp.steer import Intervention, SteerSpec, intervene, steering_vectors
+from conftest import load_tiny
+
+LANGS = ["en", "fr", "ja"]
+
+
+@pytest.fixture(scope="module")
+def handle():
+    return load_tiny("llama")
+
+
+@pytest.fixture(scope="module")
+def artifact(handle, data_root, tmp_path_factory):
+    from omegaconf import OmegaConf
+
+    from lsn_exp import CONF_DIR
+
+    cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "identify" / "lape.yaml"),
+                          {"languages": LANGS, "max_tokens": 400, "n_stat_sentences": 5})
+    store = ArtifactStore(tmp_path_factory.mktemp("store"))
+    return identify.build(cfg, handle, data_root, store, seed=0).artifact
+
+
+def encode(handle, texts):
+    return dict(handle.tokenizer(texts, padding=True, return_tensors="pt"))
+
+
+@torch.inference_mode()
+def logits(handle, batch):
+    return handle.model(**batch).logits
+
+
+def test_diffmean_is_the_target_mean_minus_the_average_of_the_other_languages(artifact):
+    means = artifact.resid_mean.double()  # [K, L, d_model]
+    for k, code in enumerate(LANGS):
+        others = [means[j] for j in range(len(LANGS)) if j != k]
+        want = means[k] - sum(others) / len(others)
+        torch.testing.assert_close(artifact.diffmean(code).double(), want, atol=1e-6, rtol=1e-6)
+
+
+def test_the_artifact_keeps_residual_means_through_the_cache(handle, artifact, data_root, tmp_path):
+    tensors, meta = identify.artifact_to_tensors(artifact)
+    again = identify.artifact_from_tensors(tensors, meta)
+    assert torch.equal(again.resid_mean, artifact.resid_mean) and torch.equal(again.resid_norm, artifact.resid_norm)
+    assert again.resid_mean.shape == (3, handle.adapter.n_layers, handle.model.config.hidden_size)
+
+
+@pytest.mark.parametrize("scale", ["none", "unit", "resid_norm"])
+def test_steering_vectors_scale_as_documented(artifact, scale):
+    spec = SteerSpec("ja", alpha=2.0, layers=(1, 3), scale=scale)
+    vectors = steering_vectors(artifact, spec, artifact.n_layers)
+    assert sorted(vectors) == [1, 3]
+    raw = artifact.diffmean("ja")[3]
+    want = {"none": 2.0 * raw.norm(), "unit": torch.tensor(2.0),
+            "resid_norm": 2.0 * artifact.resid_norm[:, 3].mean()}[scale]
+    torch.testing.assert_close(vectors[3].norm(), want.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vectors[3] / vectors[3].norm(), raw / raw.norm(), rtol=1e-5, atol=1e-6)
+
+
+def test_alpha_zero_is_bit_identical_and_a_steer_changes_the_output(handle, artifact):
+    batch = encode(handle, ["The weather today is", "Le temps"])
+    before = logits(handle, batch)
+    noop = Intervention(PatchSpec("ja", op="mul", value=1.0), SteerSpec("ja", alpha=0.0))
+    with intervene(handle, artifact, noop) as active:
+        assert torch.equal(logits(handle, batch), before)
+        assert active.summary().steer is None
+    steer = Intervention(PatchSpec("ja", op="mul", value=1.0), SteerSpec("ja", alpha=1.0, layers=(2,)))
+    with intervene(handle, artifact, steer) as active:
+        assert not torch.equal(logits(handle, batch), before)
+        assert active.summary().patch == "ja:lape:mul=1+diffmean*1(resid_norm)@L2"
+    assert torch.equal(logits(handle, batch), before)
+
+
+def test_the_vector_is_added_at_every_position_of_the_chosen_layer_only(handle, artifact):
+    batch = encode(handle, ["The weather today is", "Le temps"])
+    spec = SteerSpec("fr", alpha=0.5, layers=(1,))
+    vector = steering_vectors(artifact, spec, artifact.n_layers)[1]
+
+    def capture():
+        seen = {}
+        hooks = [handle.adapter.site("resid_post")[layer].register_forward_hook(  # after any steer hook
+            lambda m, a, out, layer=layer: seen.update({layer: (out[0] if isinstance(out, tuple) else out).clone()}))
+            for layer in range(handle.adapter.n_layers)]
+        try:
+            logits(handle, batch)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return seen
+
+    plain = capture()
+    with intervene(handle, artifact, Intervention(PatchSpec("fr", op="mul", value=1.0), spec)):
+        steered = capture()
+    torch.testing.assert_close(steered[0], plain[0], rtol=0, atol=0)  # layers before it: untouched
+    torch.testing.assert_close(steered[1], plain[1] + vector, rtol=0, atol=0)  # every row and position
+    assert not torch.allclose(steered[2], plain[2])  # later layers read the steered stream
+
+
+def test_vector_and_neuron_patch_compose_and_restore_bit_for_bit(handle, artifact):
+    batch = encode(handle, ["Ibu kota Indonesia adalah", "Tokyo is"])
+    state = {k: v.clone() for k, v in handle.model.state_dict().items()}
+    before = logits(handle, batch)
+    patch = PatchSpec("ja", neuron_set="baseline", op="mul", value=3.0)
+    both = Intervention(patch, SteerSpec("ja", alpha=0.5, layers=(1, 2)))
+    with intervene(handle, artifact, patch):
+        patched_only = logits(handle, batch)
+    with intervene(handle, artifact, both) as active:
+        combined = logits(handle, batch)
+        assert active.summary().neurons > 0 and active.summary().steer == "diffmean*0.5(resid_norm)@L1,2"
+    assert not torch.equal(combined, patched_only) and not torch.equal(combined, before)
+    assert torch.equal(logits(handle, batch), before)
+    after = handle.model.state_dict()
+    assert all(torch.equal(state[k], after[k]) for k in state)
+    assert all(not m._forward_hooks for m in handle.adapter.site("resid_post"))
+
+
+def test_bad_steer_settings_are_one_line_errors(artifact):
+    with pytest.raises(UserError, match="steer.scale=cube is not allowed"):
+        SteerSpec("ja", alpha=1.0, scale="cube")
+    with pytest.raises(UserError, match="steer.alpha='x' is not a number"):
+        SteerSpec.from_config({"alpha": "x"}, "ja")
+    old = identify.NeuronArtifact(artifact.languages, artifact.masks, artifact.p_max, artifact.p_median,
+                                  artifact.activation_prob)
+    with pytest.raises(UserError, match="holds no residual means"):
+        old.diffmean("ja")
