@@ -24,6 +24,7 @@ DEFAULT_LOCAL_ROOT = REPO_ROOT.parent / "shared" / "data"
 FLORES_HUB_ID = "openlanguagedata/flores_plus"  # FLORES+ (v2): close to, not byte-equal with, v1
 MLAMA_HUB_ID = "inayarhmns/MLAMA-dod-185"  # the paper's set (hub only; LSS reads the local copy)
 TRUTHY = ("1", "true", "yes", "on")
+NO_SPACE_LANGS = ("ja", "zh", "th")  # written without spaces between words
 
 
 # --- languages -----------------------------------------------------------------------------------------
@@ -166,6 +167,23 @@ def flores_ppl_docs(data_root, lang: str, split: str = "devtest") -> list[dict]:
     return [{"id": i, "text": s, "lang": lang} for i, s in enumerate(sentences)]
 
 
+def flores_prompts(root: Path | None, lang: str, n: int, words: int, first: int = 0) -> list[str]:
+    """Generation prompts in ``lang``: the opening ``words`` words of FLORES devtest sentences first..first+n-1
+    (languages written without spaces take 3 characters a word)."""
+    sentences = flores(root, languages([lang])[0], "devtest").sentences[first: first + n]
+    if lang in NO_SPACE_LANGS:
+        return [s[: 3 * words] for s in sentences]
+    return [" ".join(s.split()[:words]) for s in sentences]
+
+
+def prompts_from_file(path) -> dict[str, list[str]]:
+    """A YAML file {lang: [prompt, ...]}."""
+    loaded = OmegaConf.to_container(OmegaConf.load(Path(path).expanduser()))
+    if not isinstance(loaded, dict) or not all(isinstance(v, list) for v in loaded.values()):
+        raise UserError(f"{path} is not a YAML mapping {{lang: [prompt, ...]}}")
+    return {str(lang): [str(p) for p in prompts] for lang, prompts in loaded.items()}
+
+
 # --- XCOPA and XWinograd ---------------------------------------------------------------------------------
 
 def _dataset_code(field: str, lang: str, dataset: str) -> str:
@@ -195,9 +213,6 @@ def xwinograd_docs(data_root, lang: str) -> list[dict]:
 
 
 # --- mLAMA: parallel facts, prompts, samples -------------------------------------------------------------
-
-NO_SPACE_LANGS = ("ja", "zh", "th")  # the object is glued on with no space, whatever the template has
-
 
 @dataclass(frozen=True)
 class Fact:

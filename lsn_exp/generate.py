@@ -1,7 +1,17 @@
-"""Free generation under a patch, labelled with an offline language identifier (py3langid)."""
+"""Free generation under an intervention: steering success and fluency, one definition for every method.
+
+- label: py3langid's language of the continuation (``data.language_of``)
+- repetition: the share of repeated character n-grams in the continuation, whitespace removed, so it works for
+  every script (``alıkalıkalık``, ``、、、、`` and ``แรกแรกแรก`` are one "word" each and score near 1)
+- nll: the continuation's mean negative log-likelihood per token under the *unpatched* model (its log is the
+  perplexity): a method that switches language by babbling pays here
+- steering success: the share of continuations labelled as the target *and* not degenerate (repetition at most
+  ``max_repetition``); the raw share is reported beside it.
+"""
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -9,28 +19,28 @@ import torch
 
 from lsn_exp.data import language_of
 
-NEUTRAL_PROMPTS = (
-    "The weather today is",
-    "My favourite food is",
-    "Yesterday I went to",
-    "The most important thing in life is",
-    "When I was a child,",
-    "The best way to learn something new is",
-    "In the morning, people usually",
-    "Here is a short story about a dog:",
-)
-
 
 @dataclass(frozen=True)
 class Generation:
     prompt: str
     text: str
     label: str  # py3langid ISO 639-1 code of the continuation
+    repetition: float = 0.0  # share of repeated character n-grams (0: none repeats)
+    nll: float | None = None  # mean NLL per continuation token under the unpatched model (None: not scored)
+
+
+def repetition_rate(text: str, n: int = 4) -> float:
+    """1 - distinct / all character n-grams of ``text`` without whitespace (0 when shorter than n)."""
+    chars = "".join(text.split())
+    grams = [chars[i: i + n] for i in range(len(chars) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
 @torch.inference_mode()
-def continuations(handle, prompts, max_new_tokens: int = 25) -> list[str]:
-    """Greedy continuations of a batch of prompts (left-padded, so every row decodes in step)."""
+def continuations(handle, prompts, max_new_tokens: int = 25) -> tuple[list[str], torch.Tensor, torch.Tensor, int]:
+    """Greedy continuations of a batch of prompts (left-padded, so every row decodes in step): the texts, the
+    full sequences [B, T], their attention mask (padding and everything after an EOS masked out) and the
+    prompt width (continuations start there)."""
     tokenizer = handle.tokenizer
     tokenizer.padding_side = "left"
     try:
@@ -39,15 +49,79 @@ def continuations(handle, prompts, max_new_tokens: int = 25) -> list[str]:
         tokenizer.padding_side = "right"
     out = handle.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, top_p=None,
                                 top_k=None, temperature=None, pad_token_id=tokenizer.pad_token_id)
-    new_tokens = out[:, batch["input_ids"].shape[1]:]
-    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    width = batch["input_ids"].shape[1]
+    new_tokens = out[:, width:]
+    ended = (new_tokens == tokenizer.eos_token_id).long().cumsum(dim=1) > 0  # the EOS and everything after it
+    mask = torch.cat([batch["attention_mask"], (~ended).long()], dim=1)  # [B, T]
+    texts = [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return texts, out, mask, width
 
 
-def generate_labelled(handle, prompts=NEUTRAL_PROMPTS, max_new_tokens: int = 25, patch=None) -> list[Generation]:
+@torch.inference_mode()
+def continuation_nll(handle, sequences: torch.Tensor, mask: torch.Tensor, width: int) -> list[float | None]:
+    """Mean NLL per token of each row's continuation (positions >= ``width``) under the model as it is now."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = handle.model(input_ids=sequences, attention_mask=mask, position_ids=positions).logits[:, width - 1:-1]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [B, new, V]
+    token_lp = logprobs.gather(-1, sequences[:, width:, None])[..., 0]  # [B, new]
+    real = mask[:, width:].bool()
+    counts = real.sum(dim=1)
+    sums = torch.where(real, -token_lp, 0.0).sum(dim=1)
+    return [float(s / c) if c > 0 else None for s, c in zip(sums.tolist(), counts.tolist())]
+
+
+def generate_labelled(handle, prompts, max_new_tokens: int = 25, patch=None, repetition_n: int = 4,
+                      fluency: bool = True) -> list[Generation]:
+    """Continuations under ``patch`` (any intervention context manager; None: unpatched), each labelled, with its
+    repetition rate and (``fluency``) its NLL under the unpatched model."""
     with patch if patch is not None else nullcontext():
-        texts = continuations(handle, prompts, max_new_tokens)
-    return [Generation(p, t, language_of(t)) for p, t in zip(prompts, texts)]
+        texts, sequences, mask, width = continuations(handle, prompts, max_new_tokens)
+    nll = continuation_nll(handle, sequences, mask, width) if fluency else [None] * len(texts)
+    return [Generation(p, t, language_of(t), repetition_rate(t, repetition_n), n)
+            for p, t, n in zip(prompts, texts, nll)]
 
 
-def share_in(generations: list[Generation], code: str) -> float:
-    return sum(g.label == code for g in generations) / max(len(generations), 1)
+def share_in(generations: list[Generation], code: str, max_repetition: float | None = None) -> float:
+    """The share labelled ``code``; with ``max_repetition``, only those at or under that repetition rate count."""
+    hits = [g for g in generations if g.label == code and (max_repetition is None or g.repetition <= max_repetition)]
+    return len(hits) / max(len(generations), 1)
+
+
+def fluency_summary(generations: list[Generation], max_repetition: float) -> dict:
+    """Mean repetition, the degenerate share and the perplexity (exp of the mean per-token NLL) of a set."""
+    scored = [g.nll for g in generations if g.nll is not None]
+    return {"repetition": sum(g.repetition for g in generations) / max(len(generations), 1),
+            "degenerate_share": sum(g.repetition > max_repetition for g in generations) / max(len(generations), 1),
+            "ppl": math.exp(sum(scored) / len(scored)) if scored else None}
+
+
+def prompt_sets(settings, root) -> dict[str, list[str]]:
+    """source language -> prompts: the prompts file when given, else FLORES devtest openings (``GenerateSettings``)."""
+    from lsn_exp import data
+
+    if settings.prompts_file is not None:
+        return data.prompts_from_file(settings.prompts_file)
+    return {code: data.flores_prompts(root, code, settings.n_prompts, settings.prompt_words, settings.first_sentence)
+            for code in settings.sources}
+
+
+def steering(handle, prompts: dict[str, list[str]], target: str, settings, patch=None) -> tuple[dict, list]:
+    """Unpatched and patched continuations of every source's prompts toward ``target``: per source and overall,
+    the raw target share, the steering success (target and not degenerate) and fluency; and one row per prompt."""
+    summary, rows, everything = {}, [], {"unpatched": [], "patched": []}
+    for source, texts in prompts.items():
+        runs = {"unpatched": generate_labelled(handle, texts, settings.max_new_tokens, None, settings.repetition_n),
+                "patched": generate_labelled(handle, texts, settings.max_new_tokens, patch, settings.repetition_n)}
+        summary[source] = {name: _measures(gens, target, settings.max_repetition) for name, gens in runs.items()}
+        for name, gens in runs.items():
+            everything[name] += gens
+        rows += [[source, b.prompt, b.text, b.label, round(b.repetition, 3), a.text, a.label, round(a.repetition, 3),
+                  None if a.nll is None else round(a.nll, 4)] for b, a in zip(runs["unpatched"], runs["patched"])]
+    summary["all"] = {name: _measures(gens, target, settings.max_repetition) for name, gens in everything.items()}
+    return summary, rows
+
+
+def _measures(generations: list[Generation], target: str, max_repetition: float) -> dict:
+    return {"n": len(generations), "target_share": share_in(generations, target),
+            "steering_success": share_in(generations, target, max_repetition),
+            **fluency_summary(generations, max_repetition)}

@@ -86,20 +86,24 @@ def identify_neurons(ctx: JobContext) -> StageOutput:
 
 
 def generate_demo(ctx: JobContext) -> StageOutput:
-    """Greedy continuations of neutral English prompts, unpatched and patched, with detected language."""
+    """Greedy continuations of every source's prompts, unpatched and under the intervention: steering success
+    (target language, not degenerate) and fluency (repetition, perplexity under the unpatched model)."""
     from lsn_exp import generate
     from lsn_exp.steer import intervene
 
     target, spec = ctx.cfg.lang.code, ctx.intervention()
-    before = generate.generate_labelled(ctx.model_handle)
-    after = generate.generate_labelled(ctx.model_handle, patch=intervene(ctx.model_handle, ctx.artifact, spec))
-    for b, a in zip(before, after):
-        print(f"{b.prompt!r}\n  unpatched [{b.label}] {b.text!r}\n  {spec.describe()} [{a.label}] {a.text!r}")
-    table = outputs.generations_csv(ctx.run_dir / "generations.csv", before, after)
-    summary = {"patch": spec.describe(), "n_prompts": len(before),
-               "target_share_unpatched": generate.share_in(before, target),
-               "target_share_patched": generate.share_in(after, target)}
-    return StageOutput({"generate": summary}, {"generate/continuations": table})
+    gen_settings = settings.generate_settings(ctx.cfg.generate)
+    prompts = generate.prompt_sets(gen_settings, ctx.data_root)
+    summary, rows = generate.steering(ctx.model_handle, prompts, target, gen_settings,
+                                      intervene(ctx.model_handle, ctx.artifact, spec))
+    for row in rows[:: max(1, len(rows) // 6)]:  # a few examples in the log
+        print(f"[{row[0]}] {row[1]!r}\n  unpatched [{row[3]}] {row[2]!r}\n  {spec.describe()} [{row[6]}] {row[5]!r}")
+    table = outputs.generations_csv(ctx.run_dir / "generations.csv", rows)
+    result = {"patch": spec.describe(), "n_prompts": summary["all"]["patched"]["n"],
+              "target_share_unpatched": summary["all"]["unpatched"]["target_share"],
+              "target_share_patched": summary["all"]["patched"]["target_share"],
+              "steering_success": summary["all"]["patched"]["steering_success"], "by_source": summary}
+    return StageOutput({"generate": result}, {"generate/continuations": table})
 
 
 def lss_scores(ctx: JobContext) -> StageOutput:
@@ -239,7 +243,7 @@ def headline(results: dict) -> str:
     if "generate" in results:
         gen = results["generate"]
         parts.append(f"target-language continuations {gen['target_share_unpatched']:.2f} -> "
-                     f"{gen['target_share_patched']:.2f}")
+                     f"{gen['target_share_patched']:.2f} (fluent {gen.get('steering_success', 0):.2f})")
     if "downstream" in results:
         for family, metrics in results["downstream"].summary().items():
             metric, cell = next(iter(metrics.items()))  # each family's first metric: acc, chrF++, ll/token

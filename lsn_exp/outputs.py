@@ -58,10 +58,13 @@ def neuron_tables(languages: list[str], per_layer: dict[str, list[list[int]]], o
     return tables, images
 
 
-def generations_csv(path: Path, before, after) -> Path:
-    """Each prompt's unpatched and patched continuation with its language label."""
-    return write_csv(path, ["prompt", "unpatched", "unpatched_lang", "patched", "patched_lang"],
-                     [[b.prompt, b.text, b.label, a.text, a.label] for b, a in zip(before, after)])
+GENERATION_FIELDS = ("source", "prompt", "unpatched", "unpatched_lang", "unpatched_repetition", "patched",
+                     "patched_lang", "patched_repetition", "patched_nll_unpatched_model")
+
+
+def generations_csv(path: Path, rows: list[list]) -> Path:
+    """Each prompt's unpatched and patched continuation with its language label, repetition rate and NLL."""
+    return write_csv(path, list(GENERATION_FIELDS), rows)
 
 
 # --- LSS -------------------------------------------------------------------------------------------------

@@ -255,6 +255,39 @@ def eval_settings(eval_cfg) -> EvalSettings:
                         seed=int(cfg.get("seed", 0)))
 
 
+# --- free generation ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    sources: tuple[str, ...]  # prompt languages
+    n_prompts: int  # per source
+    prompt_words: int
+    first_sentence: int
+    prompts_file: str | None  # {lang: [prompt, ...]} instead of FLORES openings
+    max_new_tokens: int
+    repetition_n: int
+    max_repetition: float
+
+
+def generate_settings(generate_cfg) -> GenerateSettings:
+    """``cfg.generate`` (conf/generate/default.yaml), every mistake as a one-line UserError."""
+    cfg = plain(generate_cfg)
+    sources = cfg.get("sources") or ["en"]
+    data.languages(list(sources))
+    path = cfg.get("prompts_file")
+    if path is not None and not Path(path).expanduser().is_file():
+        raise UserError(f"generate.prompts_file={path} is not a file: give a YAML file {{lang: [prompt, ...]}}")
+    max_repetition = float(cfg.get("max_repetition", 0.5))
+    if not 0 <= max_repetition <= 1:
+        raise UserError(f"generate.max_repetition={max_repetition} is not allowed: use a share in [0, 1]")
+    return GenerateSettings(
+        sources=tuple(str(c) for c in sources), n_prompts=positive_int("generate.n_prompts", cfg.get("n_prompts", 16)),
+        prompt_words=positive_int("generate.prompt_words", cfg.get("prompt_words", 6)),
+        first_sentence=int(cfg.get("first_sentence", 0)), prompts_file=None if path is None else str(path),
+        max_new_tokens=positive_int("generate.max_new_tokens", cfg.get("max_new_tokens", 25)),
+        repetition_n=positive_int("generate.repetition_n", cfg.get("repetition_n", 4)), max_repetition=max_repetition)
+
+
 # --- the job ---------------------------------------------------------------------------------------------
 
 def threads(raw) -> int | None:
@@ -310,6 +343,7 @@ def validate(cfg, stages) -> None:
     lss_settings(cfg.lss)
     lss_settings(search_config(cfg.lss))
     eval_settings(cfg.eval)
+    generate_settings(cfg.get("generate"))
     target = str(cfg.lang.code)
     patch_cfg = plain(cfg.patch)
     searched = factor.kind == "best" or cfg.stage == "factor_search"

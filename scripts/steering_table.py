@@ -15,8 +15,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lsn_exp import CONF_DIR, generate, identify
+from lsn_exp import CONF_DIR, REPO_ROOT, data, generate, identify
 from lsn_exp.patch import Patch, PatchSpec, parse_factor
+
+NEUTRAL = data.prompts_from_file(REPO_ROOT / "scripts" / "neutral_prompts.yaml")["en"]
 
 
 def steering_counts(handle, artifact, neuron_set: str, factor: str, targets: list[str]) -> dict:
@@ -24,7 +26,7 @@ def steering_counts(handle, artifact, neuron_set: str, factor: str, targets: lis
     out = {}
     for target in targets:
         spec = PatchSpec.from_config(patch_cfg, parse_factor(factor), target)
-        gens = generate.generate_labelled(handle, patch=Patch(handle, artifact, spec))
+        gens = generate.generate_labelled(handle, NEUTRAL, patch=Patch(handle, artifact, spec), fluency=False)
         out[target] = gens
     return out
 
@@ -38,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     handle, artifact = identify.load_with_artifact(args.model)
     targets = [code for code in artifact.languages if code != "en"]
-    unpatched = generate.generate_labelled(handle)
+    unpatched = generate.generate_labelled(handle, NEUTRAL, fluency=False)
     columns = [(s, f) for s in args.sets.split(",") for f in args.factors.split(",")]
     results = {col: steering_counts(handle, artifact, col[0], col[1], targets) for col in columns}
     lines = ["| target | unpatched | " + " | ".join(f"{s} {f}" for s, f in columns) + " |",

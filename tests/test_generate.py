@@ -1,0 +1,89 @@
+"""Steering success and fluency: repetition in every script, unpatched-model NLL, prompts from config."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lsn_exp import REPO_ROOT, data, generate
+from lsn_exp.errors import UserError
+from lsn_exp.settings import generate_settings
+from conftest import load_tiny
+
+
+@pytest.mark.parametrize("text, degenerate", [
+    ("alıkalıkalıkalıkalıkalıkalıkalık", True),  # one "word" to a whitespace split
+    ("、、、、、、、、、、、、、、", True),
+    ("แรกแรกแรกแรกแรกแรกแรกแรก", True),
+    ("the the the the the the the the", True),
+    ("Saya pergi ke pasar kemarin untuk membeli sayur dan buah.", False),
+    ("今日は天気が良いので、公園まで散歩に行きました。", False),
+])
+def test_repetition_rate_flags_babbling_in_every_script(text, degenerate):
+    rate = generate.repetition_rate(text, 4)
+    assert 0 <= rate <= 1
+    assert (rate > 0.5) == degenerate, rate
+
+
+def test_repetition_rate_by_hand():
+    assert generate.repetition_rate("abcabc", 3) == 1 - 3 / 4  # abc bca cab abc: 3 distinct of 4
+    assert generate.repetition_rate("ab", 4) == 0.0 and generate.repetition_rate("", 4) == 0.0
+
+
+def test_steering_success_counts_only_fluent_target_continuations():
+    gens = [generate.Generation("p", "Saya pergi ke pasar", "id", 0.1),
+            generate.Generation("p", "alıkalıkalık", "id", 0.9),
+            generate.Generation("p", "I went to", "en", 0.0),
+            generate.Generation("p", "Aku suka", "id", 0.5)]
+    assert generate.share_in(gens, "id") == 0.75
+    assert generate.share_in(gens, "id", max_repetition=0.5) == 0.5  # 0.9 is degenerate, 0.5 is not
+    summary = generate.fluency_summary(gens, 0.5)
+    assert summary["degenerate_share"] == 0.25 and summary["ppl"] is None
+
+
+def test_continuation_nll_is_the_unpatched_models_mean_token_nll():
+    handle = load_tiny("llama")
+    prompts = ["The weather today is", "Yesterday I"]
+    texts, sequences, mask, width = generate.continuations(handle, prompts, max_new_tokens=6)
+    got = generate.continuation_nll(handle, sequences, mask, width)
+    for row, prompt in enumerate(prompts):
+        prompt_ids = handle.tokenizer(prompt)["input_ids"]
+        new = [t for t, m in zip(sequences[row, width:].tolist(), mask[row, width:].tolist()) if m]
+        with torch.no_grad():
+            logits = handle.model(torch.tensor([prompt_ids + new])).logits[0].double()
+        lp = torch.log_softmax(logits, dim=-1)
+        want = -sum(lp[len(prompt_ids) - 1 + i, tok] for i, tok in enumerate(new)) / len(new)
+        assert math.isclose(got[row], float(want), rel_tol=1e-4, abs_tol=1e-4)
+
+
+def test_prompts_come_from_flores_devtest_or_a_file(data_root):
+    settings = generate_settings({"sources": ["en", "ja"], "n_prompts": 3, "prompt_words": 4})
+    prompts = generate.prompt_sets(settings, data_root)
+    devtest = {c: data.flores(data_root, data.languages([c])[0], "devtest").sentences for c in ("en", "ja")}
+    assert prompts["en"] == [" ".join(s.split()[:4]) for s in devtest["en"][:3]]
+    assert prompts["ja"] == [s[:12] for s in devtest["ja"][:3]]
+    from_file = generate_settings({"prompts_file": str(REPO_ROOT / "scripts" / "neutral_prompts.yaml")})
+    assert generate.prompt_sets(from_file, data_root)["en"][0] == "The weather today is"
+    with pytest.raises(UserError, match="generate.prompts_file=nope.yaml is not a file"):
+        generate_settings({"prompts_file": "nope.yaml"})
+
+
+def test_the_generate_stage_reports_per_source_success_and_fluency(tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    result = run_cli("model=tiny", "stage=generate", "lang=fr", "identify.languages=[en,fr,ja]",
+                     "identify.max_tokens=300", "generate.n_prompts=3", "generate.max_new_tokens=5", "logger=none",
+                     f"hydra.run.dir={tmp_path}", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = json.loads((tmp_path / "results.json").read_text())["results"]["generate"]
+    assert set(found["by_source"]) == {"en", "fr", "ja", "all"}
+    for source in ("en", "fr", "ja"):
+        for run in ("unpatched", "patched"):
+            cell = found["by_source"][source][run]
+            assert cell["n"] == 3 and cell["steering_success"] <= cell["target_share"] and cell["ppl"] > 1
+    rows = (tmp_path / "generations.csv").read_text().splitlines()
+    assert len(rows) == 1 + 9 and rows[0].startswith("source,prompt,unpatched")
