@@ -184,6 +184,23 @@ def prompts_from_file(path) -> dict[str, list[str]]:
     return {str(lang): [str(p) for p in prompts] for lang, prompts in loaded.items()}
 
 
+PROMPT_MODES = ("none", "instruction", "priming")
+
+
+def prompt_prefix(mode: str, target: str, root: Path | None, sentence: int = 0) -> str:
+    """What a prompt baseline puts before every prompt to steer toward ``target`` with the prompt alone:
+    instruction (for instruct models) names the language; priming (for base models) is one FLORES dev sentence
+    in the target language, then a newline."""
+    if mode not in PROMPT_MODES:
+        raise UserError(f"prompt.mode={mode} is not allowed: use one of {', '.join(PROMPT_MODES)}")
+    if mode == "none":
+        return ""
+    lang = languages([target])[0]
+    if mode == "instruction":
+        return f"Answer in {lang.name}.\n"
+    return flores(root, lang, "dev").sentences[sentence] + "\n"
+
+
 # --- XCOPA and XWinograd ---------------------------------------------------------------------------------
 
 def _dataset_code(field: str, lang: str, dataset: str) -> str:
@@ -362,11 +379,12 @@ def sample_facts(facts: list[Fact], n_facts: int | str | None, seed: int,
 
 
 def lss_docs(data_root, source: str, n_facts: int | str | None = 185, seed: int = 0,
-             exclude_n_facts: int | str | None = None) -> list[dict]:
-    """The documents of task ``lss_<source>``: one per sampled fact, choices = the object in every language."""
+             exclude_n_facts: int | str | None = None, prompt_prefix: str = "") -> list[dict]:
+    """The documents of task ``lss_<source>``: one per sampled fact, choices = the object in every language;
+    ``prompt_prefix`` goes before every prompt (a prompt baseline, ``prompt_prefix()``)."""
     if source not in LSS_LANGS:
         raise UserError(f"lss source {source} is not an LSS language: use one of {' '.join(LSS_LANGS)}")
     sample = sample_facts(read_mlama(mlama_root(data_root)).facts, n_facts, seed, exclude_n_facts)
-    return [{"fact_id": f.fact_id, "relation": f.relation, "source": source, "prompt": f.prompts[source],
-             "choices": [f.continuation(source, lang) for lang in LSS_LANGS], "langs": list(LSS_LANGS),
+    return [{"fact_id": f.fact_id, "relation": f.relation, "source": source,
+             "prompt": prompt_prefix + f.prompts[source], "choices": [f.continuation(source, lang) for lang in LSS_LANGS], "langs": list(LSS_LANGS),
              "source_index": LSS_LANGS.index(source)} for f in sample]

@@ -1,8 +1,8 @@
 """Free generation under an intervention: steering success and fluency, one definition for every method.
 
 - label: py3langid's language of the continuation (``data.language_of``)
-- repetition: the share of repeated character n-grams in the continuation, whitespace removed, so it works for
-  every script (``alıkalıkalık``, ``、、、、`` and ``แรกแรกแรก`` are one "word" each and score near 1)
+- repetition: the share of repeated character n-grams in the continuation, whitespace removed, so it works
+  for every script (``alıkalıkalık``, ``、、、、`` and ``แรกแรกแรก`` are one "word" each and score near 1)
 - nll: the continuation's mean negative log-likelihood per token under the *unpatched* model (its log is the
   perplexity): a method that switches language by babbling pays here
 - steering success: the share of continuations labelled as the target *and* not degenerate (repetition at most
@@ -105,13 +105,16 @@ def prompt_sets(settings, root) -> dict[str, list[str]]:
             for code in settings.sources}
 
 
-def steering(handle, prompts: dict[str, list[str]], target: str, settings, patch=None) -> tuple[dict, list]:
+def steering(handle, prompts: dict[str, list[str]], target: str, settings, patch=None,
+             prefix: str = "") -> tuple[dict, list]:
     """Unpatched and patched continuations of every source's prompts toward ``target``: per source and overall,
-    the raw target share, the steering success (target and not degenerate) and fluency; and one row per prompt."""
+    the raw target share, the steering success (target and not degenerate) and fluency; and one row per prompt.
+    ``prefix`` (a prompt baseline) goes before every patched prompt."""
     summary, rows, everything = {}, [], {"unpatched": [], "patched": []}
     for source, texts in prompts.items():
         runs = {"unpatched": generate_labelled(handle, texts, settings.max_new_tokens, None, settings.repetition_n),
-                "patched": generate_labelled(handle, texts, settings.max_new_tokens, patch, settings.repetition_n)}
+                "patched": generate_labelled(handle, [prefix + t for t in texts], settings.max_new_tokens, patch,
+                                             settings.repetition_n)}
         summary[source] = {name: _measures(gens, target, settings.max_repetition) for name, gens in runs.items()}
         for name, gens in runs.items():
             everything[name] += gens

@@ -55,9 +55,10 @@ class JobContext:
 
             patch_cfg, factor = resolve_best(self.model_handle.identity, self.store, self.cfg.patch, self.cfg.lss,
                                              self.artifact_key, search_command())
-        target = target or self.cfg.lang.code
-        return Intervention(PatchSpec.from_config(patch_cfg, factor, target), SteerSpec.from_config(self.cfg.steer,
-                                                                                                      target))
+        target, prompt = target or self.cfg.lang.code, self.cfg.prompt
+        prefix = data.prompt_prefix(prompt.mode, target, self.data_root, int(prompt.sentence))
+        return Intervention(PatchSpec.from_config(patch_cfg, factor, target),
+                            SteerSpec.from_config(self.cfg.steer, target), str(prompt.mode), prefix)
 
 
 def load_model(ctx: JobContext) -> StageOutput:
@@ -95,7 +96,7 @@ def generate_demo(ctx: JobContext) -> StageOutput:
     gen_settings = settings.generate_settings(ctx.cfg.generate)
     prompts = generate.prompt_sets(gen_settings, ctx.data_root)
     summary, rows = generate.steering(ctx.model_handle, prompts, target, gen_settings,
-                                      intervene(ctx.model_handle, ctx.artifact, spec))
+                                      intervene(ctx.model_handle, ctx.artifact, spec), spec.prefix)
     for row in rows[:: max(1, len(rows) // 6)]:  # a few examples in the log
         print(f"[{row[0]}] {row[1]!r}\n  unpatched [{row[3]}] {row[2]!r}\n  {spec.describe()} [{row[6]}] {row[5]!r}")
     table = outputs.generations_csv(ctx.run_dir / "generations.csv", rows)

@@ -65,9 +65,11 @@ class LssRequests:
     sample_hash: dict[str, str]  # source -> sha256 of its documents (part of the unpatched scores' key)
 
     @classmethod
-    def build(cls, settings: LssSettings, sources: tuple[str, ...], root, exclude_n_facts=None) -> LssRequests:
+    def build(cls, settings: LssSettings, sources: tuple[str, ...], root, exclude_n_facts=None,
+              prompt_prefix: str = "") -> LssRequests:
         manager = evaluate.task_manager(metadata={"data_root": str(root), "n_facts": settings.n_facts,
-                                                  "seed": settings.seed, "exclude_n_facts": exclude_n_facts})
+                                                  "seed": settings.seed, "exclude_n_facts": exclude_n_facts,
+                                                  "prompt_prefix": prompt_prefix})
         tasks = manager.load([f"lss_{s}" for s in sources])["tasks"]
         instances, continuations, hashes, fact_ids = {}, {}, {}, None
         for source in sources:
@@ -177,7 +179,9 @@ class LssEvaluator:
         mlama = data.read_mlama(root)
         self.mlama_summary, self.data_files = mlama.summary(), list(mlama.files)
         self.lm = evaluate.hflm(handle, self.batch_size)
+        self.root, self.exclude_n_facts = root, exclude_n_facts
         self.requests = LssRequests.build(self.settings, self.sources, root, exclude_n_facts)
+        self._prefixed: dict[str, LssRequests] = {}  # prompt prefix -> the same sample with prefixed prompts
         self.fact_ids, self.n = self.requests.fact_ids, len(self.requests.fact_ids)
         self.unpatched = UnpatchedScores(handle, self.lm, self.requests, self.settings, self.batch_size, store,
                                          self.data_files)
@@ -185,16 +189,21 @@ class LssEvaluator:
     def paired_layout(self) -> bool:
         return paired_layout(self.handle.model.dtype)
 
-    def _requests_toward(self, target: str) -> tuple[dict[str, list[int]], list]:
-        """Per source s ≠ target: the facts whose two objects differ, and their [obj_s, obj_t] requests in order."""
+    def _requests_toward(self, target: str, prefix: str = "") -> tuple[dict[str, list[int]], list, list]:
+        """Per source s ≠ target: the facts whose two objects differ, and their [obj_s, obj_t] requests in order,
+        plain and with ``prefix`` before every prompt (a prompt baseline; the same requests when it is empty)."""
+        if prefix and prefix not in self._prefixed:
+            self._prefixed[prefix] = LssRequests.build(self.settings, self.sources, self.root, self.exclude_n_facts,
+                                                       prefix)
         t = LSS_LANGS.index(target)
-        keep, insts = {}, []
+        keep, plain, prefixed = {}, [], []
         for source in (s for s in self.sources if s != target):
             s = LSS_LANGS.index(source)
             keep[source] = [i for i, row in enumerate(self.requests.continuations[source]) if row[t] != row[s]]
-            for i in keep[source]:
-                insts += [self.requests.instances[source][i][s], self.requests.instances[source][i][t]]
-        return keep, insts
+            for requests, out in ((self.requests, plain), (self._prefixed.get(prefix, self.requests), prefixed)):
+                for i in keep[source]:
+                    out += [requests.instances[source][i][s], requests.instances[source][i][t]]
+        return keep, plain, prefixed
 
     def deltas(self, artifact: NeuronArtifact, spec: PatchSpec | Intervention):
         """Per source s ≠ t: the shift Δ(patched toward t) − Δ(unpatched) of every sampled fact, float64 [N];
@@ -205,13 +214,13 @@ class LssEvaluator:
         if target not in LSS_LANGS:
             raise UserError(f"lang={target} is not an LSS language: LSS covers {' '.join(LSS_LANGS)}")
         t = LSS_LANGS.index(target)
-        keep, insts = self._requests_toward(target)
+        keep, insts, scored = self._requests_toward(target, getattr(spec, "prefix", ""))
         unpatched = self.unpatched.paired(target, keep, insts) if self.paired_layout() else None
         if unpatched is None:
             self.unpatched.ensure([target])
         start = time.time()
         with intervene(self.handle, artifact, spec) as patch:
-            ll = np.asarray(evaluate.loglikelihoods(self.lm, insts, disable_tqdm=False), dtype=np.float64)
+            ll = np.asarray(evaluate.loglikelihoods(self.lm, scored, disable_tqdm=False), dtype=np.float64)
             ll = ll.reshape(-1, 2)  # [requests / 2, 2]: log P(obj_s), log P(obj_t)
             patch_summary = patch.summary()
         seconds = time.time() - start

@@ -344,6 +344,8 @@ def validate(cfg, stages) -> None:
     lss_settings(search_config(cfg.lss))
     eval_settings(cfg.eval)
     generate_settings(cfg.get("generate"))
+    if cfg.get("prompt") is not None and cfg.prompt.mode not in data.PROMPT_MODES:
+        raise UserError(f"prompt.mode={cfg.prompt.mode} is not allowed: use one of {', '.join(data.PROMPT_MODES)}")
     target = str(cfg.lang.code)
     patch_cfg = plain(cfg.patch)
     searched = factor.kind == "best" or cfg.stage == "factor_search"

@@ -67,22 +67,24 @@ class SteerSpec:
 
 @dataclass(frozen=True)
 class Intervention:
-    """A neuron patch and an optional steering vector toward one target language."""
+    """A neuron patch, an optional steering vector and an optional prompt prefix toward one target language.
+    The prefix (a prompt baseline, ``data.prompt_prefix``) changes only the prompts: LSS and generation score
+    prefixed prompts against the plain unpatched ones."""
 
     patch: PatchSpec
     steer: SteerSpec | None = None
+    prompt: str = "none"  # the prompt baseline's mode (data.PROMPT_MODES)
+    prefix: str = ""  # its text, put before every prompt
 
     @property
     def target(self) -> str:
         return self.patch.target
 
-    def toward(self, target: str) -> Intervention:
-        return Intervention(replace(self.patch, target=target),
-                            None if self.steer is None else replace(self.steer, target=target))
-
     def describe(self) -> str:
-        return self.patch.describe() + ("" if self.steer is None or self.steer.is_noop else
-                                        f"+{self.steer.describe()}")
+        label = self.patch.describe()
+        if self.steer is not None and not self.steer.is_noop:
+            label += f"+{self.steer.describe()}"
+        return label + ("" if self.prompt == "none" else f"+prompt:{self.prompt}")
 
 
 def steering_vectors(artifact: NeuronArtifact, spec: SteerSpec, n_layers: int) -> dict:

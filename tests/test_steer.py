@@ -134,3 +134,52 @@ def test_bad_steer_settings_are_one_line_errors(artifact):
                                   artifact.activation_prob)
     with pytest.raises(UserError, match="holds no residual means"):
         old.diffmean("ja")
+
+
+# --- prompt baselines ---------------------------------------------------------------------------------------
+
+def test_prompt_baselines_build_the_documented_prefixes(data_root):
+    from lsn_exp import data
+
+    assert data.prompt_prefix("none", "id", data_root) == ""
+    assert data.prompt_prefix("instruction", "id", data_root) == "Answer in Indonesian.\n"
+    dev = data.flores(data_root, data.languages(["ja"])[0], "dev").sentences
+    assert data.prompt_prefix("priming", "ja", data_root, sentence=3) == dev[3] + "\n"
+    with pytest.raises(UserError, match="prompt.mode=shout is not allowed"):
+        data.prompt_prefix("shout", "ja", data_root)
+    plain, primed = (data.lss_docs(data_root, "en", 3, 0, prompt_prefix=p) for p in ("", "Hallo.\n"))
+    assert [d["prompt"] for d in primed] == ["Hallo.\n" + d["prompt"] for d in plain]
+    assert [d["choices"] for d in primed] == [d["choices"] for d in plain]
+
+
+def test_a_prompt_baseline_scores_prefixed_prompts_against_the_plain_unpatched_ones(handle, artifact, data_root):
+    import numpy as np
+
+    from lsn_exp import data, evaluate, lss
+
+    evaluator = lss.LssEvaluator(handle, {"n_facts": 4, "sources": ["en", "fr"]}, data_root, None)
+    prefix = data.prompt_prefix("priming", "ja", data_root)
+    spec = Intervention(PatchSpec("ja", op="mul", value=1.0), prompt="priming", prefix=prefix)
+    shifts, summary, _, _ = evaluator.deltas(artifact, spec)
+    assert summary.patch == "ja:lape:mul=1+prompt:priming"
+    keep, plain, primed = evaluator._requests_toward("ja", prefix)
+    assert all(p.args[0] == prefix + q.args[0] and p.args[1] == q.args[1] for p, q in zip(primed, plain))
+    before = np.asarray(evaluate.loglikelihoods(evaluator.lm, plain)).reshape(-1, 2)
+    after = np.asarray(evaluate.loglikelihoods(evaluator.lm, primed)).reshape(-1, 2)
+    want = (after[:, 1] - after[:, 0]) - (before[:, 1] - before[:, 0])
+    got = np.concatenate([shifts[s][idx] for s, idx in keep.items()])
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert np.abs(got).max() > 1e-3  # the prefix does move the scores
+
+
+def test_generation_under_a_prompt_baseline_continues_the_prefixed_prompt(handle, data_root):
+    from lsn_exp import generate
+    from lsn_exp.settings import generate_settings
+
+    settings = generate_settings({"sources": ["en"], "n_prompts": 2, "max_new_tokens": 4})
+    prompts = generate.prompt_sets(settings, data_root)
+    summary, rows = generate.steering(handle, prompts, "fr", settings, None, prefix="Bonjour.\n")
+    want, *_ = generate.continuations(handle, ["Bonjour.\n" + p for p in prompts["en"]], 4)
+    plain, *_ = generate.continuations(handle, prompts["en"], 4)
+    assert [r[5] for r in rows] == want and [r[2] for r in rows] == plain
+    assert [r[1] for r in rows] == prompts["en"]  # the CSV keeps the plain prompt
