@@ -386,5 +386,6 @@ def lss_docs(data_root, source: str, n_facts: int | str | None = 185, seed: int 
         raise UserError(f"lss source {source} is not an LSS language: use one of {' '.join(LSS_LANGS)}")
     sample = sample_facts(read_mlama(mlama_root(data_root)).facts, n_facts, seed, exclude_n_facts)
     return [{"fact_id": f.fact_id, "relation": f.relation, "source": source,
-             "prompt": prompt_prefix + f.prompts[source], "choices": [f.continuation(source, lang) for lang in LSS_LANGS], "langs": list(LSS_LANGS),
+             "prompt": prompt_prefix + f.prompts[source],
+             "choices": [f.continuation(source, lang) for lang in LSS_LANGS], "langs": list(LSS_LANGS),
              "source_index": LSS_LANGS.index(source)} for f in sample]
