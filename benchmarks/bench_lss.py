@@ -31,7 +31,8 @@ from omegaconf import OmegaConf
 from lsn_exp import CONF_DIR, data, lss, models
 from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.identify import NeuronArtifact
-from lsn_exp.patch import Patch, PatchSpec, parse_factor
+from lsn_exp.patch import Patch, PatchSpec
+from lsn_exp.settings import parse_factor
 from lsn_exp.settings import lss_settings
 
 

@@ -20,7 +20,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from lsn_exp import data, outputs, settings
-from lsn_exp.patch import Factor, PatchSpec, parse_factor
+from lsn_exp.patch import PatchSpec
+from lsn_exp.settings import Factor, parse_factor
 from lsn_exp.steer import Intervention, SteerSpec
 from lsn_exp.results import RESULTS_FILE, LssResult, Skipped, StageOutput
 from lsn_exp.tracking import RunRecord, log_to_wandb, provenance

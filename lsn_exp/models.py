@@ -235,6 +235,41 @@ def _weights_fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
+def model_layers(model_cfg, cache_dir=None) -> int | None:
+    """The model's decoder layer count read from its config alone (no weights), or None when unknown here."""
+    from lsn_exp.settings import plain
+
+    cfg = plain(model_cfg)
+    source = cfg.get("source")
+    if source == "tiny":
+        return int(cfg["arch"]["num_hidden_layers"])
+    path = None
+    if source == "gguf_package":
+        path = converted_dir(model_cfg, cache_dir) / "config.json"
+    elif source == "local" and cfg.get("path"):
+        path = Path(cfg["path"]).expanduser() / "config.json"
+    elif source == "hub":
+        return _hub_layers(cfg.get("id"), cfg.get("revision"))
+    if path is None or not path.exists():
+        return None
+    config = json.loads(path.read_text())
+    config = config.get("text_config", config)
+    return config.get("num_hidden_layers")
+
+
+def _hub_layers(model_id, revision) -> int | None:
+    """From the local HF cache only (a config.json download is the model load's business)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(str(model_id), "config.json", revision=revision)
+    if not isinstance(found, str):
+        return None
+    config = json.loads(Path(found).read_text())
+    return config.get("text_config", config).get("num_hidden_layers")
+
+
 # --- tiny random models (tests) -------------------------------------------------------------------
 
 def _load_tiny(cfg, cache_dir: str | None):

@@ -30,37 +30,12 @@ if TYPE_CHECKING:
 
     from lsn_exp.identify import NeuronArtifact
     from lsn_exp.models import ModelHandle
+    from lsn_exp.settings import Factor
 
 PATCHED_VALUES = ("pmax", "pmedian")
 OPS = ("mul", "set", "add")
 STATS = ("mean", "std", "iqr", "mad", "median", "max", "percentile")  # test-time statistics (lsn_exp.teststat)
 NEURON_SETS = ("lape", "baseline", "random")  # LAPE, the language-activated baseline, a random control
-
-
-@dataclass(frozen=True)
-class Factor:
-    """``factor=`` parsed: multiply by ``value``, or set to the patched value ``kind``."""
-
-    kind: str  # "mul" | "pmax" | "pmedian" | "best" (the factor search's winner, resolved by the job)
-    value: float | None = None
-
-    def __str__(self) -> str:
-        return f"{self.value:g}" if self.kind == "mul" else self.kind
-
-
-def parse_factor(raw) -> Factor:
-    text = str(raw).strip().lower()
-    if text in PATCHED_VALUES or text == "best":
-        return Factor(text)
-    try:
-        value = float(text) if not isinstance(raw, bool) else math.nan
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):  # nan, inf and words other than the names above
-        raise UserError(f"factor={str(raw)!r} is not allowed: use a finite number (multiply, e.g. factor=5 or "
-                        f"factor=0.5), one of {', '.join(PATCHED_VALUES)} (set to the patched value) or best "
-                        f"(the factor search's winner)")
-    return Factor("mul", value)
 
 
 # --- the spec: what to do, validated without the model ---------------------------------------------
@@ -79,6 +54,7 @@ class PatchSpec:
     layers: tuple[int, ...] | None = None  # None: all layers
     others_op: str | None = None  # None: leave the other languages' neurons alone; else mul | set | add
     others_value: float | None = None
+    others_langs: tuple[str, ...] | None = None  # None: every other recorded language; e.g. ("en",)
 
     def __post_init__(self) -> None:
         if self.layers is not None:  # any iterable of ints -> sorted unique tuple
@@ -99,9 +75,13 @@ class PatchSpec:
             _check_choice("patch.others_op", self.others_op, OPS)
             if self.others_value is None:
                 raise UserError(f"patch.others_op={self.others_op} needs a number: patch.others_value=0, say")
+        if self.others_langs is not None:
+            from lsn_exp.data import languages
+
+            languages(self.others_langs)  # unknown codes: one line
 
     @classmethod
-    def from_config(cls, patch_cfg, factor: Factor, target: str) -> PatchSpec:
+    def from_config(cls, patch_cfg, factor: Factor, target: str) -> PatchSpec:  # Factor: lsn_exp.settings
         """``cfg.patch`` + ``factor``: a number multiplies, pmax|pmedian sets; patch.op/value/stat override."""
         op, value, stat = patch_cfg.get("op"), patch_cfg.get("value"), patch_cfg.get("stat")
         if op is None and value is not None:
@@ -116,7 +96,8 @@ class PatchSpec:
                    value=_number("patch.value", value), source=source,
                    stat=None if stat is None else str(stat), coef=_number("patch.coef", patch_cfg.get("coef", 1.0)),
                    layers=parse_layers(patch_cfg.get("layers")), others_op=patch_cfg.get("others_op"),
-                   others_value=_number("patch.others_value", others_value))
+                   others_value=_number("patch.others_value", others_value),
+                   others_langs=None if patch_cfg.get("others_langs") is None else tuple(patch_cfg.get("others_langs")))
 
     def describe(self) -> str:
         """Short label, e.g. ``id:lape:set=pmax``, ``id:lape:mul=5@L2-5``, ``id:lape:add=max*2:others:set=0``."""
@@ -130,7 +111,8 @@ class PatchSpec:
         if self.layers is not None:
             label += f"@L{_layers_label(self.layers)}"
         if self.others_op is not None:
-            label += f":others:{self.others_op}={self.others_value:g}"
+            langs = "" if self.others_langs is None else f"({','.join(self.others_langs)})"
+            label += f":others{langs}:{self.others_op}={self.others_value:g}"
         return label
 
 
@@ -222,7 +204,9 @@ def plan_layer(handle: ModelHandle, artifact: NeuronArtifact, spec: PatchSpec, l
     masks = artifact.masks[spec.neuron_set][:, layer].bool()  # [K, d_ff]
     k = artifact.lang_index(spec.target)
     target = masks[k]
-    others = masks[torch.arange(masks.shape[0]) != k].any(dim=0) & ~target  # a shared neuron is the target's
+    chosen = [i for i, code in enumerate(artifact.languages) if i != k and (spec.others_langs is None or
+                                                                           code in spec.others_langs)]
+    others = masks[chosen].any(dim=0) & ~target  # a shared neuron is the target's
     groups = [(target, spec.op, spec.value, spec.source, spec.stat)]
     if spec.others_op is not None:
         groups.append((others, spec.others_op, spec.others_value, None, None))

@@ -14,9 +14,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from lsn_exp.errors import UserError
-from lsn_exp.patch import PatchSpec, parse_factor, parse_layers
+from lsn_exp.patch import PatchSpec, parse_layers
 from lsn_exp.results import FactorSearchResult
-from lsn_exp.settings import lss_settings, plain, search_config
+from lsn_exp.settings import lss_settings, parse_factor, plain, search_config
 
 if TYPE_CHECKING:
     from lsn_exp.artifacts import ArtifactStore
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 BEST_FACTOR_KIND = "lss_best_factor"
 SEARCH_VERSION = 2  # bump when the search's sampling or ranking changes
 ENTRY_KEYS = ("op", "value", "stat", "coef")  # what a grid entry may set besides its factor
-SHARED_PATCH_KEYS = ("neuron_set", "layers", "others_op", "others_value")  # from cfg.patch, for every entry
+SHARED_PATCH_KEYS = ("neuron_set", "layers", "others_op", "others_value", "others_langs")  # cfg.patch, every entry
 
 
 def grid(lss_cfg) -> list[dict]:
@@ -71,6 +71,7 @@ def search_key(model_identity: dict, artifact_key: str | None, patch_cfg, lss_cf
     return {"model": model_identity, "neurons": artifact_key, "search_version": SEARCH_VERSION,
             "neuron_set": patch.get("neuron_set", "lape"), "layers": parse_layers(patch.get("layers")),
             "others_op": patch.get("others_op"), "others_value": patch.get("others_value"),
+            "others_langs": patch.get("others_langs"),
             "grid": [{k: v for k, v in sorted(e.items())} for e in grid(lss_cfg)],
             "n_facts": scored.n_facts, "seed": scored.seed, "disjoint_from": report.n_facts,
             "sources": list(scored.sources), "targets": list(scored.targets), "tol": plain(lss_cfg).get("tol", "auto")}

@@ -7,7 +7,6 @@ before it goes to SLURM. Each mistake is a ``UserError``: one line naming the fi
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from lsn_exp import data
 from lsn_exp.data import LANG_ORDER, LSS_LANGS, MT_PROMPTS
 from lsn_exp.errors import UserError
-from lsn_exp.patch import PatchSpec, check_layers, parse_factor
+from lsn_exp.patch import PATCHED_VALUES, PatchSpec, check_layers
 from lsn_exp.steer import SteerSpec
 
 MAX_TOKENS_ALL = ("all", "none", "null")
@@ -52,6 +51,34 @@ def rate(name: str, raw) -> float:
     if not 0 < value <= 1:
         raise UserError(f"{name}={raw!r} is not allowed: use a share in (0, 1], e.g. 0.95")
     return value
+
+
+# --- the factor ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Factor:
+    """``factor=`` parsed: multiply by ``value``, or set to the patched value ``kind``."""
+
+    kind: str  # "mul" | "pmax" | "pmedian" | "best" (the factor search's winner, resolved by the job)
+    value: float | None = None
+
+    def __str__(self) -> str:
+        return f"{self.value:g}" if self.kind == "mul" else self.kind
+
+
+def parse_factor(raw) -> Factor:
+    text = str(raw).strip().lower()
+    if text in PATCHED_VALUES or text == "best":
+        return Factor(text)
+    try:
+        value = float(text) if not isinstance(raw, bool) else math.nan
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):  # nan, inf and words other than the names above
+        raise UserError(f"factor={str(raw)!r} is not allowed: use a finite number (multiply, e.g. factor=5 or "
+                        f"factor=0.5), one of {', '.join(PATCHED_VALUES)} (set to the patched value) or best "
+                        f"(the factor search's winner)")
+    return Factor("mul", value)
 
 
 # --- stage 1: identification -----------------------------------------------------------------------------
@@ -295,41 +322,6 @@ def threads(raw) -> int | None:
     return positive_int("threads", raw, allow_none=True)
 
 
-def model_layers(model_cfg, cache_dir=None) -> int | None:
-    """The model's decoder layer count read from its config alone (no weights), or None when unknown here."""
-    cfg = plain(model_cfg)
-    source = cfg.get("source")
-    if source == "tiny":
-        return int(cfg["arch"]["num_hidden_layers"])
-    path = None
-    if source == "gguf_package":
-        from lsn_exp import models
-
-        path = models.converted_dir(model_cfg, cache_dir) / "config.json"
-    elif source == "local" and cfg.get("path"):
-        path = Path(cfg["path"]).expanduser() / "config.json"
-    elif source == "hub":
-        return _hub_layers(cfg.get("id"), cfg.get("revision"))
-    if path is None or not path.exists():
-        return None
-    config = json.loads(path.read_text())
-    config = config.get("text_config", config)
-    return config.get("num_hidden_layers")
-
-
-def _hub_layers(model_id, revision) -> int | None:
-    """From the local HF cache only (a config.json download is the model load's business)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    found = try_to_load_from_cache(str(model_id), "config.json", revision=revision)
-    if not isinstance(found, str):
-        return None
-    config = json.loads(Path(found).read_text())
-    return config.get("text_config", config).get("num_hidden_layers")
-
-
 def validate(cfg, stages) -> None:
     """Every check a job's config can fail without loading a model (``dry_run=true`` runs it too).
 
@@ -354,6 +346,8 @@ def validate(cfg, stages) -> None:
         factor = parse_factor(1)
     spec = PatchSpec.from_config(patch_cfg, factor, target)
     steer = SteerSpec.from_config(plain(cfg.get("steer")), target)
+    from lsn_exp.models import model_layers
+
     n_layers = model_layers(cfg.model, cfg.get("cache_dir"))
     for name, layers in (("patch.layers", spec.layers), ("steer.layers", steer.layers)):
         if layers is not None and n_layers is not None:

@@ -17,7 +17,8 @@ import torch
 from lsn_exp import data, downstream, evaluate, metrics, outputs
 from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.errors import UserError
-from lsn_exp.patch import PatchSpec, parse_factor
+from lsn_exp.patch import PatchSpec
+from lsn_exp.settings import parse_factor
 from lsn_exp.results import DownstreamResult, MetricDelta, TaskScore
 from lsn_exp.settings import TASK_FAMILIES
 from conftest import synthetic_artifact

@@ -16,7 +16,8 @@ from lsn_exp import identify
 from lsn_exp.errors import UserError
 from lsn_exp.identify import NeuronArtifact
 from lsn_exp.models import ModelHandle, load
-from lsn_exp.patch import NEURON_SETS, STATS, Patch, PatchSpec, parse_factor, parse_layers
+from lsn_exp.patch import NEURON_SETS, STATS, Patch, PatchSpec, parse_layers
+from lsn_exp.settings import parse_factor
 from lsn_exp.teststat import sample_statistic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -259,6 +260,25 @@ def test_exit_restores_after_an_error():
             1 / 0
     assert hook_registry(handle) == hooks
     assert_bits_equal(bits, state_bits(handle))
+
+
+def test_others_langs_deactivates_only_the_named_languages_neurons():
+    handle, artifact = tiny("llama"), artifact_for("llama")
+    layer = 1
+    target, en, fr = (artifact.masks["lape"][LANGS.index(c), layer] for c in ("id", "en", "fr"))
+    only_en = Patch(handle, artifact, PatchSpec("id", value=2.0, others_op="set", others_value=0.0,
+                                                others_langs=("en",)))
+    everyone = Patch(handle, artifact, PatchSpec("id", value=2.0, others_op="set", others_value=0.0))
+    assert only_en.others_per_layer[layer] == int((en & ~target).sum())
+    assert everyone.others_per_layer[layer] == int(((en | fr) & ~target).sum())
+    assert only_en.spec.describe() == "id:lape:mul=2:others(en):set=0"
+    batch = encode(handle, TEXTS)
+    with Patch(handle, artifact, only_en.spec, weight_edit=False):  # in the hook, so the gate site shows it
+        gate = gate_capture(handle, layer, lambda: hidden(handle, batch))[0]
+    assert (gate[..., (en & ~target).nonzero().flatten()] == 0).all()
+    assert not (gate[..., (fr & ~target & ~en).nonzero().flatten()] == 0).all()
+    with pytest.raises(UserError, match="unknown language code"):
+        PatchSpec("id", value=2.0, others_op="set", others_value=0.0, others_langs=("zz",))
 
 
 # --- weight edit == hook ---------------------------------------------------------------------------
