@@ -105,14 +105,18 @@ def prompt_sets(settings, root) -> dict[str, list[str]]:
             for code in settings.sources}
 
 
-def steering(handle, prompts: dict[str, list[str]], target: str, settings, patch=None,
-             prefix: str = "") -> tuple[dict, list]:
+def steering(handle, prompts: dict[str, list[str]], target: str, settings, patch=None, prefix: str = "",
+             unpatched: dict | None = None) -> tuple[dict, list]:
     """Unpatched and patched continuations of every source's prompts toward ``target``: per source and overall,
     the raw target share, the steering success (target and not degenerate) and fluency; and one row per prompt.
-    ``prefix`` (a prompt baseline) goes before every patched prompt."""
+    ``prefix`` (a prompt baseline) goes before every patched prompt; ``unpatched`` (source -> generations) keeps
+    the unpatched continuations across calls."""
     summary, rows, everything = {}, [], {"unpatched": [], "patched": []}
+    unpatched = {} if unpatched is None else unpatched
     for source, texts in prompts.items():
-        runs = {"unpatched": generate_labelled(handle, texts, settings.max_new_tokens, None, settings.repetition_n),
+        if source not in unpatched:
+            unpatched[source] = generate_labelled(handle, texts, settings.max_new_tokens, None, settings.repetition_n)
+        runs = {"unpatched": unpatched[source],
                 "patched": generate_labelled(handle, [prefix + t for t in texts], settings.max_new_tokens, patch,
                                              settings.repetition_n)}
         summary[source] = {name: _measures(gens, target, settings.max_repetition) for name, gens in runs.items()}

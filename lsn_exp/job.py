@@ -157,6 +157,17 @@ def downstream(ctx: JobContext) -> StageOutput:
                        data_files=files)
 
 
+def compare_methods(ctx: JobContext) -> StageOutput:
+    """Every method of ``compare.methods`` toward every ``compare.targets``: LSS, steering, fluency, XCOPA."""
+    from lsn_exp import compare
+
+    rows = compare.compare(ctx.cfg, ctx.model_handle, ctx.artifact, ctx.data_root, ctx.store)
+    tables, images = outputs.comparison_files(rows, compare.FIELDS, ctx.run_dir,
+                                              f"{ctx.cfg.model.name}: methods side by side")
+    print((ctx.run_dir / "compare.md").read_text())
+    return StageOutput({"compare": {"rows": rows}}, tables, images)
+
+
 STAGES: dict[str, list[Callable[[JobContext], StageOutput]]] = {
     "identify": [load_model, identify_neurons],
     "generate": [load_model, identify_neurons, generate_demo],
@@ -165,6 +176,7 @@ STAGES: dict[str, list[Callable[[JobContext], StageOutput]]] = {
     "factor_search": [load_model, identify_neurons, factor_search],
     "downstream": [load_model, identify_neurons, downstream],
     "run": [load_model, identify_neurons, generate_demo, lss_scores],
+    "compare": [load_model, identify_neurons, compare_methods],
 }
 
 
@@ -172,7 +184,9 @@ def run_job(cfg: DictConfig) -> RunRecord | None:
     settings.validate(cfg, STAGES)  # every config mistake, before anything loads (dry runs too)
     factor = parse_factor(cfg.factor)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    summary = f"model={cfg.model.name} lang={cfg.lang.code} factor={factor} stage={cfg.stage}"
+    method = cfg.get("method_name", "neurons")
+    summary = (f"model={cfg.model.name} lang={cfg.lang.code} factor={factor} stage={cfg.stage}"
+               + ("" if method == "neurons" else f" method={method}"))
     record = RunRecord.start(cfg, run_dir)
     if cfg.dry_run:
         (run_dir / "dry_run.txt").write_text(summary + "\n")
@@ -201,8 +215,8 @@ def run_job(cfg: DictConfig) -> RunRecord | None:
     path = record.save()
     note_attempt(run_dir, "completed")
     log.info("%s | %s | wrote %s", summary, headline(record.results), path)
-    log_to_wandb(record, cfg.logger, group=sweep_group(), name=f"{cfg.model.name}-{cfg.lang.code}-{factor}",
-                 job_type=cfg.stage)
+    name = f"{cfg.model.name}-{cfg.lang.code}-{factor}" + ("" if method == "neurons" else f"-{method}")
+    log_to_wandb(record, cfg.logger, group=sweep_group(), name=name, job_type=cfg.stage)
     return record
 
 

@@ -127,6 +127,25 @@ def ranking_csv(ranked: list[dict], out_dir: Path) -> Path:
                      [[row.get(k) for k in RANKING_FIELDS] for row in ranked])
 
 
+# --- method comparison ---------------------------------------------------------------------------------------
+
+def comparison_files(rows: list[dict], fields: tuple[str, ...], out_dir: Path, title: str) -> tuple[dict, dict]:
+    """compare.csv, compare.md (one row per method x target) and compare_scatter.png (steering success vs the
+    continuations' perplexity under the unpatched model, one point per method x target)."""
+    table = [[row.get(k) for k in fields] for row in rows]
+    csv_path = write_csv(out_dir / "compare.csv", list(fields), table)
+    shown = [k for k in fields if k != "intervention"]
+    (out_dir / "compare.md").write_text("\n".join([f"# {title}", "", *markdown_rows(
+        shown, [[row.get(k) for k in shown] for row in rows])]) + "\n")
+    points: dict[str, list] = {}
+    for row in rows:
+        if row.get("ppl"):
+            points.setdefault(row["method"], []).append((row["ppl"], row["steering_success"], row["target"]))
+    image = plots.scatter(points, f"{title}: steering vs fluency", "perplexity of the continuation (unpatched model)",
+                          "steering success (target language, not degenerate)", out_dir / "compare_scatter.png")
+    return {"compare/table": csv_path}, {"compare/scatter": image}
+
+
 # --- downstream ------------------------------------------------------------------------------------------
 
 TASK_FIELDS = ("task", "family", "lang", "self", "metric", "n", "value", "stderr", "base", "base_stderr", "delta",

@@ -34,6 +34,25 @@ def heatmap(matrix, rows: list[str], cols: list[str], title: str, path: Path, fm
     return path
 
 
+def scatter(points: dict[str, list[tuple[float, float, str]]], title: str, xlabel: str, ylabel: str,
+            path: Path) -> Path:
+    """One marker series per key; each point (x, y, label) is annotated with its label."""
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for name, values in points.items():
+        xs, ys = [p[0] for p in values], [p[1] for p in values]
+        ax.scatter(xs, ys, label=name, s=30)
+        for x, y, label in values:
+            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.set_xscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def lines(series: dict[str, list[float]], title: str, xlabel: str, ylabel: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(9, 5))
     for label, values in series.items():

@@ -33,10 +33,14 @@ class SweepRun:
 
     @property
     def key(self) -> tuple[str, str, str]:
+        """(model, lang, recipe): the recipe is the factor, prefixed by the method when it is not a neuron patch
+        alone (``diffmean/1``, ``neurons_no_en/pmax``)."""
         cfg = self.config
+        factor = str(cfg.get("factor", self.overrides.get("factor", "?")))
+        method = cfg.get("method_name", "neurons")
         return (cfg.get("model", {}).get("name") or self.overrides.get("model", "?"),
                 cfg.get("lang", {}).get("code") or self.overrides.get("lang", "?"),
-                str(cfg.get("factor", self.overrides.get("factor", "?"))))
+                factor if method == "neurons" else f"{method}/{factor}")
 
 
 def _overrides(run_dir: Path) -> dict:

@@ -183,3 +183,24 @@ def test_generation_under_a_prompt_baseline_continues_the_prefixed_prompt(handle
     plain, *_ = generate.continuations(handle, prompts["en"], 4)
     assert [r[5] for r in rows] == want and [r[2] for r in rows] == plain
     assert [r[1] for r in rows] == prompts["en"]  # the CSV keeps the plain prompt
+
+
+def test_compare_methods_writes_one_row_per_method_and_target(tmp_path):
+    import csv
+
+    from conftest import run_cli
+
+    result = run_cli("model=tiny", "+experiment=compare_methods", "compare.targets=[fr,ja]", "compare.lss_n_facts=3",
+                     "compare.n_prompts=2", "compare.xcopa_limit=0", "generate.max_new_tokens=4",
+                     "identify.languages=[en,fr,ja]", "identify.max_tokens=300", "lss.sources=[en,fr,ja]",
+                     "logger=none", f"hydra.run.dir={tmp_path}", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "compare.csv")))
+    methods = ["unpatched", "lape_pmax", "lape_pmax_no_en", "diffmean", "lape_pmax_diffmean", "prompt_priming"]
+    assert [(r["method"], r["target"]) for r in rows] == [(m, t) for m in methods for t in ("fr", "ja")]
+    by = {(r["method"], r["target"]): r for r in rows}
+    assert by[("diffmean", "ja")]["intervention"] == "ja:lape:mul=1+diffmean*0.5(resid_norm)"
+    assert by[("prompt_priming", "fr")]["intervention"] == "fr:lape:mul=1+prompt:priming"
+    assert by[("lape_pmax_no_en", "fr")]["intervention"] == "fr:lape:set=pmax:others(en):set=0"
+    assert all(0 <= float(r["steering_success"]) <= float(r["target_share"]) <= 1 for r in rows)
+    assert (tmp_path / "compare_scatter.png").stat().st_size > 0 and "| method |" in (tmp_path / "compare.md").read_text()
