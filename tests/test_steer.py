@@ -203,4 +203,5 @@ def test_compare_methods_writes_one_row_per_method_and_target(tmp_path):
     assert by[("prompt_priming", "fr")]["intervention"] == "fr:lape:mul=1+prompt:priming"
     assert by[("lape_pmax_no_en", "fr")]["intervention"] == "fr:lape:set=pmax:others(en):set=0"
     assert all(0 <= float(r["steering_success"]) <= float(r["target_share"]) <= 1 for r in rows)
-    assert (tmp_path / "compare_scatter.png").stat().st_size > 0 and "| method |" in (tmp_path / "compare.md").read_text()
+    assert (tmp_path / "compare_scatter.png").stat().st_size > 0
+    assert "| method |" in (tmp_path / "compare.md").read_text()
