@@ -41,6 +41,11 @@ def pivot_heatmap(values: dict[tuple[str, str], float], title: str, path: Path) 
     return plots.heatmap(matrix, langs, factors, title, path, xlabel="factor", ylabel="target language")
 
 
+def by_layer_plot(curves: dict[str, list[float]], title: str, what: str, path: Path) -> Path:
+    """A per-layer sweep's measure by layer (NaN where a layer has no result), one line per curve."""
+    return plots.lines(curves, title, "layer", what, path)
+
+
 # --- identification --------------------------------------------------------------------------------------
 
 def neuron_tables(languages: list[str], per_layer: dict[str, list[list[int]]], overlap, out_dir: Path):

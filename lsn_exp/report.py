@@ -97,6 +97,7 @@ def headline_metrics(results: dict, lang: str) -> dict:
     if "generate" in results:
         out["gen_target_unpatched"] = results["generate"]["target_share_unpatched"]
         out["gen_target_patched"] = results["generate"]["target_share_patched"]
+        out["gen_steering_success"] = results["generate"].get("steering_success")
     if isinstance(results.get("lss"), LssResult):
         out["lss_mean"], out["lss_mean_paper"] = results["lss"].mean, results["lss"].mean_paper
     if isinstance(results.get("lss_matrix"), LssMatrix):
@@ -161,6 +162,28 @@ def lss_section(done: list[SweepRun], sweep_dir: Path, n_boot: int = 1000) -> li
             ""]
 
 
+def layer_section(done: list[SweepRun], sweep_dir: Path) -> list[str]:
+    """A per-layer sweep (+experiment=per_layer: each run patches or steers at one ``layer``): LSS and steering
+    success by layer, one line per language and recipe, one figure per model and measure."""
+    by_model: dict[str, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for run in done:
+        if isinstance(run.config.get("layer"), int):
+            model, lang, recipe = run.key
+            by_model[model][f"{lang} {recipe}"][run.config["layer"]] = headline_metrics(run.results, lang)
+    lines = []
+    for model, series in sorted(by_model.items()):
+        n_layers = 1 + max(layer for values in series.values() for layer in values)
+        lines += [f"## By layer: {model}", ""]
+        for metric, what in (("lss_mean", "mean LSS"), ("gen_steering_success", "steering success")):
+            curves = {label: [values.get(layer, {}).get(metric) for layer in range(n_layers)]
+                      for label, values in sorted(series.items())}
+            curves = {k: [float("nan") if v is None else v for v in vs] for k, vs in curves.items()}
+            path = outputs.by_layer_plot(curves, f"{model}: {what} by layer", what,
+                                         sweep_dir / f"report_by_layer_{model}_{metric}.png")
+            lines += [f"![{path.stem}]({path.name})", ""]
+    return lines
+
+
 def downstream_section(done: list[SweepRun], sweep_dir: Path) -> list[str]:
     """Self- vs cross-language delta matrices (task language x patched language), per model and factor."""
     groups = defaultdict(list)
@@ -203,6 +226,7 @@ def build_report(sweep_dir: Path) -> Path:
         lines += ["", *(f"![{p.stem}]({p.name})" for p in images), ""]
     lines += lss_section(done, sweep_dir)
     lines += downstream_section(done, sweep_dir)
+    lines += layer_section(done, sweep_dir)
     cell_images = [(c, Path(p)) for c in done for p in c.images.values() if "heatmap" in Path(p).stem
                    or "matrix" in Path(p).stem]
     if cell_images:

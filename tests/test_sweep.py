@@ -138,3 +138,21 @@ def test_report_ci_resamples_facts_shared_by_all_cells():
     skipped = fact_bootstrap([_cell("1s1s1s0s00")], n_boot=2000)
     assert skipped["lss_paper"][1] <= skipped["lss"][1]  # the paper count puts skipped facts in the denominator
     assert fact_bootstrap([_cell("10"), _cell("101")]) is None  # no common sample: no CI
+
+
+def test_per_layer_preset_runs_one_cell_per_layer_and_the_report_plots_by_layer(tmp_path):
+    dry = run_cli("-m", "+experiment=per_layer", "dry_run=true", "logger=none", f"hydra.sweep.dir={tmp_path / 'dry'}",
+                  timeout=120)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert len(list((tmp_path / "dry").glob("*/dry_run.txt"))) == 18  # Gemma-3-270M's layers
+    sweep_dir = tmp_path / "real"
+    result = run_cli("-m", "+experiment=per_layer", "layer=range(0,2)", "lang=fr", "generate.n_prompts=2",
+                     "generate.max_new_tokens=4", *SMALL, f"hydra.sweep.dir={sweep_dir}", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for layer in (0, 1):
+        cfg = json.loads((sweep_dir / str(layer) / "results.json").read_text())["config"]
+        assert cfg["patch"]["layers"] == layer == cfg["steer"]["layers"]
+    report = build_report(sweep_dir).read_text()
+    assert "## By layer: tiny" in report
+    assert (sweep_dir / "report_by_layer_tiny_lss_mean.png").exists()
+    assert (sweep_dir / "report_by_layer_tiny_gen_steering_success.png").exists()
