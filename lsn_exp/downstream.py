@@ -36,6 +36,7 @@ import torch
 
 from lsn_exp import data, evaluate, metrics
 from lsn_exp.data import MT_PROMPTS
+from lsn_exp.errors import UserError
 from lsn_exp.patch import PatchSpec
 from lsn_exp.results import DownstreamResult, TaskScore
 from lsn_exp.settings import TASK_FAMILIES, EvalSettings, TaskFamily, eval_settings
@@ -273,6 +274,8 @@ class DownstreamEvaluator:
               spec: PatchSpec | Intervention | None) -> tuple[DownstreamResult, list]:
         """Every selected task under ``intervene(handle, artifact, spec)`` (spec None: unpatched) vs the unpatched
         outputs; also the MT output rows (outputs.MT_OUTPUT_FIELDS)."""
+        if getattr(spec, "prefix", ""):
+            raise UserError("prompt baselines are scored on LSS and generation, not on downstream tasks")
         start = time.time()
         if spec is None:
             patched, patch_summary = self.run(self.refs), None

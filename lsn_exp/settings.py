@@ -338,6 +338,9 @@ def validate(cfg, stages) -> None:
     generate_settings(cfg.get("generate"))
     if cfg.get("prompt") is not None and cfg.prompt.mode not in data.PROMPT_MODES:
         raise UserError(f"prompt.mode={cfg.prompt.mode} is not allowed: use one of {', '.join(data.PROMPT_MODES)}")
+    if cfg.stage == "downstream" and cfg.get("prompt") is not None and cfg.prompt.mode != "none":
+        raise UserError("prompt baselines are scored on LSS and generation, not on downstream tasks: "
+                        "use prompt.mode=none with stage=downstream")
     target = str(cfg.lang.code)
     patch_cfg = plain(cfg.patch)
     searched = factor.kind == "best" or cfg.stage == "factor_search"

@@ -113,6 +113,8 @@ BAD_OVERRIDES = [  # each must fail before any model loads, dry run or not, in o
     ("steer.alpha=abc", "steer.alpha='abc' is not a number"),
     ("steer.scale=cube", "steer.scale=cube is not allowed"),
     ("steer.layers=7", "steer.layers has layer 7 out of range: this model has 4 layers"),
+    ("prompt.mode=shout", "prompt.mode=shout is not allowed"),
+    ("stage=downstream prompt.mode=priming", "prompt baselines are scored on LSS and generation, not on downstream"),
 ]
 
 
