@@ -199,7 +199,7 @@ def test_compare_methods_writes_one_row_per_method_and_target(tmp_path):
     methods = ["unpatched", "lape_pmax", "lape_pmax_no_en", "diffmean", "lape_pmax_diffmean", "prompt_priming"]
     assert [(r["method"], r["target"]) for r in rows] == [(m, t) for m in methods for t in ("fr", "ja")]
     by = {(r["method"], r["target"]): r for r in rows}
-    assert by[("diffmean", "ja")]["intervention"] == "ja:lape:mul=1+diffmean*0.5(resid_norm)"
+    assert by[("diffmean", "ja")]["intervention"] == "ja:lape:mul=1+diffmean*0.1(resid_norm)"
     assert by[("prompt_priming", "fr")]["intervention"] == "fr:lape:mul=1+prompt:priming"
     assert by[("lape_pmax_no_en", "fr")]["intervention"] == "fr:lape:set=pmax:others(en):set=0"
     assert all(0 <= float(r["steering_success"]) <= float(r["target_share"]) <= 1 for r in rows)
