@@ -73,8 +73,12 @@ class Comparison:
 
     def unpatched_row(self, target: str) -> dict:
         """The unpatched model's own steering success toward ``target`` (what every method is compared with)."""
-        measures = generate.steering(self.handle, self.prompts, target, self.gen_settings, None, "",
-                                     self.unpatched)[0]["all"]["unpatched"]
+        s = self.gen_settings
+        for source, texts in self.prompts.items():  # generated once, shared with every method's cell
+            if source not in self.unpatched:
+                self.unpatched[source] = generate.generate_labelled(self.handle, texts, s.max_new_tokens, None,
+                                                                    s.repetition_n)
+        measures = generate.measures([g for gens in self.unpatched.values() for g in gens], target, s.max_repetition)
         return {"method": "unpatched", "target": target, "intervention": "none", "lss": 0.0, "lss_paper": 0.0,
                 **{k: measures[k] for k in ("steering_success", "target_share", "ppl", "repetition",
                                             "degenerate_share")}, "xcopa_self": 0.0, "xcopa_cross": 0.0, "seconds": 0}

@@ -119,16 +119,16 @@ def steering(handle, prompts: dict[str, list[str]], target: str, settings, patch
         runs = {"unpatched": unpatched[source],
                 "patched": generate_labelled(handle, [prefix + t for t in texts], settings.max_new_tokens, patch,
                                              settings.repetition_n)}
-        summary[source] = {name: _measures(gens, target, settings.max_repetition) for name, gens in runs.items()}
+        summary[source] = {name: measures(gens, target, settings.max_repetition) for name, gens in runs.items()}
         for name, gens in runs.items():
             everything[name] += gens
         rows += [[source, b.prompt, b.text, b.label, round(b.repetition, 3), a.text, a.label, round(a.repetition, 3),
                   None if a.nll is None else round(a.nll, 4)] for b, a in zip(runs["unpatched"], runs["patched"])]
-    summary["all"] = {name: _measures(gens, target, settings.max_repetition) for name, gens in everything.items()}
+    summary["all"] = {name: measures(gens, target, settings.max_repetition) for name, gens in everything.items()}
     return summary, rows
 
 
-def _measures(generations: list[Generation], target: str, max_repetition: float) -> dict:
+def measures(generations: list[Generation], target: str, max_repetition: float) -> dict:
     return {"n": len(generations), "target_share": share_in(generations, target),
             "steering_success": share_in(generations, target, max_repetition),
             **fluency_summary(generations, max_repetition)}
