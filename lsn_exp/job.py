@@ -49,14 +49,20 @@ class JobContext:
 
     def intervention(self, target: str | None = None) -> Intervention:
         """The neuron patch (and steering vector) toward ``target`` (default: the job's lang); factor=best reads
-        the factor search."""
+        the factor search, method=best the compare run's winner."""
+        target = target or self.cfg.lang.code
+        if self.cfg.get("method_name") == "best":
+            from lsn_exp import compare
+
+            entry = compare.best_method(self.cfg, self.model_handle.identity, self.store, self.artifact_key, target)
+            return compare.method_intervention(self.cfg, entry, target, self.data_root)
         patch_cfg, factor = self.cfg.patch, self.factor
         if factor.kind == "best":
             from lsn_exp.search import resolve_best
 
             patch_cfg, factor = resolve_best(self.model_handle.identity, self.store, self.cfg.patch, self.cfg.lss,
                                              self.artifact_key, search_command())
-        target, prompt = target or self.cfg.lang.code, self.cfg.prompt
+        prompt = self.cfg.prompt
         prefix = data.prompt_prefix(prompt.mode, target, self.data_root, int(prompt.sentence))
         return Intervention(PatchSpec.from_config(patch_cfg, factor, target),
                             SteerSpec.from_config(self.cfg.steer, target), str(prompt.mode), prefix)
@@ -161,11 +167,13 @@ def compare_methods(ctx: JobContext) -> StageOutput:
     """Every method of ``compare.methods`` toward every ``compare.targets``: LSS, steering, fluency, XCOPA."""
     from lsn_exp import compare
 
-    rows = compare.compare(ctx.cfg, ctx.model_handle, ctx.artifact, ctx.data_root, ctx.store)
-    tables, images = outputs.comparison_files(rows, compare.FIELDS, ctx.run_dir,
-                                              f"{ctx.cfg.model.name}: methods side by side")
+    rows, curve = compare.compare(ctx.cfg, ctx.model_handle, ctx.artifact, ctx.data_root, ctx.store, ctx.artifact_key)
+    title = f"{ctx.cfg.model.name}: methods side by side"
+    tables, images = outputs.comparison_files(rows, compare.FIELDS, ctx.run_dir, title)
+    curve_table, curve_images = outputs.search_curve_files(curve, compare.CURVE_FIELDS, ctx.run_dir, title)
     print((ctx.run_dir / "compare.md").read_text())
-    return StageOutput({"compare": {"rows": rows}}, tables, images)
+    return StageOutput({"compare": {"rows": rows, "search": curve}}, {**tables, **curve_table},
+                       {**images, **curve_images})
 
 
 STAGES: dict[str, list[Callable[[JobContext], StageOutput]]] = {

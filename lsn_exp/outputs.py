@@ -151,6 +151,21 @@ def comparison_files(rows: list[dict], fields: tuple[str, ...], out_dir: Path, t
     return {"compare/table": csv_path}, {"compare/scatter": image}
 
 
+def search_curve_files(curve: list[dict], fields: tuple[str, ...], out_dir: Path, title: str) -> tuple[dict, dict]:
+    """compare_search.csv (every search evaluation) and compare_search.png (score by coefficient, one panel per
+    searched method, one line per target)."""
+    table = write_csv(out_dir / "compare_search.csv", list(fields), [[row.get(k) for k in fields] for row in curve])
+    panels: dict[str, dict[str, list]] = {}
+    for row in curve:
+        if row.get("coefficient") is not None:
+            panels.setdefault(f"{row['method']} ({row['path']})", {}).setdefault(row["target"], []).append(
+                (row["coefficient"], row["score"]))
+    if not panels:
+        return {"compare/search": table}, {}
+    image = plots.curves(panels, f"{title}: coefficient search", "search score", out_dir / "compare_search.png")
+    return {"compare/search": table}, {"compare/search_curves": image}
+
+
 # --- downstream ------------------------------------------------------------------------------------------
 
 TASK_FIELDS = ("task", "family", "lang", "self", "metric", "n", "value", "stderr", "base", "base_stderr", "delta",

@@ -64,3 +64,22 @@ def lines(series: dict[str, list[float]], title: str, xlabel: str, ylabel: str, 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def curves(panels: dict[str, dict[str, list[tuple[float, float]]]], title: str, ylabel: str, path: Path) -> Path:
+    """One panel per key, one line per series of (x, y) points, sorted by x (log x when every x is > 0)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels) + 1, 4), squeeze=False)
+    for ax, (name, series) in zip(axes[0], panels.items()):
+        for label, points in series.items():
+            xs, ys = zip(*sorted(points))
+            ax.plot(xs, ys, marker="o", label=label)
+        if all(x > 0 for points in series.values() for x, _ in points):
+            ax.set_xscale("log")
+        ax.set(title=name, xlabel="coefficient", ylabel=ylabel)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -335,7 +335,11 @@ def validate(cfg, stages) -> None:
     lss_settings(cfg.lss)
     lss_settings(search_config(cfg.lss))
     eval_settings(cfg.eval)
-    generate_settings(cfg.get("generate"))
+    generated = generate_settings(cfg.get("generate"))
+    if cfg.stage == "compare" or cfg.get("method_name") == "best":  # the methods, ranges and search sample
+        from lsn_exp.coefsearch import check_compare
+
+        check_compare(plain(cfg.compare), generated.first_sentence, generated.prompts_file)
     if cfg.get("prompt") is not None and cfg.prompt.mode not in data.PROMPT_MODES:
         raise UserError(f"prompt.mode={cfg.prompt.mode} is not allowed: use one of {', '.join(data.PROMPT_MODES)}")
     if cfg.stage == "downstream" and cfg.get("prompt") is not None and cfg.prompt.mode != "none":

@@ -185,23 +185,43 @@ def test_generation_under_a_prompt_baseline_continues_the_prefixed_prompt(handle
     assert [r[1] for r in rows] == prompts["en"]  # the CSV keeps the plain prompt
 
 
-def test_compare_methods_writes_one_row_per_method_and_target(tmp_path):
+SMALL_COMPARE = ("model=tiny", "compare.targets=[fr,ja]", "compare.lss_n_facts=3", "compare.n_prompts=2",
+                 "compare.xcopa_limit=0", "compare.search.n_evals=2", "compare.search.n_prompts=1",
+                 "compare.search.first_sentence=2", "generate.max_new_tokens=4", "identify.languages=[en,fr,ja]",
+                 "identify.max_tokens=300", "lss.sources=[en,fr,ja]", "logger=none")
+
+
+def test_compare_methods_writes_one_row_per_method_and_target_and_method_best_runs_the_winner(tmp_path):
     import csv
 
     from conftest import run_cli
 
-    result = run_cli("model=tiny", "+experiment=compare_methods", "compare.targets=[fr,ja]", "compare.lss_n_facts=3",
-                     "compare.n_prompts=2", "compare.xcopa_limit=0", "generate.max_new_tokens=4",
-                     "identify.languages=[en,fr,ja]", "identify.max_tokens=300", "lss.sources=[en,fr,ja]",
-                     "logger=none", f"hydra.run.dir={tmp_path}", timeout=600)
+    result = run_cli("+experiment=compare_methods", *SMALL_COMPARE, f"hydra.run.dir={tmp_path}", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "compare.csv")))
-    methods = ["unpatched", "lape_pmax", "lape_pmax_no_en", "diffmean", "lape_pmax_diffmean", "prompt_priming"]
+    methods = ["unpatched", "lape_pmax", "lape_mul", "lape_pmax_no_en", "diffmean", "lape_pmax_diffmean",
+               "prompt_priming"]
     assert [(r["method"], r["target"]) for r in rows] == [(m, t) for m in methods for t in ("fr", "ja")]
     by = {(r["method"], r["target"]): r for r in rows}
-    assert by[("diffmean", "ja")]["intervention"] == "ja:lape:mul=1+diffmean*0.1(resid_norm)"
     assert by[("prompt_priming", "fr")]["intervention"] == "fr:lape:mul=1+prompt:priming"
     assert by[("lape_pmax_no_en", "fr")]["intervention"] == "fr:lape:set=pmax:others(en):set=0"
+    alpha = float(by[("diffmean", "ja")]["coefficient"])  # searched on [0.003, 0.3] (log), reported at the winner
+    assert 0.003 <= alpha <= 0.3 and by[("diffmean", "ja")]["intervention"] == f"ja:lape:mul=1+diffmean*{alpha:g}(resid_norm)"
+    assert by[("lape_pmax", "fr")]["coefficient"] == "" and by[("lape_pmax", "fr")]["search_score"] != ""
     assert all(0 <= float(r["steering_success"]) <= float(r["target_share"]) <= 1 for r in rows)
-    assert (tmp_path / "compare_scatter.png").stat().st_size > 0
+    curve = list(csv.DictReader(open(tmp_path / "compare_search.csv")))
+    searched = [r for r in curve if r["method"] == "diffmean" and r["target"] == "ja"]
+    assert len(searched) == 2 and alpha in [float(r["coefficient"]) for r in searched]  # n_evals points, winner among
+    assert len([r for r in curve if r["method"] == "lape_pmax"]) == 2  # a fixed method: one point per target
+    for name in ("compare_scatter.png", "compare_search.png"):
+        assert (tmp_path / name).stat().st_size > 0
     assert "| method |" in (tmp_path / "compare.md").read_text()
+
+    best = run_cli("method=best", "lang=ja", "stage=generate", *SMALL_COMPARE, f"hydra.run.dir={tmp_path}/best",
+                   timeout=600)
+    assert best.returncode == 0, best.stderr[-3000:]
+    winner = max((r for r in curve if r["target"] == "ja"), key=lambda r: float(r["score"]))
+    assert f"method=best toward ja: {winner['method']}" in best.stdout + best.stderr
+    stale = run_cli("method=best", "lang=ja", "stage=generate", *SMALL_COMPARE, "compare.search.n_evals=3",
+                    f"hydra.run.dir={tmp_path}/stale", timeout=600)  # another search: no winner for it
+    assert stale.returncode != 0 and "method=best: no compare run matches" in stale.stdout + stale.stderr

@@ -1,0 +1,85 @@
+"""The golden-section coefficient search and the settings of compare's search (pure Python, no model)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lsn_exp.coefsearch import (CoefficientRange, SearchSettings, best_point, bracket, check_compare,
+                                golden_section, with_coefficient)
+from lsn_exp.errors import UserError
+
+
+def counted(f):
+    calls = []
+
+    def wrapped(x):
+        calls.append(x)
+        return f(x)
+    return wrapped, calls
+
+
+@pytest.mark.parametrize("n_evals", [3, 5, 8, 12])
+def test_golden_section_brackets_a_known_peak_in_the_stated_evaluations(n_evals):
+    objective, calls = counted(lambda x: -(x - 0.3) ** 2)
+    points = golden_section(objective, 0.0, 1.0, n_evals)
+    assert len(calls) == len(points) == n_evals
+    x, _ = best_point(points)
+    assert abs(x - 0.3) <= bracket(0.0, 1.0, n_evals)
+    assert bracket(0.0, 1.0, n_evals) == pytest.approx(0.618034 ** (n_evals - 2), rel=1e-5)
+
+
+def test_golden_section_on_a_log_scale_finds_a_peak_across_decades():
+    # peak at alpha = 0.04 on [0.001, 1]: three decades, log-unimodal
+    points = golden_section(lambda a: -(math.log(a) - math.log(0.04)) ** 2, 0.001, 1.0, 10, log=True)
+    x, _ = best_point(points)
+    assert len(points) == 10 and all(0.001 <= p <= 1.0 for p, _ in points)
+    assert abs(math.log(x / 0.04)) <= bracket(0.001, 1.0, 10, log=True)
+    assert abs(x - 0.04) < 0.004
+
+
+def test_golden_section_reuses_its_inner_point_and_breaks_ties_toward_lo():
+    points = golden_section(lambda x: 0.0, 0.0, 1.0, 4)  # flat: every step keeps the lower part
+    xs = [p for p, _ in points]
+    assert xs[0] < xs[1] and xs[2] < xs[0] and xs[3] < xs[2]
+    assert best_point(points)[0] == min(xs)
+    assert golden_section(lambda x: x, 2.0, 4.0, 1) == [(3.0, 3.0)]
+    assert best_point([(1.0, float("nan")), (2.0, 0.1)]) == (2.0, 0.1)
+
+
+def test_with_coefficient_sets_the_path_on_a_copy():
+    method = {"name": "diffmean", "factor": 1, "steer": {"alpha": 0.1, "scale": "unit"},
+              "search": {"path": "steer.alpha", "lo": 0.01, "hi": 1}}
+    tuned = with_coefficient(method, "steer.alpha", 0.25)
+    assert tuned == {"name": "diffmean", "factor": 1, "steer": {"alpha": 0.25, "scale": "unit"}}
+    assert method["steer"]["alpha"] == 0.1 and "search" in method
+    assert with_coefficient({"name": "m"}, "factor", 7.0) == {"name": "m", "factor": 7.0}
+    assert with_coefficient({"name": "m"}, "patch.value", 2.0) == {"name": "m", "patch": {"value": 2.0}}
+
+
+@pytest.mark.parametrize("search, message", [
+    ({"path": "steer.layers", "lo": 0, "hi": 1}, "not searchable"),
+    ({"path": "factor", "lo": 5, "hi": 1}, "needs lo < hi"),
+    ({"path": "factor", "lo": 0, "hi": 1, "log": True}, "lo > 0"),
+    ({"path": "factor", "hi": 1}, "give numbers lo and hi"),
+])
+def test_a_bad_search_range_is_one_clear_error(search, message):
+    with pytest.raises(UserError, match=message):
+        CoefficientRange.of({"name": "m", "search": search})
+
+
+def test_the_steering_objective_goes_negative_past_the_fluency_bound():
+    s = SearchSettings.of({"max_ppl_ratio": 2.0})
+    assert s.score(0.75, ppl=5.0, unpatched_ppl=3.0) == 0.75  # within 2 x 3.0
+    assert s.score(0.75, ppl=9.0, unpatched_ppl=3.0) == pytest.approx(-0.5)  # 50 % past the bound
+    assert s.score(0.75, ppl=12.0, unpatched_ppl=3.0) < s.score(0.75, ppl=9.0, unpatched_ppl=3.0)
+    with pytest.raises(UserError, match="objective=bleu"):
+        SearchSettings.of({"objective": "bleu"})
+
+
+def test_the_search_prompts_may_not_overlap_the_reported_ones():
+    check_compare({"n_prompts": 16, "search": {"first_sentence": 16, "n_prompts": 4}}, 0, None)
+    with pytest.raises(UserError, match="overlap"):
+        check_compare({"n_prompts": 16, "search": {"first_sentence": 12, "n_prompts": 4}}, 0, None)
+    check_compare({"n_prompts": 16, "search": {"first_sentence": 12}}, 0, "prompts.yaml")  # a file: the same prompts
