@@ -147,7 +147,8 @@ class Comparison:
             if source not in self.unpatched:
                 self.unpatched[source] = generate.generate_labelled(self.handle, texts, s.max_new_tokens, None,
                                                                     s.repetition_n)
-        measures = generate.measures([g for gens in self.unpatched.values() for g in gens], target, s.max_repetition)
+        others = [g for source, gens in self.unpatched.items() if source != target for g in gens]
+        measures = generate.measures(others or self.unpatched[target], target, s.max_repetition)
         return {"method": "unpatched", "target": target, "intervention": "none", "lss": 0.0, "lss_paper": 0.0,
                 **{k: measures[k] for k in ("steering_success", "target_share", "ppl", "repetition",
                                             "degenerate_share")}, "xcopa_self": 0.0, "xcopa_cross": 0.0, "seconds": 0}

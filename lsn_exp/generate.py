@@ -109,6 +109,7 @@ def steering(handle, prompts: dict[str, list[str]], target: str, settings, patch
              unpatched: dict | None = None) -> tuple[dict, list]:
     """Unpatched and patched continuations of every source's prompts toward ``target``: per source and overall,
     the raw target share, the steering success (target and not degenerate) and fluency; and one row per prompt.
+    The overall ("all") figures leave out the prompts in the target language itself (unless they are all there is).
     ``prefix`` (a prompt baseline) goes before every patched prompt; ``unpatched`` (source -> generations) keeps
     the unpatched continuations across calls."""
     summary, rows, everything = {}, [], {"unpatched": [], "patched": []}
@@ -120,8 +121,8 @@ def steering(handle, prompts: dict[str, list[str]], target: str, settings, patch
                 "patched": generate_labelled(handle, [prefix + t for t in texts], settings.max_new_tokens, patch,
                                              settings.repetition_n)}
         summary[source] = {name: measures(gens, target, settings.max_repetition) for name, gens in runs.items()}
-        for name, gens in runs.items():
-            everything[name] += gens
+        for name, gens in runs.items():  # "all": prompts already in the target language do not count
+            everything[name] += gens if source != target or len(prompts) == 1 else []
         rows += [[source, b.prompt, b.text, b.label, round(b.repetition, 3), a.text, a.label, round(a.repetition, 3),
                   None if a.nll is None else round(a.nll, 4)] for b, a in zip(runs["unpatched"], runs["patched"])]
     summary["all"] = {name: measures(gens, target, settings.max_repetition) for name, gens in everything.items()}

@@ -85,5 +85,10 @@ def test_the_generate_stage_reports_per_source_success_and_fluency(tmp_path):
         for run in ("unpatched", "patched"):
             cell = found["by_source"][source][run]
             assert cell["n"] == 3 and cell["steering_success"] <= cell["target_share"] and cell["ppl"] > 1
+    overall = found["by_source"]["all"]["patched"]  # the fr prompts (already the target) are left out of "all"
+    assert overall["n"] == 6 and found["n_prompts"] == 6
+    by = found["by_source"]
+    assert overall["target_share"] == pytest.approx((by["en"]["patched"]["target_share"]
+                                                     + by["ja"]["patched"]["target_share"]) / 2)
     rows = (tmp_path / "generations.csv").read_text().splitlines()
     assert len(rows) == 1 + 9 and rows[0].startswith("source,prompt,unpatched")
