@@ -143,10 +143,7 @@ class Comparison:
     def unpatched_row(self, target: str) -> dict:
         """The unpatched model's own steering success toward ``target`` (what every method is compared with)."""
         s = self.gen_settings
-        for source, texts in self.prompts.items():  # generated once, shared with every method's cell
-            if source not in self.unpatched:
-                self.unpatched[source] = generate.generate_labelled(self.handle, texts, s.max_new_tokens, None,
-                                                                    s.repetition_n)
+        generate.fill_unpatched(self.handle, self.prompts, s, self.unpatched)  # once, shared with every cell
         others = [g for source, gens in self.unpatched.items() if source != target for g in gens]
         measures = generate.measures(others or self.unpatched[target], target, s.max_repetition)
         return {"method": "unpatched", "target": target, "intervention": "none", "lss": 0.0, "lss_paper": 0.0,

@@ -20,6 +20,9 @@ import torch
 from lsn_exp.data import language_of
 
 
+NLL_ROWS = 16  # continuations scored per forward in continuation_nll
+
+
 @dataclass(frozen=True)
 class Generation:
     prompt: str
@@ -60,6 +63,9 @@ def continuations(handle, prompts, max_new_tokens: int = 25) -> tuple[list[str],
 @torch.inference_mode()
 def continuation_nll(handle, sequences: torch.Tensor, mask: torch.Tensor, width: int) -> list[float | None]:
     """Mean NLL per token of each row's continuation (positions >= ``width``) under the model as it is now."""
+    if len(sequences) > NLL_ROWS:  # [rows, new, vocab] log-probs: a 262k vocabulary makes 1 GB at 48 rows
+        return [nll for start in range(0, len(sequences), NLL_ROWS) for nll in continuation_nll(
+            handle, sequences[start: start + NLL_ROWS], mask[start: start + NLL_ROWS], width)]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = handle.model(input_ids=sequences, attention_mask=mask, position_ids=positions).logits[:, width - 1:-1]
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # [B, new, V]
@@ -113,13 +119,11 @@ def steering(handle, prompts: dict[str, list[str]], target: str, settings, patch
     ``prefix`` (a prompt baseline) goes before every patched prompt; ``unpatched`` (source -> generations) keeps
     the unpatched continuations across calls."""
     summary, rows, everything = {}, [], {"unpatched": [], "patched": []}
-    unpatched = {} if unpatched is None else unpatched
-    for source, texts in prompts.items():
-        if source not in unpatched:
-            unpatched[source] = generate_labelled(handle, texts, settings.max_new_tokens, None, settings.repetition_n)
-        runs = {"unpatched": unpatched[source],
-                "patched": generate_labelled(handle, [prefix + t for t in texts], settings.max_new_tokens, patch,
-                                             settings.repetition_n)}
+    unpatched = fill_unpatched(handle, prompts, settings, {} if unpatched is None else unpatched)
+    patched = by_source(prompts, generate_labelled(handle, [prefix + t for t in joined(prompts)],
+                                                   settings.max_new_tokens, patch, settings.repetition_n))
+    for source in prompts:
+        runs = {"unpatched": unpatched[source], "patched": patched[source]}
         summary[source] = {name: measures(gens, target, settings.max_repetition) for name, gens in runs.items()}
         for name, gens in runs.items():  # "all": prompts already in the target language do not count
             everything[name] += gens if source != target or len(prompts) == 1 else []
@@ -127,6 +131,28 @@ def steering(handle, prompts: dict[str, list[str]], target: str, settings, patch
                   None if a.nll is None else round(a.nll, 4)] for b, a in zip(runs["unpatched"], runs["patched"])]
     summary["all"] = {name: measures(gens, target, settings.max_repetition) for name, gens in everything.items()}
     return summary, rows
+
+
+def fill_unpatched(handle, prompts: dict[str, list[str]], settings, unpatched: dict) -> dict:
+    """``unpatched`` (source -> generations) with the unpatched continuations of every source not yet in it."""
+    missing = {source: texts for source, texts in prompts.items() if source not in unpatched}
+    if missing:
+        unpatched.update(by_source(missing, generate_labelled(handle, joined(missing), settings.max_new_tokens, None,
+                                                              settings.repetition_n)))
+    return unpatched
+
+
+def joined(prompts: dict[str, list[str]]) -> list[str]:
+    """Every source's prompts in one list (generated as one batch: a decoding step reads the weights once)."""
+    return [text for texts in prompts.values() for text in texts]
+
+
+def by_source(prompts: dict[str, list[str]], generations: list) -> dict[str, list]:
+    """``generations`` of ``joined(prompts)`` split back per source."""
+    split, start = {}, 0
+    for source, texts in prompts.items():
+        split[source], start = generations[start: start + len(texts)], start + len(texts)
+    return split
 
 
 def measures(generations: list[Generation], target: str, max_repetition: float) -> dict:

@@ -92,3 +92,19 @@ def test_the_generate_stage_reports_per_source_success_and_fluency(tmp_path):
                                                      + by["ja"]["patched"]["target_share"]) / 2)
     rows = (tmp_path / "generations.csv").read_text().splitlines()
     assert len(rows) == 1 + 9 and rows[0].startswith("source,prompt,unpatched")
+
+
+def test_continuation_nll_in_chunks_equals_one_forward(monkeypatch):
+    handle = load_tiny("llama")
+    prompts = ["The weather today is", "Yesterday I", "Bonjour", "Il était une fois", "Once"]
+    _, sequences, mask, width = generate.continuations(handle, prompts, max_new_tokens=5)
+    whole = generate.continuation_nll(handle, sequences, mask, width)
+    monkeypatch.setattr(generate, "NLL_ROWS", 2)
+    chunked = generate.continuation_nll(handle, sequences, mask, width)
+    assert len(chunked) == 5 and all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6) for a, b in zip(whole, chunked))
+
+
+def test_by_source_splits_one_batch_back_in_order():
+    prompts = {"en": ["a", "b"], "fr": ["c"], "ja": ["d", "e", "f"]}
+    assert generate.joined(prompts) == list("abcdef")
+    assert generate.by_source(prompts, list("ABCDEF")) == {"en": ["A", "B"], "fr": ["C"], "ja": ["D", "E", "F"]}
