@@ -8,6 +8,7 @@ exceeds the ``bar_rate`` quantile.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -163,11 +164,33 @@ def recording_spec(handle, settings, prefix) -> dict:
             "n_stat_sentences": settings.n_stat_sentences, "prefix": prefix.as_meta()}
 
 
-def build(identify_cfg, handle, data_root, store, seed: int, force: bool = False) -> IdentifyResult:
+def corpus_id(corpus) -> str:
+    """What a recording's text is, for its cache key: the file's hash, the hub dataset, or the texts' hash."""
+    from lsn_exp import data
+
+    if corpus.path is not None:
+        return f"sha256:{sha256_file(corpus.path)}"
+    if getattr(corpus, "user", False):
+        return "texts-sha256:" + hashlib.sha256("\n".join(corpus.sentences).encode("utf-8")).hexdigest()
+    return f"hub:{data.FLORES_HUB_ID}"
+
+
+@dataclass(frozen=True)
+class UserTexts:
+    """Sentences a caller passed in (lsn_exp.api.identify) instead of a FLORES file."""
+
+    sentences: list[str]
+    path: None = None
+    user: bool = True
+
+
+def build(identify_cfg, handle, data_root, store, seed: int, force: bool = False,
+          texts: dict[str, list[str]] | None = None) -> IdentifyResult:
     """The neuron artifact for ``handle``: each language recorded once per key, selection once per thresholds.
 
     Recordings are cached per language, so an interrupted run resumes at the language it stopped in
-    and adding a language records only that one.
+    and adding a language records only that one. ``texts`` (language -> sentences) replaces FLORES and
+    ``identify.languages``.
     """
     from lsn_exp import data
     from lsn_exp.record import language_stats, prefix_token, stack_languages
@@ -175,14 +198,16 @@ def build(identify_cfg, handle, data_root, store, seed: int, force: bool = False
 
     settings = identify_settings(identify_cfg)
     prefix = prefix_token(handle.tokenizer, settings.prefix)
-    langs = data.languages(list(settings.languages))
-    corpora = {lang.code: data.flores(data_root, lang, settings.split) for lang in langs}
+    if texts is not None:
+        corpora = {code: UserTexts(list(sentences)) for code, sentences in texts.items()}
+    else:
+        corpora = {lang.code: data.flores(data_root, lang, settings.split)
+                   for lang in data.languages(list(settings.languages))}
     shared = recording_spec(handle, settings, prefix)
     batch_size = settings.batch_size or handle.batch_size
     stats, entries = {}, []
     for code, corpus in corpora.items():
-        spec = {**shared, "lang": code,
-                "corpus": f"sha256:{sha256_file(corpus.path)}" if corpus.path else f"hub:{data.FLORES_HUB_ID}"}
+        spec = {**shared, "lang": code, "corpus": corpus_id(corpus)}
         entry = store.get_or_compute(
             "recording", spec, force=force,
             compute=lambda c=corpus, k=code: (language_stats(

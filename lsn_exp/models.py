@@ -139,6 +139,33 @@ def load(cfg, cache_dir: str | None = None) -> ModelHandle:
                        identity=identity, batch_size=int(cfg.batch_size), device=device)
 
 
+def from_memory(model, tokenizer, name: str | None = None, batch_size: int = 8) -> ModelHandle:
+    """A ModelHandle for a model and tokenizer the caller already has (lsn_exp.api): the same hook sites and
+    cache as a configured model. Its identity hashes a strided sample of every weight, so a fine-tune or another
+    checkpoint of the same architecture never shares cached recordings with it."""
+    if tokenizer is not None:
+        _ensure_pad_token(tokenizer)
+    path = getattr(model.config, "_name_or_path", "") or model.config.model_type
+    name = name or Path(str(path)).name or model.config.model_type
+    return ModelHandle(model=model, tokenizer=tokenizer, adapter=find_adapter(model), name=name,
+                       identity={"id": str(path), "weights_sample": weights_sample(model)}, batch_size=batch_size,
+                       device=next(model.parameters()).device)
+
+
+def weights_sample(model, per_tensor: int = 4096) -> str:
+    """sha256 over every parameter's name, shape, dtype and ``per_tensor`` evenly strided values."""
+    import torch
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            flat = param.detach().reshape(-1)
+            picked = flat[:: max(1, flat.numel() // per_tensor)].float().cpu()
+            digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
+            digest.update(picked.numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
 def _ensure_pad_token(tokenizer) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

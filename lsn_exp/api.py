@@ -1,0 +1,117 @@
+"""lsn_exp from your own code, on a Hugging Face causal LM and tokenizer you already have in memory.
+
+The same code paths and cache as the CLI (recordings and artifacts under ``~/.cache/lsn_exp/artifacts/<name>``)::
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from lsn_exp import api
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    neurons = api.identify(model, tokenizer, "flores", languages=["en", "id", "ja"])
+    with api.amplify(model, neurons, lang="id", factor="pmax"):          # restored bit for bit on exit
+        ids = model.generate(**tokenizer("The market", return_tensors="pt"), max_new_tokens=20)
+    result = api.lss(model, tokenizer, neurons, target="id", n_facts=40)  # an LssResult: result.mean, .cells
+
+Every keyword of ``conf/identify/lape.yaml``, ``conf/patch/default.yaml`` and ``conf/lss/default.yaml`` is
+accepted where it applies; the DiffMean vector is ``alpha=`` (with ``steer_layers=``, ``scale=``).
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from lsn_exp import CONF_DIR, data
+from lsn_exp.errors import UserError
+
+_HANDLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ModelHandle (its weights hashed once)
+
+
+def handle(model, tokenizer=None, name: str | None = None):
+    """The ModelHandle lsn_exp uses for ``model`` (built once per model object)."""
+    from lsn_exp import models
+
+    found = _HANDLES.get(model)
+    if found is None or (name is not None and found.name != name):
+        found = _HANDLES[model] = models.from_memory(model, tokenizer, name)
+    if tokenizer is not None and found.tokenizer is None:
+        models._ensure_pad_token(tokenizer)
+        found.tokenizer = tokenizer
+    return found
+
+
+def store(model_handle, cache_dir: str | None = None):
+    from lsn_exp import models
+    from lsn_exp.artifacts import ArtifactStore
+
+    return ArtifactStore(models.cache_root(cache_dir) / "artifacts" / model_handle.name)
+
+
+def identify(model, tokenizer, texts: str | dict[str, list[str]] = "flores", *, languages: list[str] | None = None,
+             data_root: str | Path | None = None, cache_dir: str | None = None, seed: int = 0, force: bool = False,
+             **settings):
+    """LAPE, baseline and random neuron sets with p_max / p_median and DiffMean vectors (a NeuronArtifact).
+
+    ``texts``: "flores" (FLORES-200 ``split`` of ``languages``, default the paper's 18) or {language: sentences}."""
+    from lsn_exp import identify as identify_stage
+
+    if isinstance(texts, str) and texts != "flores":
+        raise UserError(f"texts={texts!r}: pass 'flores' or a dict {{language: [sentence, ...]}}")
+    overrides = {**settings, **({"languages": list(languages)} if languages else {})}
+    cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "identify" / "lape.yaml"), overrides)
+    own = handle(model, tokenizer)
+    root = data.resolve_root(None if data_root is None else str(data_root)) if texts == "flores" else None
+    found = identify_stage.build(cfg, own, root, store(own, cache_dir), seed=seed, force=force,
+                                 texts=None if texts == "flores" else dict(texts))
+    return found.artifact
+
+
+def intervention(neurons, lang: str, factor="pmax", *, alpha: float = 0.0, steer_layers=None,
+                 scale: str = "resid_norm", prompt: str = "none", data_root=None, **patch):
+    """The Intervention (neuron patch, DiffMean vector, prompt baseline) toward ``lang``, as the CLI builds it."""
+    from lsn_exp.patch import PatchSpec
+    from lsn_exp.settings import parse_factor
+    from lsn_exp.steer import Intervention, SteerSpec
+
+    if lang not in neurons.languages:
+        raise UserError(f"lang={lang} has no neurons here: the artifact covers {' '.join(neurons.languages)}")
+    patch_cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "patch" / "default.yaml"), patch)
+    steer = SteerSpec.from_config({"alpha": alpha, "layers": steer_layers, "scale": scale}, lang)
+    prefix = data.prompt_prefix(prompt, lang, data.resolve_root(data_root) if prompt != "none" else None, 0)
+    return Intervention(PatchSpec.from_config(patch_cfg, parse_factor(factor), lang), steer, prompt, prefix)
+
+
+@contextmanager
+def amplify(model, neurons, lang: str, factor="pmax", **options):
+    """Patch (and steer) ``model`` toward ``lang`` inside the ``with`` block; everything is restored on exit.
+
+    ``factor``: pmax | pmedian (set the neurons to that value) | a number (multiply them); ``options`` as
+    ``intervention`` (op, value, stat, layers, others_op, alpha, ...). A prompt baseline has nothing to patch."""
+    from lsn_exp.steer import intervene
+
+    spec = intervention(neurons, lang, factor, **options)
+    if spec.prefix:
+        raise UserError("amplify changes the model, not the prompt: put the prompt baseline's prefix before your "
+                        "prompt yourself (api.intervention(...).prefix)")
+    with intervene(handle(model), neurons, spec):
+        yield spec
+
+
+def lss(model, tokenizer, neurons, target: str, factor="pmax", *, n_facts: int | str = 185, sources="all",
+        data_root=None, cache_dir=None, **options):
+    """LSS(s -> target) on parallel mLAMA facts for every source s (an LssResult), the unpatched scores cached.
+
+    ``options``: any key of conf/lss/default.yaml (seed, tol, batch_size, bootstrap) or of ``intervention``."""
+    from lsn_exp import lss as lss_stage
+
+    lss_keys = set(OmegaConf.load(CONF_DIR / "lss" / "default.yaml"))
+    lss_cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "lss" / "default.yaml"),
+                              {"n_facts": n_facts, "sources": sources, **{k: v for k, v in options.items()
+                                                                          if k in lss_keys}})
+    spec = intervention(neurons, target, factor, data_root=data_root,
+                        **{k: v for k, v in options.items() if k not in lss_keys})
+    own = handle(model, tokenizer)
+    return lss_stage.lss_for_target(own, neurons, spec, lss_cfg, data.resolve_root(data_root), store(own, cache_dir))
