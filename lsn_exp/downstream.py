@@ -71,9 +71,28 @@ class TaskRef:
 
 
 def plan(settings_: EvalSettings) -> list[TaskRef]:
-    """Every (family, task language) the settings select, in family then paper order."""
-    return [TaskRef(family, code, family.task(code)) for family in (TASK_FAMILIES[n] for n in settings_.families)
+    """Every (family, task language) the settings select, in family then paper order; then every other
+    ``eval.tasks`` name as one lm-eval task (its language from ``eval.task_langs`` or its name)."""
+    ours = [TaskRef(family, code, family.task(code))
+            for family in (TASK_FAMILIES[n] for n in settings_.families if n in TASK_FAMILIES)
             for code in family.langs() if settings_.langs is None or code in settings_.langs]
+    return ours + [TaskRef(TaskFamily(name, "lm_eval", (), name, None, local=False), task_language(name, settings_),
+                           name) for name in settings_.families if name not in TASK_FAMILIES]
+
+
+def task_language(name: str, settings_: EvalSettings) -> str:
+    """Our code for an lm-eval task's language: ``eval.task_langs``, else the last part of its name that is
+    one of our codes or FLORES codes (xnli_fr -> fr, belebele_ind_Latn -> id); "" when none is."""
+    if name in settings_.task_langs:
+        return settings_.task_langs[name]
+    by_flores = {lang.flores: code for code, lang in data.language_registry().items()}
+    parts = name.split("_")
+    for i in range(len(parts) - 1, -1, -1):
+        for candidate in ("_".join(parts[i:i + 2]), parts[i]):
+            code = candidate if candidate in data.LANG_ORDER else by_flores.get(candidate)
+            if code:
+                return code
+    return ""
 
 
 def downstream_lm(handle: ModelHandle, batch_size: int | None = None):
@@ -117,6 +136,15 @@ def outputs_from_samples(ref: TaskRef, results: dict, tokenizer) -> DocOutputs:
     lm_eval = {ours: float(agg[f"{theirs},none"]) for ours, theirs in LM_EVAL_METRIC.items()
                if isinstance(agg.get(f"{theirs},none"), (int, float))}
     samples = [s for _, _, s in rows]
+    if ref.family.kind == "lm_eval":  # every metric lm-eval aggregates that each sample carries as a number
+        names = [k.split(",")[0] for k in agg if "," in k and "_stderr" not in k and isinstance(agg[k], (int, float))]
+        names = [m for m in names if all(isinstance(s.get(m), (int, float, bool)) for s in samples)]
+        if not names:
+            raise UserError(f"{ref.name}: no per-document numeric metric in lm-eval's samples (corpus metrics "
+                            f"such as BLEU are not scored per document): lsn_exp cannot pair it")
+        return DocOutputs(keys, {m: np.array([float(s[m]) for s in samples]) for m in names},
+                          lm_eval={m: lm_eval_value for m, lm_eval_value in
+                                   ((m, agg.get(f"{m},none")) for m in names) if isinstance(lm_eval_value, (int, float))})
     if ref.family.kind == "mc":
         return DocOutputs(keys, {"correct": np.array([float(s["acc"]) for s in samples])}, lm_eval=lm_eval)
     if ref.family.kind == "mt":
@@ -156,6 +184,8 @@ _file_sha256 = cache(sha256_file)  # a task's data files hash once per process
 
 def _task_fingerprint(ref: TaskRef, root: Path | None, settings_: EvalSettings) -> dict:
     """What the task's documents and requests come from: its task files and data files (or the hub)."""
+    if ref.family.kind == "lm_eval":  # lm-eval's own YAMLs (its version is in the key) or the user's directory
+        return {"include_path": None if settings_.include_path is None else _tree_sha256(Path(settings_.include_path))}
     if not ref.family.local:
         return {"hub": INCLUDE_HUB_ID}
     task_dir = evaluate.TASKS_DIR / {"mc": ref.family.name + "_local"}.get(ref.family.kind, ref.family.name)
@@ -164,6 +194,14 @@ def _task_fingerprint(ref: TaskRef, root: Path | None, settings_: EvalSettings) 
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     files = {p.name: _file_sha256(p) for p in _data_files(ref, root, settings_)} if root is not None else {"hub": True}
     return {"tasks": digest.hexdigest()[:16], "data": files}
+
+
+def _tree_sha256(root: Path) -> str:
+    """Every file under ``root`` (names and bytes): the user's task YAMLs, utils and local data."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def unpatched_spec(handle: ModelHandle, ref: TaskRef, root: Path | None, settings_: EvalSettings) -> dict:
@@ -197,10 +235,10 @@ class DownstreamEvaluator:
         self.root = data.resolve_root(data_root)
         self.skipped: dict[str, str] = {}
         self.refs = plan(self.settings)
-        if any(not r.family.local for r in self.refs) and data.hub_offline():
+        if any(r.family.name == "include" for r in self.refs) and data.hub_offline():
             self._skip_include("it loads from the HF hub only ({hub}) and the hub is offline (HF_HUB_OFFLINE / "
                                "HF_DATASETS_OFFLINE); run online to score it")
-            self.refs = [r for r in self.refs if r.family.local]
+            self.refs = [r for r in self.refs if r.family.name != "include"]
         self.lm = downstream_lm(handle, self.settings.batch_size)
         self.manager = evaluate.task_manager(metadata={
             "data_root": str(self.root) if self.root else None, "mt_prompt": self.settings.mt_prompt,
@@ -214,25 +252,30 @@ class DownstreamEvaluator:
         log.warning(self.skipped["include"])
 
     def _manager(self, local: bool):
+        """Ours (lsn_exp/tasks), or lm-eval's own tasks plus ``eval.include_path``."""
         if local:
             return self.manager
         if self._hub_manager is None:
-            self._hub_manager = evaluate.task_manager(include_defaults=True)
+            self._hub_manager = evaluate.task_manager(include_defaults=True, extra_path=self.settings.include_path)
         return self._hub_manager
 
     def run(self, refs: list[TaskRef]) -> dict[str, DocOutputs]:
         """The model as it is now (patched or not) on ``refs``: one simple_evaluate per (source, limit)."""
         groups: dict[tuple[bool, int | None], list[TaskRef]] = {}
         for ref in refs:
-            groups.setdefault((ref.family.local, self.settings.limit_for(ref.family.name)), []).append(ref)
+            key = (ref.family.local, ref.family.kind == "lm_eval", self.settings.limit_for(ref.family.name))
+            groups.setdefault(key, []).append(ref)
         outputs = {}
-        for (local, limit), group in groups.items():
+        for (local, _, limit), group in groups.items():
             try:
                 results = evaluate.run_tasks(self.lm, [r.name for r in group], self._manager(local), limit=limit,
                                              log_samples=True, bootstrap_iters=0)
             except Exception as err:  # noqa: BLE001 - only the hub tasks may fail for want of a download
                 if local:
                     raise
+                if any(r.family.kind == "lm_eval" for r in group):
+                    raise UserError(f"lm-eval could not run {', '.join(r.name for r in group)}: "
+                                    f"{type(err).__name__}: {err}") from err
                 self._skip_include(f"loading {{hub}} failed ({type(err).__name__}: {err})")
                 continue
             outputs.update({ref.name: outputs_from_samples(ref, results, self.handle.tokenizer) for ref in group})
@@ -299,7 +342,7 @@ class DownstreamEvaluator:
         stats_now, stats_base = now.stats(ref), base.stats(ref)
         rng = np.random.default_rng([self.settings.seed, zlib.crc32(ref.name.encode())])
         deltas = {m: metrics.paired_delta(m, stats_now[m], stats_base[m], ref.lang, self.settings.bootstrap, rng)
-                  for m in ref.family.metrics}
+                  for m in ref.family.metrics or stats_now}
         for metric, theirs in now.lm_eval.items():  # our scoring must agree with lm-eval's aggregate
             ours = deltas[metric].value
             if ours is not None and not math.isclose(ours, theirs, rel_tol=1e-6, abs_tol=1e-6):

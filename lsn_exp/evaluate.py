@@ -31,15 +31,17 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 PAD_ID = 0  # lm-eval's pad_and_concat right-pads causal batches with token id 0
 
 
-def task_manager(metadata: dict[str, Any] | None = None, include_defaults: bool = False) -> TaskManager:
-    """Tasks from ``lsn_exp/tasks/`` (plus lm-eval's own with ``include_defaults``).
+def task_manager(metadata: dict[str, Any] | None = None, include_defaults: bool = False,
+                 extra_path: str | None = None) -> TaskManager:
+    """Tasks from ``lsn_exp/tasks/`` (plus lm-eval's own with ``include_defaults``, and ``extra_path``'s).
 
     ``metadata`` reaches every task's ``custom_dataset`` as keyword arguments (e.g. data_root, n_facts).
     """
     from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval.api.task").addFilter(_quiet)
-    return TaskManager(include_path=str(TASKS_DIR), include_defaults=include_defaults, metadata=metadata or {})
+    paths = [str(TASKS_DIR)] + ([extra_path] if extra_path else [])
+    return TaskManager(include_path=paths, include_defaults=include_defaults, metadata=metadata or {})
 
 
 _EXPECTED = ("Custom kwargs can be passed",  # per task: custom_dataset kwargs may come from --metadata (they do)

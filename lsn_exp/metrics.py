@@ -167,6 +167,8 @@ def metric_stats(kind: str, metrics: tuple[str, ...], lang: str, tensors: dict, 
 
     ``kind``: mc (tensors: correct), mt (tensors: match; texts: predictions, references) or ppl
     (tensors: ll, n_tokens, n_bytes)."""
+    if kind == "lm_eval":  # any lm-eval metric: the mean of its per-document values
+        return {metric: np.c_[values, np.ones(len(values))] for metric, values in tensors.items()}
     if kind == "mc":
         correct = tensors["correct"]
         return {"acc": np.c_[correct, np.ones(len(correct))]}
@@ -181,9 +183,14 @@ def metric_stats(kind: str, metrics: tuple[str, ...], lang: str, tensors: dict, 
     return {metric: stats for metric in metrics}
 
 
+def is_mean(metric: str) -> bool:
+    """A mean of per-document values: ours, and every lm-eval metric we do not define ourselves."""
+    return metric in MEAN_METRICS or metric not in HIGHER_IS_BETTER
+
+
 def metric_value(metric: str, sums, lang: str) -> float:
     """A metric from its summed statistics (see metric_stats)."""
-    if metric in MEAN_METRICS:
+    if is_mean(metric):
         return float(sums[0] / sums[1])
     if metric in ("chrf++", "bleu"):
         return score_from_stats(metric, sums, lang)
@@ -201,7 +208,7 @@ def paired_delta(metric: str, patched, unpatched, lang: str, n_boot: int, rng) -
     """value ± stderr for the patched and the unpatched statistics [N, K], and the delta ± its paired stderr."""
     n = len(patched)
     value, base = metric_value(metric, patched.sum(0), lang), metric_value(metric, unpatched.sum(0), lang)
-    if metric in MEAN_METRICS:
+    if is_mean(metric):
         x, y = patched[:, 0].astype(float), unpatched[:, 0].astype(float)
         se = (lambda v: float(np.std(v, ddof=1) / math.sqrt(n))) if n > 1 else (lambda v: float("nan"))
         errors = se(x), se(y), se(x - y)

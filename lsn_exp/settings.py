@@ -8,7 +8,7 @@ before it goes to SLURM. Each mistake is a ``UserError``: one line naming the fi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -186,7 +186,8 @@ FLORES_SPLITS = ("dev", "devtest")
 
 @dataclass(frozen=True)
 class TaskFamily:
-    """A downstream task family (eval.tasks): one lm-eval task per language it covers."""
+    """A downstream task family (eval.tasks): one lm-eval task per language it covers; or (kind ``lm_eval``)
+    one lm-eval task or group by name, every per-document metric it logs."""
 
     name: str
     kind: str  # mc | mt | ppl
@@ -227,9 +228,25 @@ class EvalSettings:
     flores_split: str = "devtest"
     bootstrap: int = 1000
     seed: int = 0
+    include_path: str | None = None  # a directory of the user's lm-eval task YAMLs
+    task_langs: dict = field(default_factory=dict)  # lm-eval task -> our language code (else read off its name)
 
     def limit_for(self, family: str) -> int | None:
         return self.limits.get(family, self.limit)
+
+
+def check_lm_eval_tasks(names: list[str], include_path: str | None) -> None:
+    """Every name that is not one of our families must be an lm-eval task or group (its own or include_path's)."""
+    if not names:
+        return
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(Path(__file__).resolve().parent / "tasks")] + ([include_path] if include_path else [])
+    unknown = [n for n in names if n not in set(TaskManager(include_path=paths, include_defaults=True).all_tasks)]
+    if unknown:
+        where = "lm-eval's" + (f" or {include_path}'s" if include_path else " (add yours with eval.include_path)")
+        raise UserError(f"eval.tasks has {unknown}: neither one of {', '.join(TASK_FAMILIES)} nor one of {where} "
+                        f"tasks or groups")
 
 
 def _doc_limit(name: str, raw) -> int | None:
@@ -253,9 +270,16 @@ def eval_settings(eval_cfg) -> EvalSettings:
         families = list(TASK_FAMILIES)
     elif isinstance(families, str):
         families = [families]
-    bad = [f for f in families if f not in TASK_FAMILIES]
-    if bad or not families:
-        raise UserError(f"eval.tasks={families} is not allowed: use all or a list of {', '.join(TASK_FAMILIES)}")
+    if not families or not all(isinstance(f, str) and f for f in families):
+        raise UserError(f"eval.tasks={families} is not allowed: use all or a list of {', '.join(TASK_FAMILIES)} "
+                        f"and lm-eval task or group names")
+    include_path = cfg.get("include_path")
+    if include_path is not None and not Path(include_path).expanduser().is_dir():
+        raise UserError(f"eval.include_path={include_path} is not a directory of lm-eval task YAMLs")
+    task_langs = {str(k): str(v) for k, v in (cfg.get("task_langs") or {}).items()}
+    unknown = sorted(set(task_langs.values()) - set(LANG_ORDER))
+    if unknown:
+        raise UserError(f"eval.task_langs names unknown language(s) {unknown}: use codes of {' '.join(LANG_ORDER)}")
     langs = cfg.get("langs", "all")
     if langs in (None, "all"):
         langs = None
@@ -266,9 +290,9 @@ def eval_settings(eval_cfg) -> EvalSettings:
             raise UserError(f"eval.langs has unknown language(s) {unknown}: use all or codes of {' '.join(LANG_ORDER)}")
         langs = tuple(langs)
     limits = {str(k): _doc_limit(f"eval.limits.{k}", v) for k, v in (cfg.get("limits") or {}).items()}
-    bad = [f for f in limits if f not in TASK_FAMILIES]
+    bad = [f for f in limits if f not in families]
     if bad:
-        raise UserError(f"eval.limits names unknown task families {bad}: use {', '.join(TASK_FAMILIES)}")
+        raise UserError(f"eval.limits names task families that eval.tasks does not run: {bad}")
     mt_prompt = str(cfg.get("mt_prompt", "untargeted"))
     if mt_prompt not in MT_PROMPTS:
         raise UserError(f"eval.mt_prompt={mt_prompt} is not allowed: use one of {', '.join(MT_PROMPTS)}")
@@ -279,7 +303,9 @@ def eval_settings(eval_cfg) -> EvalSettings:
                         limit=_doc_limit("eval.limit", cfg.get("limit")), limits=limits,
                         batch_size=positive_int("eval.batch_size", cfg.get("batch_size"), allow_none=True),
                         mt_prompt=mt_prompt, flores_split=split, bootstrap=int(cfg.get("bootstrap", 1000)),
-                        seed=int(cfg.get("seed", 0)))
+                        seed=int(cfg.get("seed", 0)),
+                        include_path=None if include_path is None else str(Path(include_path).expanduser()),
+                        task_langs=task_langs)
 
 
 # --- free generation ---------------------------------------------------------------------------------------
@@ -334,7 +360,9 @@ def validate(cfg, stages) -> None:
     identify_settings(cfg.identify)
     lss_settings(cfg.lss)
     lss_settings(search_config(cfg.lss))
-    eval_settings(cfg.eval)
+    evaluated = eval_settings(cfg.eval)
+    if cfg.stage == "downstream":
+        check_lm_eval_tasks([n for n in evaluated.families if n not in TASK_FAMILIES], evaluated.include_path)
     generated = generate_settings(cfg.get("generate"))
     if cfg.stage == "compare" or cfg.get("method_name") == "best":  # the methods, ranges and search sample
         from lsn_exp.coefsearch import check_compare

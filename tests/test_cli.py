@@ -108,7 +108,7 @@ BAD_OVERRIDES = [  # each must fail before any model loads, dry run or not, in o
     ("lss.n_facts=-3", "lss.n_facts=-3 is not allowed"),
     ("lss.targets=[xx]", "lss.targets=['xx']"),
     ("lss.search.n_facts=0", "lss.n_facts=0 is not allowed"),
-    ("eval.tasks=[foo]", "eval.tasks=['foo'] is not allowed"),
+    ("stage=downstream eval.tasks=[xcopa,foo]", "eval.tasks has ['foo']: neither one of xcopa"),
     ("eval.limit=0", "eval.limit=0 is not allowed"),
     ("steer.alpha=abc", "steer.alpha='abc' is not a number"),
     ("steer.scale=cube", "steer.scale=cube is not allowed"),
