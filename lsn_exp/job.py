@@ -224,7 +224,10 @@ def run_job(cfg: DictConfig) -> RunRecord | None:
     note_attempt(run_dir, "completed")
     log.info("%s | %s | wrote %s", summary, headline(record.results), path)
     name = f"{cfg.model.name}-{cfg.lang.code}-{factor}" + ("" if method == "neurons" else f"-{method}")
-    log_to_wandb(record, cfg.logger, group=sweep_group(), name=name, job_type=cfg.stage)
+    keys = {"model": cfg.model.name, "lang": cfg.lang.code, "factor": str(factor), "method": method,
+            "stage": cfg.stage}
+    log_to_wandb(record, cfg.logger, group=sweep_group(), name=name, job_type=cfg.stage, run_id=f"lsn-{digest}",
+                 keys=keys)
     return record
 
 

@@ -127,19 +127,52 @@ class RunRecord:
         return path
 
 
-def log_to_wandb(record: RunRecord, logger_cfg: DictConfig, group: str, name: str, job_type: str) -> None:
-    """Mirror a saved record to W&B; any failure becomes a warning."""
+def summary_metrics(results: dict) -> dict:
+    """The W&B summary: the same keys in every run of a stage, so a dashboard can chart any sweep."""
+    from lsn_exp.results import DownstreamResult, LssMatrix, LssResult
+
+    out: dict[str, Any] = {}
+    for stage, result in results.items():
+        if isinstance(result, LssResult):
+            out.update({"lss/mean": result.mean, "lss/mean_paper": result.mean_paper,
+                        **{f"lss/{cell.source}": cell.lss for cell in result.cells}})
+        elif isinstance(result, LssMatrix):
+            out.update({"lss_matrix/mean_offdiag": result.mean_offdiag,
+                        "lss_matrix/mean_offdiag_paper": result.mean_offdiag_paper})
+        elif isinstance(result, DownstreamResult):
+            out.update({f"downstream/{name}/{metric}/delta": cell.delta for name, task in result.tasks.items()
+                        for metric, cell in task.metrics.items()})
+            out.update({f"downstream/{family}/{metric}/{side}": entry[side]
+                        for family, metrics in result.summary().items() for metric, entry in metrics.items()
+                        for side in ("self", "cross")})
+        elif stage == "generate":
+            out.update({f"generate/{k}": result[k] for k in ("steering_success", "target_share_unpatched",
+                                                             "target_share_patched")})
+        elif stage == "compare":
+            out.update({f"compare/{row['method']}/{row['target']}/{k}": row[k] for row in result["rows"]
+                        for k in ("steering_success", "lss", "ppl")})
+        elif stage == "identify":
+            out.update({"identify/lape_union": result["lape_union"],
+                        **{f"identify/lape/{c}": n for c, n in result["lape_neurons"].items()}})
+    return {k: v for k, v in out.items() if isinstance(v, (int, float, str, bool))}
+
+
+def log_to_wandb(record: RunRecord, logger_cfg: DictConfig, group: str, name: str, job_type: str,
+                 run_id: str | None = None, keys: dict | None = None) -> None:
+    """Mirror a saved record to W&B; any failure becomes a warning.
+
+    ``run_id`` (a job's config hash) makes a re-run, a requeued SLURM job or a resumed sweep update the same run;
+    ``keys`` (model, lang, factor, method, stage) are top-level config entries to group by."""
     if logger_cfg.name != "wandb":
         return
     try:
         import wandb
 
         run = wandb.init(project=logger_cfg.project, entity=logger_cfg.entity, mode=logger_cfg.mode,
-                         group=group, name=name, job_type=job_type, dir=str(record.run_dir),
-                         config=flatten(record.config), tags=list(logger_cfg.tags),
-                         reinit="finish_previous")
-        run.summary.update({k: v for k, v in flatten(record.json_results()).items()
-                            if isinstance(v, (int, float, str, bool))})
+                         group=group, name=name, job_type=job_type, dir=str(record.run_dir), id=run_id,
+                         resume="allow" if run_id else None, config={**(keys or {}), **flatten(record.config)},
+                         tags=list(logger_cfg.tags), reinit="finish_previous")
+        run.summary.update(summary_metrics(record.results))
         for key, png in record.images.items():
             run.log({key: wandb.Image(str(png))})
         for key, csv_path in record.tables.items():

@@ -48,7 +48,8 @@ def test_flatten_makes_dotted_keys():
 def _record(tmp_path):
     cfg = OmegaConf.create({"model": {"name": "tiny"}, "lang": {"code": "id"}, "factor": 5})
     record = RunRecord.start(cfg, tmp_path)
-    record.results = {"lss": {"mean": 0.5}}
+    record.results = {"generate": {"steering_success": 0.5, "target_share_unpatched": 0.0,
+                                   "target_share_patched": 0.75}}
     record.save()
     return record
 
@@ -59,7 +60,7 @@ def test_wandb_failure_is_a_warning_and_results_survive(tmp_path):
                                    "tags": []})
     with pytest.warns(UserWarning, match="W&B logging failed"):
         log_to_wandb(record, bad_logger, group="g", name="n", job_type="run")
-    assert json.loads((tmp_path / "results.json").read_text())["results"]["lss"]["mean"] == 0.5
+    assert json.loads((tmp_path / "results.json").read_text())["results"]["generate"]["steering_success"] == 0.5
 
 
 def read_offline_run(run_dir: Path) -> dict:
@@ -72,10 +73,15 @@ def read_offline_run(run_dir: Path) -> dict:
     in the ``run`` record (and any later ``config`` records), values JSON-encoded; ``history_keys`` are the
     top-level keys passed to ``run.log``.
     """
+    (path,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    return read_run_file(path)
+
+
+def read_run_file(path: Path) -> dict:
+    """One ``run-<id>.wandb`` file, decoded as read_offline_run describes."""
     from google.protobuf.json_format import MessageToDict
     from wandb.proto import wandb_internal_pb2 as pb
 
-    (path,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     buf = path.read_bytes()
     assert struct.unpack("<4sHB", buf[:7]) == (b":W&B", 0xBEE1, 0)
     out = {"config": {}, "summary": {}, "run": {}, "history_keys": set()}
@@ -127,8 +133,37 @@ def test_wandb_offline_run_is_written_in_the_run_dir(tmp_path):
     run = read_offline_run(tmp_path)
     assert {k: run["config"].get(k) for k in ("model.name", "lang.code", "factor")} == \
         {"model.name": "tiny", "lang.code": "id", "factor": 5}
-    assert run["summary"]["lss.mean"] == 0.5
+    assert run["summary"]["generate/steering_success"] == 0.5
     assert (run["run"]["run_group"], run["run"]["job_type"], run["run"]["display_name"]) == \
         ("g", "run", "tiny-id-5")
     assert run["run"]["project"] == "lsn-exp" and run["run"]["tags"] == ["test"]
     assert run["history_keys"] == set()  # scalars go to the summary only; no images or tables here
+
+
+def test_a_sweep_run_twice_and_a_resumed_cell_leave_one_wandb_run_per_cell(tmp_path):
+    """Run ids come from the config hash: re-running a finished 2 x 2 sweep adds no run, and a cell whose job
+    was killed (no results.json) re-runs into a run with the same id, which `wandb sync` resumes."""
+    from conftest import run_cli
+
+    sweep = ("-m", "model=tiny", "lang=fr,ja", "factor=2,pmax", "stage=generate", "generate.n_prompts=1",
+             "generate.max_new_tokens=2", "generate.sources=[en]", "identify.languages=[en,fr,ja]",
+             "identify.max_tokens=300", "logger=wandb", f"hydra.sweep.dir={tmp_path}")
+    for attempt in range(2):
+        result = run_cli(*sweep, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+    (tmp_path / "3" / "results.json").unlink()  # as if the last cell's job had been killed before it finished
+    result = run_cli(*sweep, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = sorted(tmp_path.glob("*/wandb/offline-run-*/run-*.wandb"))
+    ids = {path.name[len("run-"):-len(".wandb")] for path in files}
+    assert len(files) == 5 and len(ids) == 4  # the resumed cell wrote a second file under its own id
+    runs = {path.parent.parent.parent.name: read_run_file(path) for path in files}
+    for cell, run in runs.items():
+        config = run["config"]
+        assert {"model", "lang", "factor", "method", "stage"} <= set(config)
+        assert (config["model"], config["method"], config["stage"]) == ("tiny", "neurons", "generate")
+        assert config["lang"] == config["lang.code"] and config["lang"] in ("fr", "ja")
+        assert 0 <= run["summary"]["generate/steering_success"] <= 1
+        assert "identify/lape_union" in run["summary"] and "generate/continuations" in run["history_keys"]
+        assert run["run"]["run_id"] == "lsn-" + json.loads((tmp_path / cell / "results.json").read_text())[
+            "results"]["config_hash"]
