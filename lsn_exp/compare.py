@@ -50,6 +50,8 @@ def winner_key(cfg, identity: dict, artifact_key: str | None, target: str) -> di
            "methods": OmegaConf.to_container(cfg.compare.methods, resolve=True), "search": search,
            "generate": {k: settings.plain(cfg.generate).get(k) for k in GENERATE_KEYS},
            "base": {k: settings.plain(cfg[k]) for k in ("patch", "steer", "prompt")}}
+    if settings.plain(cfg.generate).get("prompts") is not None:  # prompts written in the config
+        key["generate"]["prompts"] = settings.plain(cfg.generate)["prompts"]
     if search.get("objective") == "lss":
         key["lss"] = {k: settings.plain(cfg.lss).get(k) for k in ("seed", "n_facts", "sources", "tol")}
     return key

@@ -102,9 +102,11 @@ def fluency_summary(generations: list[Generation], max_repetition: float) -> dic
 
 
 def prompt_sets(settings, root) -> dict[str, list[str]]:
-    """source language -> prompts: the prompts file when given, else FLORES devtest openings (``GenerateSettings``)."""
+    """source language -> prompts: ``generate.prompts``, the prompts file, else FLORES devtest openings."""
     from lsn_exp import data
 
+    if settings.prompts is not None:
+        return dict(settings.prompts)
     if settings.prompts_file is not None:
         return data.prompts_from_file(settings.prompts_file)
     return {code: data.flores_prompts(root, code, settings.n_prompts, settings.prompt_words, settings.first_sentence)

@@ -320,6 +320,21 @@ class GenerateSettings:
     max_new_tokens: int
     repetition_n: int
     max_repetition: float
+    prompts: dict | None = None  # the same mapping written in the config (generate.prompts)
+
+
+def given_prompts(raw, path) -> dict[str, list[str]] | None:
+    """``generate.prompts``: {lang: [prompt, ...]} (or a plain list, read as English prompts)."""
+    if raw is None:
+        return None
+    if path is not None:
+        raise UserError("generate.prompts and generate.prompts_file are both set: give one of them")
+    prompts = {"en": raw} if isinstance(raw, list) else raw
+    if not isinstance(prompts, dict) or not prompts or not all(
+            isinstance(v, list) and v and all(isinstance(p, str) for p in v) for v in prompts.values()):
+        raise UserError("generate.prompts must be {lang: [prompt, ...]} or a list of English prompts")
+    data.languages(list(prompts))
+    return {str(k): list(v) for k, v in prompts.items()}
 
 
 def generate_settings(generate_cfg) -> GenerateSettings:
@@ -337,6 +352,7 @@ def generate_settings(generate_cfg) -> GenerateSettings:
         sources=tuple(str(c) for c in sources), n_prompts=positive_int("generate.n_prompts", cfg.get("n_prompts", 16)),
         prompt_words=positive_int("generate.prompt_words", cfg.get("prompt_words", 6)),
         first_sentence=int(cfg.get("first_sentence", 0)), prompts_file=None if path is None else str(path),
+        prompts=given_prompts(cfg.get("prompts"), path),
         max_new_tokens=positive_int("generate.max_new_tokens", cfg.get("max_new_tokens", 25)),
         repetition_n=positive_int("generate.repetition_n", cfg.get("repetition_n", 4)), max_repetition=max_repetition)
 
@@ -367,7 +383,7 @@ def validate(cfg, stages) -> None:
     if cfg.stage == "compare" or cfg.get("method_name") == "best":  # the methods, ranges and search sample
         from lsn_exp.coefsearch import check_compare
 
-        check_compare(plain(cfg.compare), generated.first_sentence, generated.prompts_file)
+        check_compare(plain(cfg.compare), generated.first_sentence, generated.prompts_file or generated.prompts)
     if cfg.get("prompt") is not None and cfg.prompt.mode not in data.PROMPT_MODES:
         raise UserError(f"prompt.mode={cfg.prompt.mode} is not allowed: use one of {', '.join(data.PROMPT_MODES)}")
     if cfg.stage == "downstream" and cfg.get("prompt") is not None and cfg.prompt.mode != "none":

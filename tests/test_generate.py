@@ -68,6 +68,13 @@ def test_prompts_come_from_flores_devtest_or_a_file(data_root):
     assert generate.prompt_sets(from_file, data_root)["en"][0] == "The weather today is"
     with pytest.raises(UserError, match="generate.prompts_file=nope.yaml is not a file"):
         generate_settings({"prompts_file": "nope.yaml"})
+    written = generate_settings({"prompts": {"en": ["Once upon a time"], "fr": ["Il était une fois"]}})
+    assert generate.prompt_sets(written, data_root) == {"en": ["Once upon a time"], "fr": ["Il était une fois"]}
+    assert generate.prompt_sets(generate_settings({"prompts": ["Hello there"]}), data_root) == {"en": ["Hello there"]}
+    with pytest.raises(UserError, match="generate.prompts must be"):
+        generate_settings({"prompts": {"en": "not a list"}})
+    with pytest.raises(UserError, match="both set"):
+        generate_settings({"prompts": ["x"], "prompts_file": str(REPO_ROOT / "scripts" / "neutral_prompts.yaml")})
 
 
 def test_the_generate_stage_reports_per_source_success_and_fluency(tmp_path):
