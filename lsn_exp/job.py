@@ -83,14 +83,23 @@ def load_model(ctx: JobContext) -> StageOutput:
 
 
 def identify_neurons(ctx: JobContext) -> StageOutput:
-    from lsn_exp import identify
+    """The neuron artifact: recorded and selected (cached), or read from ``identify.from`` (a neuron folder)."""
+    from lsn_exp import identify, neurons
 
-    found = identify.build(ctx.cfg.identify, ctx.model_handle, ctx.data_root, ctx.store, seed=int(ctx.cfg.seed),
-                           force=bool(ctx.cfg.force))
-    ctx.artifact, ctx.artifact_key = found.artifact, found.key
-    tables, images = identify.write_outputs(found.artifact, ctx.run_dir)
-    summary = {**identify.summary(found.artifact), "recorded": found.recorded, "artifact_key": found.key}
-    return StageOutput({"identify": summary}, tables, images, list(found.data_files))
+    folder = ctx.cfg.identify.get("from")
+    if folder:
+        ctx.artifact, card = neurons.load(folder, ctx.model_handle.identity)
+        ctx.artifact_key, recorded, files = f"imported-{neurons.card_digest(folder)}", False, []
+        neuron_dir = Path(folder).expanduser()
+    else:
+        found = identify.build(ctx.cfg.identify, ctx.model_handle, ctx.data_root, ctx.store, seed=int(ctx.cfg.seed),
+                               force=bool(ctx.cfg.force))
+        ctx.artifact, ctx.artifact_key, recorded, files = found.artifact, found.key, found.recorded, found.data_files
+        neuron_dir = neurons.exported(ctx.store, found.key)
+    tables, images = identify.write_outputs(ctx.artifact, ctx.run_dir)
+    summary = {**identify.summary(ctx.artifact), "recorded": recorded, "artifact_key": ctx.artifact_key,
+               "from": str(folder) if folder else None}
+    return StageOutput({"identify": summary}, tables, images, list(files), {"neurons": neuron_dir})
 
 
 def generate_demo(ctx: JobContext) -> StageOutput:
@@ -215,6 +224,7 @@ def run_job(cfg: DictConfig) -> RunRecord | None:
         record.results.update(out.results)
         record.tables.update(out.tables)
         record.images.update(out.images)
+        record.artifacts.update(out.artifacts)
         data_files += out.data_files
     record.results.update(stages_done=[step.__name__ for step in steps], wall_time_s=round(time.time() - started, 2),
                           config_hash=digest)

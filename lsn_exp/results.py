@@ -270,6 +270,7 @@ class StageOutput:
     tables: dict[str, Path] = field(default_factory=dict)  # W&B key -> CSV
     images: dict[str, Path] = field(default_factory=dict)  # W&B key -> PNG
     data_files: list[Path] = field(default_factory=list)  # hashed into provenance
+    artifacts: dict[str, Path] = field(default_factory=dict)  # W&B artifact type -> folder (the neuron set)
 
 
 TYPES = {"lss": LssResult, "lss_matrix": LssMatrix, "factor_search": FactorSearchResult,

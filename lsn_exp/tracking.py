@@ -108,6 +108,7 @@ class RunRecord:
     provenance: dict = field(default_factory=dict)
     images: dict = field(default_factory=dict)  # W&B key -> PNG path
     tables: dict = field(default_factory=dict)  # W&B key -> CSV path
+    artifacts: dict = field(default_factory=dict)  # W&B artifact type -> folder (the neuron set used)
 
     @classmethod
     def start(cls, cfg: DictConfig, run_dir: Path) -> "RunRecord":
@@ -177,10 +178,24 @@ def log_to_wandb(record: RunRecord, logger_cfg: DictConfig, group: str, name: st
             run.log({key: wandb.Image(str(png))})
         for key, csv_path in record.tables.items():
             run.log({key: _csv_table(wandb, Path(csv_path))})
+        for kind, folder in record.artifacts.items():
+            run.log_artifact(_folder_artifact(wandb, kind, Path(folder), record.config))
         run.finish()
     except Exception as err:  # noqa: BLE001 - W&B must never fail a job
         warnings.warn(f"W&B logging failed ({type(err).__name__}: {err}); results are in {record.run_dir}",
                       stacklevel=2)
+
+
+def _folder_artifact(wandb, kind: str, folder: Path, config: dict):
+    """A W&B Artifact of a folder (the neuron set: card + tensors), named after the model and its content."""
+    card_path = folder / "card.json"
+    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file())).hexdigest()
+    name = f"{kind}-{config.get('model', {}).get('name', 'model')}-{digest[:12]}"
+    artifact = wandb.Artifact(name, type=kind, metadata={k: card[k] for k in ("format", "model", "languages",
+                                                                             "selection", "tokens") if k in card})
+    artifact.add_dir(str(folder))
+    return artifact
 
 
 def _csv_table(wandb, path: Path):

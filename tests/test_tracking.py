@@ -84,7 +84,7 @@ def read_run_file(path: Path) -> dict:
 
     buf = path.read_bytes()
     assert struct.unpack("<4sHB", buf[:7]) == (b":W&B", 0xBEE1, 0)
-    out = {"config": {}, "summary": {}, "run": {}, "history_keys": set()}
+    out = {"config": {}, "summary": {}, "run": {}, "history_keys": set(), "artifacts": []}
     pos, pending = 7, b""
 
     def key(item):
@@ -116,6 +116,9 @@ def read_run_file(path: Path) -> dict:
             apply(out["config"], rec.config)
         elif which == "summary":
             apply(out["summary"], rec.summary)
+        elif which == "artifact":
+            out["artifacts"].append({"type": rec.artifact.type, "name": rec.artifact.name,
+                                     "files": sorted(c.path for c in rec.artifact.manifest.contents)})
         elif which == "history":
             out["history_keys"] |= {item.key or item.nested_key[0] for item in rec.history.item}
     return out
