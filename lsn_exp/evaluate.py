@@ -13,11 +13,12 @@ and task runs that never reuse a response across patches.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from lm_eval.models.huggingface import HFLM
+
+from lsn_exp.taskindex import TASKS_DIR
 
 if TYPE_CHECKING:
     from lm_eval.api.instance import Instance
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 PAD_ID = 0  # lm-eval's pad_and_concat right-pads causal batches with token id 0
 
 

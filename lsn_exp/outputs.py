@@ -55,9 +55,10 @@ def neuron_tables(languages: list[str], per_layer: dict[str, list[list[int]]], o
         header = ["lang", *[f"L{layer}" for layer in range(len(rows[0]))], "total"]
         tables[f"identify/neurons_{name}"] = write_csv(out_dir / f"neurons_{name}_per_layer.csv", header,
                                                        [[code, *row, sum(row)] for code, row in zip(languages, rows)])
-    images["identify/lape_per_layer"] = plots.lines(
-        dict(zip(languages, per_layer["lape"])), "LAPE neurons per layer", "layer", "neurons",
-        out_dir / "neurons_lape_per_layer.png")
+    images["identify/lape_per_layer"] = plots.heatmap(
+        per_layer["lape"], languages, [str(layer) for layer in range(len(per_layer["lape"][0]))],
+        "LAPE neurons per language and layer", out_dir / "neurons_lape_per_layer.png", fmt=".0f", cmap="magma",
+        xlabel="layer", ylabel="language")
     images["identify/lape_overlap"] = plots.heatmap(overlap, languages, languages, "LAPE neuron overlap (Jaccard)",
                                                     out_dir / "lape_overlap.png", fmt=".2f")
     return tables, images

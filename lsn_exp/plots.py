@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def heatmap(matrix, rows: list[str], cols: list[str], title: str, path: Path, fmt: str = ".2f",
@@ -57,6 +58,7 @@ def lines(series: dict[str, list[float]], title: str, xlabel: str, ylabel: str, 
     fig, ax = plt.subplots(figsize=(9, 5))
     for label, values in series.items():
         ax.plot(range(len(values)), values, marker=".", label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.legend(ncol=3, fontsize=8)
     ax.grid(alpha=0.3)

@@ -1,4 +1,5 @@
-"""``python -m lsn_exp.report SWEEP_DIR``: tables, CSVs and heatmaps from a sweep's local results.
+"""``python -m lsn_exp.report SWEEP_DIR``: report.md, one self-contained report.html, CSVs and heatmaps from a
+sweep's local results, and (when the cells logged to W&B) one summary W&B run of job type ``report``.
 
 Reads only the run dirs (``*/results.json`` and Hydra's ``.hydra/overrides.yaml``); works on partial
 sweeps and lists the cells that have no complete results.
@@ -7,6 +8,7 @@ sweeps and lists the cells that have no complete results.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import sys
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from lsn_exp import outputs
+from lsn_exp import outputs, webpage
 from lsn_exp.metrics import fact_bootstrap
 from lsn_exp.results import RESULTS_FILE, SCHEMA_VERSION, LssCell, LssMatrix, LssResult, from_json, mean_over
 
@@ -200,6 +202,23 @@ def downstream_section(done: list[SweepRun], sweep_dir: Path) -> list[str]:
     return lines
 
 
+def compare_section(done: list[SweepRun], sweep_dir: Path) -> list[str]:
+    """Every stage=compare cell: its method x target table and steering-vs-fluency scatter."""
+    lines = []
+    for run in done:
+        rows = (run.results.get("compare") or {}).get("rows")
+        if not rows:
+            continue
+        shown = ("method", "target", "coefficient", "lss", "steering_success", "target_share", "ppl",
+                 "degenerate_share", "xcopa_self", "xcopa_cross")
+        lines += [f"## Methods side by side: {run.key[0]}", "",
+                  *outputs.markdown_rows(list(shown), [[row.get(k) for k in shown] for row in rows]), ""]
+        for name in ("compare_scatter.png", "compare_search.png"):
+            if (run.run_dir / name).is_file():
+                lines += [f"![{run.key[0]} {name[:-4]}]({(run.run_dir / name).relative_to(sweep_dir)})", ""]
+    return lines
+
+
 def build_report(sweep_dir: Path) -> Path:
     runs = collect(sweep_dir)
     done = [run for run in runs if run.results is not None]
@@ -227,6 +246,7 @@ def build_report(sweep_dir: Path) -> Path:
     lines += lss_section(done, sweep_dir)
     lines += downstream_section(done, sweep_dir)
     lines += layer_section(done, sweep_dir)
+    lines += compare_section(done, sweep_dir)
     cell_images = [(c, Path(p)) for c in done for p in c.images.values() if "heatmap" in Path(p).stem
                    or "matrix" in Path(p).stem]
     if cell_images:
@@ -238,17 +258,45 @@ def build_report(sweep_dir: Path) -> Path:
         lines += ["## Missing cells", "", *(f"- {' '.join(f'{k}={v}' for k, v in m.items())}" for m in missing), ""]
     path = sweep_dir / "report.md"
     path.write_text("\n".join(lines))
+    webpage.write(path, f"lsn_exp report: {sweep_dir.name}")
     return path
+
+
+def log_report_run(sweep_dir: Path, runs: list[SweepRun]) -> None:
+    """One W&B run (job type ``report``) for the sweep: the cell table, every CSV and figure the report made.
+    Its id comes from the sweep dir, so a re-made report updates the same run; the logger is the cells'."""
+    from omegaconf import OmegaConf
+
+    from lsn_exp.tracking import RunRecord, log_to_wandb
+
+    logger = next((r.config.get("logger") for r in runs if r.results is not None and r.config.get("logger")), None)
+    if not logger or logger.get("name") != "wandb":
+        return
+    run_dir = sweep_dir / ".report"
+    run_dir.mkdir(exist_ok=True)
+    tables = {f"report/{p.stem}": p for p in sorted(sweep_dir.glob("*.csv"))}
+    images = {f"report/{p.stem}": p for p in sorted(sweep_dir.rglob("*.png")) if p.parent == sweep_dir
+              or p.parent.name.startswith("downstream_")}
+    record = RunRecord(run_dir=run_dir, config={"sweep": sweep_dir.name, "cells": len(runs)}, tables=tables,
+                       images=images)
+    digest = hashlib.sha256(str(sweep_dir.resolve()).encode()).hexdigest()[:16]
+    log_to_wandb(record, OmegaConf.create(logger), group=sweep_dir.name, name=f"report-{sweep_dir.name}",
+                 job_type="report", run_id=f"report-{digest}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lsn_exp.report", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--no-wandb", action="store_true", help="do not log the report as a W&B run")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         print(f"lsn_exp.report: error: {args.sweep_dir} is not a directory", file=sys.stderr)
         return 2
-    print(build_report(args.sweep_dir))
+    path = build_report(args.sweep_dir)
+    print(path)
+    print(path.with_suffix(".html"))
+    if not args.no_wandb:
+        log_report_run(args.sweep_dir, collect(args.sweep_dir))
     return 0
 
 

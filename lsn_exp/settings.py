@@ -235,20 +235,6 @@ class EvalSettings:
         return self.limits.get(family, self.limit)
 
 
-def check_lm_eval_tasks(names: list[str], include_path: str | None) -> None:
-    """Every name that is not one of our families must be an lm-eval task or group (its own or include_path's)."""
-    if not names:
-        return
-    from lm_eval.tasks import TaskManager
-
-    paths = [str(Path(__file__).resolve().parent / "tasks")] + ([include_path] if include_path else [])
-    unknown = [n for n in names if n not in set(TaskManager(include_path=paths, include_defaults=True).all_tasks)]
-    if unknown:
-        where = "lm-eval's" + (f" or {include_path}'s" if include_path else " (add yours with eval.include_path)")
-        raise UserError(f"eval.tasks has {unknown}: neither one of {', '.join(TASK_FAMILIES)} nor one of {where} "
-                        f"tasks or groups")
-
-
 def _doc_limit(name: str, raw) -> int | None:
     if raw is None or raw == "all":
         return None
@@ -378,7 +364,10 @@ def validate(cfg, stages) -> None:
     lss_settings(search_config(cfg.lss))
     evaluated = eval_settings(cfg.eval)
     if cfg.stage == "downstream":
-        check_lm_eval_tasks([n for n in evaluated.families if n not in TASK_FAMILIES], evaluated.include_path)
+        from lsn_exp.taskindex import check_lm_eval_tasks
+
+        check_lm_eval_tasks([n for n in evaluated.families if n not in TASK_FAMILIES], evaluated.include_path,
+                            list(TASK_FAMILIES))
     generated = generate_settings(cfg.get("generate"))
     if cfg.stage == "compare" or cfg.get("method_name") == "best":  # the methods, ranges and search sample
         from lsn_exp.coefsearch import check_compare

@@ -35,6 +35,10 @@ def test_multirun_writes_four_cells_and_a_report_with_heatmaps(sweep):
     assert all(0.0 <= r["lss"]["mean"] <= 1.0 for r in cells.values())
     report = build_report(sweep).read_text()
     assert "4 complete cell(s); 0 missing." in report
+    page = (sweep / "report.html").read_text()  # self-contained: every figure of report.md embedded
+    figures = [line for line in report.splitlines() if line.startswith("![")]
+    assert figures and page.count("data:image/png;base64,") == len(figures)
+    assert page.count("<table>") == report.count("\n|---") and "missing figure" not in page
     assert "## lss_mean by model x factor" in report
     assert (sweep / "tiny_lss_mean.png").stat().st_size > 1000
     assert (sweep / "report_cells.csv").read_text().count("\n") == 5

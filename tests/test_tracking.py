@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 import warnings
 import zlib
 from importlib.metadata import version
@@ -170,3 +172,8 @@ def test_a_sweep_run_twice_and_a_resumed_cell_leave_one_wandb_run_per_cell(tmp_p
         assert "identify/lape_union" in run["summary"] and "generate/continuations" in run["history_keys"]
         assert run["run"]["run_id"] == "lsn-" + json.loads((tmp_path / cell / "results.json").read_text())[
             "results"]["config_hash"]
+    report = subprocess.run([sys.executable, "-m", "lsn_exp.report", str(tmp_path)], capture_output=True, text=True,
+                            timeout=300)  # one summary run of job type report, beside the cells
+    assert report.returncode == 0, report.stderr[-3000:]
+    summary = read_offline_run(tmp_path / ".report")
+    assert summary["run"]["job_type"] == "report" and "report/report_cells" in summary["history_keys"]
