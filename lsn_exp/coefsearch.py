@@ -21,10 +21,12 @@ OBJECTIVES = ("steering", "lss")
 
 
 def golden_section(objective: Callable[[float], float], lo: float, hi: float, n_evals: int,
-                   log: bool = False) -> list[tuple[float, float]]:
+                   log: bool = False, rising: Callable[[float], bool] | None = None) -> list[tuple[float, float]]:
     """Maximise ``objective`` on [lo, hi] in ``n_evals`` evaluations; every (x, objective(x)) in evaluation order.
 
-    A tie moves toward ``lo`` (the smaller intervention)."""
+    A tie between the two inner points moves toward ``lo`` (the smaller intervention), unless ``rising(score)``
+    says the tied score lies on the rising side of a plateau (the steering objective: 0 while nothing steers yet,
+    negative past the fluency bound), where the peak is toward ``hi``."""
     to_x = math.exp if log else float
     a, b = (math.log(lo), math.log(hi)) if log else (float(lo), float(hi))
     points: list[tuple[float, float]] = []
@@ -39,7 +41,7 @@ def golden_section(objective: Callable[[float], float], lo: float, hi: float, n_
     c, d = b - INV_PHI * (b - a), a + INV_PHI * (b - a)
     fc, fd = evaluate(c), evaluate(d)
     while len(points) < n_evals:
-        if fc >= fd:  # the peak lies in [a, d]
+        if fc > fd or (fc == fd and not (rising and rising(fc))):  # the peak lies in [a, d]
             b, d, fd = d, c, fc
             c = b - INV_PHI * (b - a)
             fc = evaluate(c)
@@ -120,6 +122,10 @@ class SearchSettings:
         if min(found.n_evals, found.n_prompts, found.n_facts) < 1 or found.max_ppl_ratio <= 0:
             raise UserError("compare.search: n_evals, n_prompts and n_facts must be >= 1, max_ppl_ratio > 0")
         return found
+
+    def rising(self, score: float) -> bool:
+        """A tie at this score means the peak lies toward larger coefficients (steering: not yet past the bound)."""
+        return self.objective == "steering" and score >= 0
 
     def score(self, steering_success: float, ppl: float | None, unpatched_ppl: float | None) -> float:
         """Steering objective: the success while the perplexity stays within the bound, else how far past it

@@ -30,7 +30,7 @@ FIELDS = ("method", "target", "intervention", "coefficient", "search_score", "ls
           "target_share", "ppl", "repetition", "degenerate_share", "xcopa_self", "xcopa_cross", "seconds")
 CURVE_FIELDS = ("method", "target", "path", "coefficient", "score", "steering_success", "ppl", "lss")
 BEST_METHOD_KIND = "compare_best_method"
-WINNER_VERSION = 1  # bump when the search or the choice of the winner changes
+WINNER_VERSION = 2  # bump when the search or the choice of the winner changes
 GENERATE_KEYS = ("sources", "prompt_words", "prompts_file", "max_new_tokens", "repetition_n", "max_repetition")
 
 
@@ -116,7 +116,8 @@ class Comparison:
             log.info("search %s -> %s: %s=%.4g scores %.3f", method["name"], target, found.path, x, curve[-1]["score"])
             return curve[-1]["score"]
 
-        x, best = best_point(golden_section(score, found.lo, found.hi, self.search.n_evals, found.log))
+        x, best = best_point(golden_section(score, found.lo, found.hi, self.search.n_evals, found.log,
+                                            self.search.rising))
         return {**with_coefficient(method, found.path, x), "coefficient": x}, best, curve
 
     def cell(self, method: dict, target: str, search_score: float | None = None) -> dict:

@@ -279,14 +279,20 @@ def headline(results: dict) -> str:
         parts.append(f"mean off-diagonal LSS {matrix.mean_offdiag:.3f} (paper count {matrix.mean_offdiag_paper:.3f})")
     if "generate" in results:
         gen = results["generate"]
+        ppl = {run: gen["by_source"]["all"][run].get("ppl") for run in ("unpatched", "patched")}
         parts.append(f"target-language continuations {gen['target_share_unpatched']:.2f} -> "
-                     f"{gen['target_share_patched']:.2f} (fluent {gen.get('steering_success', 0):.2f})")
+                     f"{gen['target_share_patched']:.2f} (fluent {gen.get('steering_success', 0):.2f}; "
+                     f"perplexity {_number(ppl['unpatched'])} -> {_number(ppl['patched'])})")
     if "downstream" in results:
         for family, metrics in results["downstream"].summary().items():
             metric, cell = next(iter(metrics.items()))  # each family's first metric: acc, chrF++, ll/token
             parts.append(f"{family} {metric} Δ self {_signed(cell.get('self'))} cross {_signed(cell.get('cross'))}")
     parts.append(f"{results.get('wall_time_s')} s")
     return " | ".join(parts)
+
+
+def _number(value) -> str:
+    return "—" if value is None else f"{value:.1f}"
 
 
 def _signed(value) -> str:

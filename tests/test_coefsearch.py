@@ -83,3 +83,16 @@ def test_the_search_prompts_may_not_overlap_the_reported_ones():
     with pytest.raises(UserError, match="overlap"):
         check_compare({"n_prompts": 16, "search": {"first_sentence": 12, "n_prompts": 4}}, 0, None)
     check_compare({"n_prompts": 16, "search": {"first_sentence": 12}}, 0, "prompts.yaml")  # a file: the same prompts
+
+
+def test_a_plateau_tie_moves_toward_the_peak_it_says_is_further_on():
+    # the steering objective's shape: 0 until the method steers, a narrow peak, negative past the fluency bound
+    def steering(alpha):
+        return 0.0 if alpha < 0.0055 else 0.25 if alpha < 0.0075 else -(alpha - 0.0075) * 100
+
+    left = golden_section(steering, 0.002, 0.1, 6, log=True)  # ties at 0 go to lo: the peak is missed
+    found = golden_section(steering, 0.002, 0.1, 6, log=True, rising=lambda score: score >= 0)
+    assert best_point(left)[1] == 0.0 and best_point(found)[1] == 0.25
+    assert SearchSettings.of({"objective": "steering"}).rising(0.0)
+    assert not SearchSettings.of({"objective": "steering"}).rising(-0.1)
+    assert not SearchSettings.of({"objective": "lss"}).rising(0.0)
