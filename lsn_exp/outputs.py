@@ -223,8 +223,8 @@ def downstream_matrices(results: list[DownstreamResult], out_dir: Path, title: s
             for metric, m in task.metrics.items():
                 deltas.setdefault((task.family, metric), {})[(task.lang, col)] = m.delta
     matrices, tables, images = {}, {}, {}
-    for (family, metric), values in sorted(deltas.items(), key=lambda kv: (list(TASK_FAMILIES).index(kv[0][0]),
-                                                                           kv[0][1])):
+    order = {name: i for i, name in enumerate(TASK_FAMILIES)}  # ours first, then lm-eval tasks by name
+    for (family, metric), values in sorted(deltas.items(), key=lambda kv: (order.get(kv[0][0], len(order)), kv[0])):
         rows = [r for r in LANG_ORDER if any((r, c) in values for c in cols)]
         grid = [[values.get((r, c)) for c in cols] for r in rows]
         key = f"{family}_{metric.replace('++', 'pp').replace('+', 'p')}"

@@ -10,6 +10,7 @@ from conftest import run_cli
 from lsn_exp.settings import eval_settings
 from lsn_exp.downstream import plan, task_language
 from lsn_exp.errors import UserError
+from lsn_exp.report import build_report
 
 DOCS = [{"question": "Le ciel est", "choices": ["bleu", "carré", "mardi"], "answer": 0},
         {"question": "Un chat a quatre", "choices": ["pattes", "roues", "lunes"], "answer": 0},
@@ -56,21 +57,24 @@ def test_a_user_task_runs_under_a_patch_with_cached_unpatched_scores(tmp_path):
     args = ("model=tiny", "stage=downstream", "lang=fr", "eval.tasks=[my_mc_fr,xcopa]", "eval.langs=[id]",
             "eval.limit=4", f"eval.include_path={tasks}", "identify.languages=[en,fr,ja]", "identify.max_tokens=300",
             "logger=none")
-    first = run_cli(*args, f"hydra.run.dir={tmp_path}/a", timeout=600)
+    first = run_cli(*args, f"hydra.run.dir={tmp_path}/sweep/a", timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
-    found = json.loads((tmp_path / "a" / "results.json").read_text())["results"]["downstream"]["tasks"]
+    found = json.loads((tmp_path / "sweep" / "a" / "results.json").read_text())["results"]["downstream"]["tasks"]
     mine = found["my_mc_fr"]
     assert mine["lang"] == "fr" and mine["self_language"] and mine["n"] == 4
     assert set(mine["metrics"]) == {"acc", "acc_norm"}
     for metric in mine["metrics"].values():
         assert 0 <= metric["value"] <= 1 and metric["delta"] == pytest.approx(metric["value"] - metric["base"])
     assert "xcopa_local_id" in found  # ours beside it
-    rows = (tmp_path / "a" / "downstream_tasks.csv").read_text()
+    rows = (tmp_path / "sweep" / "a" / "downstream_tasks.csv").read_text()
     assert "my_mc_fr" in rows
     again = run_cli(*args, f"hydra.run.dir={tmp_path}/b", timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     second = json.loads((tmp_path / "b" / "results.json").read_text())["results"]["downstream"]["tasks"]["my_mc_fr"]
     assert second["unpatched_cached"] and second["metrics"] == mine["metrics"]
+    report = build_report(tmp_path / "sweep").read_text()  # the first run as a sweep: the task is in its tables
+    assert "my_mc_fr_acc_self" in report and "Downstream deltas" in report
+    assert list((tmp_path / "sweep").glob("downstream_*/downstream_my_mc_fr_acc.csv"))
 
 
 @pytest.mark.slow
