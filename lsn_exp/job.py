@@ -24,7 +24,7 @@ from lsn_exp.patch import PatchSpec
 from lsn_exp.settings import Factor, parse_factor
 from lsn_exp.steer import Intervention, SteerSpec
 from lsn_exp.results import RESULTS_FILE, LssResult, Skipped, StageOutput
-from lsn_exp.tracking import RunRecord, log_to_wandb, provenance
+from lsn_exp.tracking import WANDB_LOGGED, RunRecord, log_to_wandb, provenance
 
 if TYPE_CHECKING:
     from lsn_exp.artifacts import ArtifactStore
@@ -214,6 +214,9 @@ def run_job(cfg: DictConfig) -> RunRecord | None:
     if not cfg.force and completed(run_dir, digest):
         note_attempt(run_dir, "skipped: complete results exist for this config")
         log.info("%s | complete results exist (config %s): skipped; force=true recomputes", summary, digest)
+        if cfg.logger.name == "wandb" and not (run_dir / WANDB_LOGGED).exists():  # killed while it logged
+            log.info("%s | the W&B run was never completed: logging the saved results", summary)
+            log_cell(RunRecord.load(run_dir), cfg, factor, method, digest)
         return None
     note_attempt(run_dir, "started")
     started = time.time()
@@ -233,12 +236,17 @@ def run_job(cfg: DictConfig) -> RunRecord | None:
     path = record.save()
     note_attempt(run_dir, "completed")
     log.info("%s | %s | wrote %s", summary, headline(record.results), path)
+    log_cell(record, cfg, factor, method, digest)
+    return record
+
+
+def log_cell(record: RunRecord, cfg: DictConfig, factor: Factor, method: str, digest: str) -> None:
+    """The cell's W&B run: id from the config hash, the grouping keys at the top of its config."""
     name = f"{cfg.model.name}-{cfg.lang.code}-{factor}" + ("" if method == "neurons" else f"-{method}")
     keys = {"model": cfg.model.name, "lang": cfg.lang.code, "factor": str(factor), "method": method,
             "stage": cfg.stage}
     log_to_wandb(record, cfg.logger, group=sweep_group(), name=name, job_type=cfg.stage, run_id=f"lsn-{digest}",
                  keys=keys)
-    return record
 
 
 # Settings that cannot change a cell's results: a cell finished on one machine is not recomputed on another.

@@ -124,8 +124,18 @@ class RunRecord:
         write_json_atomic(path, {"schema_version": SCHEMA_VERSION, "config": self.config,
                                  "results": self.json_results(),
                                  "provenance": self.provenance, "images": self.images,
-                                 "tables": self.tables})
+                                 "tables": self.tables, "artifacts": {k: str(v) for k, v in self.artifacts.items()}})
         return path
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "RunRecord":
+        """A saved record, its results typed again (to log a finished cell to W&B later)."""
+        from lsn_exp.results import from_json
+
+        payload = json.loads((run_dir / RESULTS_FILE).read_text())
+        return cls(run_dir=run_dir, config=payload["config"], results=from_json(payload["results"]),
+                   provenance=payload.get("provenance", {}), images=payload.get("images", {}),
+                   tables=payload.get("tables", {}), artifacts=payload.get("artifacts", {}))
 
 
 def summary_metrics(results: dict) -> dict:
@@ -158,6 +168,9 @@ def summary_metrics(results: dict) -> dict:
     return {k: v for k, v in out.items() if isinstance(v, (int, float, str, bool))}
 
 
+WANDB_LOGGED = "wandb_logged"  # written in the run dir once a run has been logged completely: its id
+
+
 def log_to_wandb(record: RunRecord, logger_cfg: DictConfig, group: str, name: str, job_type: str,
                  run_id: str | None = None, keys: dict | None = None) -> None:
     """Mirror a saved record to W&B; any failure becomes a warning.
@@ -181,6 +194,7 @@ def log_to_wandb(record: RunRecord, logger_cfg: DictConfig, group: str, name: st
         for kind, folder in record.artifacts.items():
             run.log_artifact(_folder_artifact(wandb, kind, Path(folder), record.config))
         run.finish()
+        (record.run_dir / WANDB_LOGGED).write_text(f"{run.id}\n")
     except Exception as err:  # noqa: BLE001 - W&B must never fail a job
         warnings.warn(f"W&B logging failed ({type(err).__name__}: {err}); results are in {record.run_dir}",
                       stacklevel=2)

@@ -146,23 +146,38 @@ def test_wandb_offline_run_is_written_in_the_run_dir(tmp_path):
 
 
 def test_a_sweep_run_twice_and_a_resumed_cell_leave_one_wandb_run_per_cell(tmp_path):
-    """Run ids come from the config hash: re-running a finished 2 x 2 sweep adds no run, and a cell whose job
-    was killed (no results.json) re-runs into a run with the same id, which `wandb sync` resumes."""
-    from conftest import run_cli
+    """Run ids come from the config hash: a sweep killed (SIGKILL) after its first cell, resumed, then run again
+    leaves exactly one W&B run id per cell; a cell re-run after its results were lost writes a second file under
+    the same id, which `wandb sync` resumes."""
+    import os
+    import signal
+    import time
+
+    from conftest import REPO_ROOT, run_cli
 
     sweep = ("-m", "model=tiny", "lang=fr,ja", "factor=2,pmax", "stage=generate", "generate.n_prompts=1",
              "generate.max_new_tokens=2", "generate.sources=[en]", "identify.languages=[en,fr,ja]",
              "identify.max_tokens=300", "logger=wandb", f"hydra.sweep.dir={tmp_path}")
-    for attempt in range(2):
+    job = subprocess.Popen([sys.executable, "-m", "lsn_exp", *sweep], cwd=REPO_ROOT, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (tmp_path / "0" / "results.json").exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGKILL)  # mid-sweep: cell 0 done, cell 1 somewhere in its job
+    job.wait()
+    assert not (tmp_path / "3" / "results.json").exists(), "the sweep finished before it could be killed"
+    for attempt in range(2):  # resume the killed sweep, then run the finished one again
         result = run_cli(*sweep, timeout=900)
         assert result.returncode == 0, result.stderr[-3000:]
-    (tmp_path / "3" / "results.json").unlink()  # as if the last cell's job had been killed before it finished
+    (tmp_path / "3" / "results.json").unlink()  # a cell whose results were lost: it runs again
     result = run_cli(*sweep, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     files = sorted(tmp_path.glob("*/wandb/offline-run-*/run-*.wandb"))
     ids = {path.name[len("run-"):-len(".wandb")] for path in files}
-    assert len(files) == 5 and len(ids) == 4  # the resumed cell wrote a second file under its own id
-    runs = {path.parent.parent.parent.name: read_run_file(path) for path in files}
+    per_cell = {n: sorted((tmp_path / str(n)).glob("wandb/offline-run-*/run-*.wandb")) for n in range(4)}
+    assert len(ids) == 4 and all(per_cell.values())  # one id per cell, however often it ran
+    assert len(per_cell[3]) == 2 and per_cell[3][0].name == per_cell[3][1].name  # re-run: the same id
+    runs = {str(n): read_run_file(paths[-1]) for n, paths in per_cell.items()}  # each cell's last, complete file
     for cell, run in runs.items():
         config = run["config"]
         assert {"model", "lang", "factor", "method", "stage"} <= set(config)
