@@ -154,9 +154,11 @@ class Comparison:
                                             "degenerate_share")}, "xcopa_self": 0.0, "xcopa_cross": 0.0, "seconds": 0}
 
 
-def compare(cfg, handle, artifact, root, store, artifact_key: str | None = None) -> tuple[list[dict], list[dict]]:
+def compare(cfg, handle, artifact, root, store, artifact_key: str | None = None,
+            progress=None) -> tuple[list[dict], list[dict]]:
     """(every (method, target) row, the unpatched model's rows first; every search evaluation). The method with
-    the best search score toward each target is saved for ``method=best``."""
+    the best search score toward each target is saved for ``method=best``; ``progress(rows, curve)`` gets what
+    is done after each target (the job writes it, so a killed run keeps its finished targets)."""
     import torch
 
     comparison = Comparison(cfg, handle, artifact, root, store)
@@ -172,5 +174,7 @@ def compare(cfg, handle, artifact, root, store, artifact_key: str | None = None)
             store.save(BEST_METHOD_KIND, winner_key(cfg, handle.identity, artifact_key, target),
                        {"score": torch.tensor([score])}, {"method": winner, "score": score, "ranking": ranking})
         log.info("best method toward %s on the search sample: %s (%.3f)", target, winner["name"], score)
+        if progress is not None:
+            progress(rows + list(cells.values()), curve)
     rows += [cells[(m["name"], t)] for m in methods for t in targets]  # grouped by method, as before
     return rows, curve

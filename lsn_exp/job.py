@@ -176,7 +176,14 @@ def compare_methods(ctx: JobContext) -> StageOutput:
     """Every method of ``compare.methods`` toward every ``compare.targets``: LSS, steering, fluency, XCOPA."""
     from lsn_exp import compare
 
-    rows, curve = compare.compare(ctx.cfg, ctx.model_handle, ctx.artifact, ctx.data_root, ctx.store, ctx.artifact_key)
+    def progress(rows: list[dict], curve: list[dict]) -> None:  # the targets done so far, rewritten after each
+        outputs.write_csv(ctx.run_dir / "compare_partial.csv", list(compare.FIELDS),
+                          [[row.get(k) for k in compare.FIELDS] for row in rows])
+        outputs.write_csv(ctx.run_dir / "compare_search_partial.csv", list(compare.CURVE_FIELDS),
+                          [[row.get(k) for k in compare.CURVE_FIELDS] for row in curve])
+
+    rows, curve = compare.compare(ctx.cfg, ctx.model_handle, ctx.artifact, ctx.data_root, ctx.store, ctx.artifact_key,
+                                  progress)
     title = f"{ctx.cfg.model.name}: methods side by side"
     tables, images = outputs.comparison_files(rows, compare.FIELDS, ctx.run_dir, title)
     curve_table, curve_images = outputs.search_curve_files(curve, compare.CURVE_FIELDS, ctx.run_dir, title)

@@ -210,6 +210,8 @@ def test_compare_methods_writes_one_row_per_method_and_target_and_method_best_ru
     assert 0.002 <= alpha <= 0.1 and by[("diffmean", "ja")]["intervention"] == f"ja:lape:mul=1+diffmean*{alpha:g}(resid_norm)"
     assert by[("lape_pmax", "fr")]["coefficient"] == "" and by[("lape_pmax", "fr")]["search_score"] != ""
     assert all(0 <= float(r["steering_success"]) <= float(r["target_share"]) <= 1 for r in rows)
+    partial = list(csv.DictReader(open(tmp_path / "compare_partial.csv")))  # rewritten after each target
+    assert sorted((r["method"], r["target"]) for r in partial) == sorted((r["method"], r["target"]) for r in rows)
     curve = list(csv.DictReader(open(tmp_path / "compare_search.csv")))
     searched = [r for r in curve if r["method"] == "diffmean" and r["target"] == "ja"]
     assert len(searched) == 2 and alpha in [float(r["coefficient"]) for r in searched]  # n_evals points, winner among
