@@ -276,9 +276,9 @@ def eval_settings(eval_cfg) -> EvalSettings:
             raise UserError(f"eval.langs has unknown language(s) {unknown}: use all or codes of {' '.join(LANG_ORDER)}")
         langs = tuple(langs)
     limits = {str(k): _doc_limit(f"eval.limits.{k}", v) for k, v in (cfg.get("limits") or {}).items()}
-    bad = [f for f in limits if f not in families]
+    bad = [f for f in limits if f not in TASK_FAMILIES and f not in families]
     if bad:
-        raise UserError(f"eval.limits names task families that eval.tasks does not run: {bad}")
+        raise UserError(f"eval.limits names unknown tasks {bad}: use {', '.join(TASK_FAMILIES)} or a task of eval.tasks")
     mt_prompt = str(cfg.get("mt_prompt", "untargeted"))
     if mt_prompt not in MT_PROMPTS:
         raise UserError(f"eval.mt_prompt={mt_prompt} is not allowed: use one of {', '.join(MT_PROMPTS)}")
