@@ -147,8 +147,7 @@ class Comparison:
         """The unpatched model's own steering success toward ``target`` (what every method is compared with)."""
         s = self.gen_settings
         generate.fill_unpatched(self.handle, self.prompts, s, self.unpatched)  # once, shared with every cell
-        others = [g for source, gens in self.unpatched.items() if source != target for g in gens]
-        measures = generate.measures(others or self.unpatched[target], target, s.max_repetition)
+        measures = generate.measures(generate.counted(self.unpatched, target), target, s.max_repetition)
         return {"method": "unpatched", "target": target, "intervention": "none", "lss": 0.0, "lss_paper": 0.0,
                 **{k: measures[k] for k in ("steering_success", "target_share", "ppl", "repetition",
                                             "degenerate_share")}, "xcopa_self": 0.0, "xcopa_cross": 0.0, "seconds": 0}

@@ -120,19 +120,25 @@ def steering(handle, prompts: dict[str, list[str]], target: str, settings, patch
     The overall ("all") figures leave out the prompts in the target language itself (unless they are all there is).
     ``prefix`` (a prompt baseline) goes before every patched prompt; ``unpatched`` (source -> generations) keeps
     the unpatched continuations across calls."""
-    summary, rows, everything = {}, [], {"unpatched": [], "patched": []}
+    summary, rows = {}, []
     unpatched = fill_unpatched(handle, prompts, settings, {} if unpatched is None else unpatched)
     patched = by_source(prompts, generate_labelled(handle, [prefix + t for t in joined(prompts)],
                                                    settings.max_new_tokens, patch, settings.repetition_n))
     for source in prompts:
         runs = {"unpatched": unpatched[source], "patched": patched[source]}
         summary[source] = {name: measures(gens, target, settings.max_repetition) for name, gens in runs.items()}
-        for name, gens in runs.items():  # "all": prompts already in the target language do not count
-            everything[name] += gens if source != target or len(prompts) == 1 else []
         rows += [[source, b.prompt, b.text, b.label, round(b.repetition, 3), a.text, a.label, round(a.repetition, 3),
                   None if a.nll is None else round(a.nll, 4)] for b, a in zip(runs["unpatched"], runs["patched"])]
-    summary["all"] = {name: measures(gens, target, settings.max_repetition) for name, gens in everything.items()}
+    runs = {"unpatched": {source: unpatched[source] for source in prompts}, "patched": patched}
+    summary["all"] = {name: measures(counted(by, target), target, settings.max_repetition) for name, by in runs.items()}
     return summary, rows
+
+
+def counted(by_source: dict[str, list], target: str) -> list:
+    """The generations "all" is measured on: prompts already in the target language do not count (unless they
+    are all there is)."""
+    others = [g for source, gens in by_source.items() if source != target for g in gens]
+    return others or [g for gens in by_source.values() for g in gens]
 
 
 def fill_unpatched(handle, prompts: dict[str, list[str]], settings, unpatched: dict) -> dict:
