@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 OFFLINE_MODELS := gemma3_270m smollm2_135m
 
-.PHONY: install test test-slow test-all demo report clean-cache
+.PHONY: install test test-slow test-faults test-all demo report clean-cache
 
 install: $(VENV)/.installed
 	$(PY) -m lsn_exp.models prepare $(OFFLINE_MODELS)
@@ -21,7 +21,12 @@ test:
 	$(PY) -m pytest -m "not slow" -q
 
 test-slow:
-	$(PY) -m pytest -m slow -q
+	$(PY) -m pytest -m "slow and not faults" -q
+
+# Kills at random moments, races, damaged caches, full disks, W&B unreachable, preemption (local and SLURM);
+# prints a table of faults injected and survived. LSN_FAULT_TRIALS / LSN_FAULT_SEED set the kill trials.
+test-faults:
+	$(PY) -m pytest -m faults -q
 
 test-all:
 	$(PY) -m pytest -q

@@ -1,11 +1,14 @@
 """``python -m lsn_exp [overrides]`` and ``python -m lsn_exp -m [sweep overrides]``."""
 
+import errno
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from lsn_exp.errors import UserError
+
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -16,6 +19,12 @@ def main(cfg: DictConfig) -> None:
         run_job(cfg)
     except UserError as err:
         print(f"lsn_exp: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if err.errno not in DISK_ERRORS:
+            raise
+        print(f"lsn_exp: error: {err.strerror} writing {err.filename or 'a file'}: results.json was not "
+              "written; free space (or fix permissions) and run the same command again (cached work is kept)", file=sys.stderr)
         sys.exit(2)
 
 

@@ -2,33 +2,54 @@
 
 The key is a hash of everything that determines the content (model identity, corpus hashes,
 settings, format version). Every job of a sweep shares the cache; the first one computes under a
-file lock and the others wait and load. A corrupt or mismatched entry is reported and recomputed.
+file lock and the others wait and load. An entry is written to a temp dir, fsynced and renamed, and
+its meta carries the sha256 of its tensor file: a truncated, bit-flipped or mismatched entry is
+reported in one line and recomputed. Every computation is appended to ``ledger.jsonl`` (kind, key,
+pid, host, seconds), so a sweep can be audited for work done twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Hashable
 
 import torch
 from filelock import FileLock
 from safetensors.torch import load_file, save_file
+
+from lsn_exp.tracking import sha256_file, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "tensors.safetensors"
 META_FILE = "meta.json"
+LEDGER_FILE = "ledger.jsonl"
+
+Computed = tuple[dict[str, torch.Tensor], dict]
 
 
 def key_of(spec: dict) -> str:
     canonical = json.dumps({"format_version": FORMAT_VERSION, **spec}, sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:20]
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a dir's entries') data to disk: a rename after it is then durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -37,6 +58,10 @@ class CacheEntry:
     meta: dict
     path: Path
     computed: bool  # False when loaded from the cache
+
+
+class DamagedEntry(ValueError):
+    """A cache entry that exists but cannot be trusted."""
 
 
 class ArtifactStore:
@@ -48,45 +73,95 @@ class ArtifactStore:
 
     def load(self, kind: str, spec: dict) -> CacheEntry | None:
         path = self.entry_dir(kind, spec)
-        if not (path / META_FILE).exists():
+        if not path.exists():
             return None
         try:
-            meta = json.loads((path / META_FILE).read_text())
-            if meta.get("key") != key_of(spec):
-                raise ValueError(f"key mismatch ({meta.get('key')} != {key_of(spec)})")
+            stored = self._verified_meta(path, key_of(spec))
             tensors = load_file(path / TENSORS_FILE)
-            missing = set(meta["tensor_names"]) - set(tensors)
+            missing = set(stored["tensor_names"]) - set(tensors)
             if missing:
-                raise ValueError(f"missing tensors {sorted(missing)}")
+                raise DamagedEntry(f"missing tensors {sorted(missing)}")
         except Exception as err:  # noqa: BLE001 - any damage means: recompute
-            log.warning("cached %s at %s is unreadable (%s): recomputing", kind, path, err)
+            log.warning("cached %s %s is damaged (%s): recomputing", kind, path, err)
             return None
-        return CacheEntry(tensors, meta["meta"], path, computed=False)
+        return CacheEntry(tensors, stored["meta"], path, computed=False)
+
+    @staticmethod
+    def _verified_meta(path: Path, key: str) -> dict:
+        stored = json.loads((path / META_FILE).read_text())
+        if stored.get("key") != key:
+            raise DamagedEntry(f"key mismatch ({stored.get('key')} != {key})")
+        actual = sha256_file(path / TENSORS_FILE)
+        expected = stored.get("sha256")
+        if expected is None:  # written before checksums existed: adopt the file as it is now
+            stored["sha256"] = actual
+            write_text_atomic(path / META_FILE, json.dumps(stored, indent=2, default=str))
+        elif actual != expected:
+            raise DamagedEntry(f"{TENSORS_FILE}: sha256 {actual[:12]} != recorded {expected[:12]}")
+        return stored
 
     def save(self, kind: str, spec: dict, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
         path = self.entry_dir(kind, spec)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / TENSORS_FILE)
-        (tmp / META_FILE).write_text(json.dumps(
-            {"key": key_of(spec), "kind": kind, "spec": spec, "tensor_names": sorted(tensors), "meta": meta},
-            indent=2, default=str))
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / TENSORS_FILE)
+            fsync_path(tmp / TENSORS_FILE)
+            write_text_atomic(tmp / META_FILE, json.dumps(
+                {"key": key_of(spec), "kind": kind, "spec": spec, "tensor_names": sorted(tensors),
+                 "sha256": sha256_file(tmp / TENSORS_FILE), "meta": meta}, indent=2, default=str))
+            shutil.rmtree(path, ignore_errors=True)
+            tmp.rename(path)
+            fsync_path(path.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return path
 
-    def get_or_compute(self, kind: str, spec: dict,
-                       compute: Callable[[], tuple[dict[str, torch.Tensor], dict]],
+    def get_or_compute(self, kind: str, spec: dict, compute: Callable[[], Computed],
                        force: bool = False) -> CacheEntry:
-        path = self.entry_dir(kind, spec)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(path) + ".lock"):
-            cached = None if force else self.load(kind, spec)
-            if cached is not None:
-                log.info("loaded cached %s %s", kind, path.name)
-                return cached
-            tensors, meta = compute()
-            self.save(kind, spec, tensors, meta)
-            log.info("saved %s %s", kind, path)
-            return CacheEntry(tensors, meta, path, computed=True)
+        return self.get_or_compute_many(kind, {"": spec}, lambda names: {"": compute()}, force)[""]
+
+    def get_or_compute_many(self, kind: str, specs: dict[Hashable, dict],
+                            compute: Callable[[list], dict[Hashable, Computed]],
+                            force: bool = False) -> dict[Hashable, CacheEntry]:
+        """Entries of ``specs`` (name -> spec): those cached are loaded, the rest computed in one call of
+        ``compute(missing names)`` (a name it leaves out is left out of the answer). All their locks are held meanwhile (taken in key order, so jobs that
+        need overlapping sets cannot deadlock): a job that waited loads what the first one saved."""
+        paths = {name: self.entry_dir(kind, spec) for name, spec in specs.items()}
+        (self.root / kind).mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as locks:
+            for path in sorted(set(paths.values())):
+                locks.enter_context(FileLock(f"{path}.lock"))
+                for stale in path.parent.glob(f"{path.name}.tmp*"):  # left by a killed writer: we hold its lock
+                    shutil.rmtree(stale, ignore_errors=True)
+            entries = {} if force else {name: self.load(kind, spec) for name, spec in specs.items()}
+            entries = {name: entry for name, entry in entries.items() if entry is not None}
+            missing = [name for name in specs if name not in entries]
+            for name in entries:
+                log.info("loaded cached %s %s", kind, paths[name].name)
+            if missing:
+                start = time.time()
+                results = compute(missing)
+                seconds = (time.time() - start) / len(missing)
+                for name in (n for n in missing if n in results):
+                    tensors, meta = results[name]
+                    self.save(kind, specs[name], tensors, meta)
+                    self._note_computed(kind, paths[name].name, seconds)
+                    entries[name] = CacheEntry(tensors, meta, paths[name], computed=True)
+                    log.info("saved %s %s", kind, paths[name])
+        return entries
+
+    def _note_computed(self, kind: str, key: str, seconds: float) -> None:
+        line = json.dumps({"kind": kind, "key": key, "pid": os.getpid(), "host": socket.gethostname(),
+                           "at": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(seconds, 3)})
+        with open(self.root / LEDGER_FILE, "a") as f:  # one short O_APPEND write: lines never interleave
+            f.write(line + "\n")
+
+    def ledger(self) -> list[dict]:
+        """Every computation this store has recorded, oldest first."""
+        path = self.root / LEDGER_FILE
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

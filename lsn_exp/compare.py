@@ -170,8 +170,9 @@ def compare(cfg, handle, artifact, root, store, artifact_key: str | None = None,
         winner, score, _ = max(tuned, key=lambda t: t[1])
         if store is not None:
             ranking = sorted(((e["name"], s) for e, s, _ in tuned), key=lambda p: -p[1])
-            store.save(BEST_METHOD_KIND, winner_key(cfg, handle.identity, artifact_key, target),
-                       {"score": torch.tensor([score])}, {"method": winner, "score": score, "ranking": ranking})
+            store.get_or_compute(BEST_METHOD_KIND, winner_key(cfg, handle.identity, artifact_key, target),
+                                 lambda: ({"score": torch.tensor([score])},
+                                          {"method": winner, "score": score, "ranking": ranking}), force=True)
         log.info("best method toward %s on the search sample: %s (%.3f)", target, winner["name"], score)
         if progress is not None:
             progress(rows + list(cells.values()), curve)

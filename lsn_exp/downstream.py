@@ -282,33 +282,32 @@ class DownstreamEvaluator:
         return outputs
 
     def _load_unpatched(self) -> dict[str, DocOutputs]:
-        """Each task's unpatched outputs from the cache, the missing ones scored in one run and cached."""
-        specs = {ref.name: unpatched_spec(self.handle, ref, self.root, self.settings) for ref in self.refs}
-        entries = {name: self.store.load(UNPATCHED_KIND, spec) for name, spec in specs.items()} if self.store else {}
-        cached = {name: _outputs_from_entry(entry) for name, entry in entries.items() if entry is not None}
-        missing = [r for r in self.refs if r.name not in cached]
-        start = time.time()
-        computed = self.run(missing) if missing else {}
-        if missing:
-            log.info("downstream unpatched outputs: %d tasks in %.1f s", len(computed), time.time() - start)
-        self.refs = [r for r in self.refs if r.name in cached or r.name in computed]  # include may drop out
-        out = {}
-        for ref in self.refs:
-            out[ref.name], self.unpatched_cached[ref.name] = cached.get(ref.name), ref.name in cached
-            if ref.name in computed:
-                out[ref.name] = self._save(ref, specs[ref.name], computed[ref.name])
+        """Each task's unpatched outputs from the cache, the missing ones scored in one run and cached (jobs that
+        need them at once score them once: the others wait on the cache locks and load)."""
+        if self.store is None:
+            out = self.run(self.refs)
+            self.unpatched_cached = {name: False for name in out}
+        else:
+            specs = {ref.name: unpatched_spec(self.handle, ref, self.root, self.settings) for ref in self.refs}
+            entries = self.store.get_or_compute_many(UNPATCHED_KIND, specs, self._score_unpatched)
+            out = {name: _outputs_from_entry(entry) for name, entry in entries.items()}
+            self.unpatched_cached = {name: not entry.computed for name, entry in entries.items()}
+        self.refs = [r for r in self.refs if r.name in out]  # include may drop out
         return out
 
-    def _save(self, ref: TaskRef, spec: dict, result: DocOutputs) -> DocOutputs:
-        if self.store is None:
-            return result
+    def _score_unpatched(self, names: list[str]) -> dict[str, tuple[dict, dict]]:
+        refs = [r for r in self.refs if r.name in names]
+        start = time.time()
+        computed = self.run(refs)
+        log.info("downstream unpatched outputs: %d tasks in %.1f s", len(computed), time.time() - start)
+        return {ref.name: self._as_entry(ref, computed[ref.name]) for ref in refs if ref.name in computed}
+
+    def _as_entry(self, ref: TaskRef, result: DocOutputs) -> tuple[dict, dict]:
         tensors = {k: torch.from_numpy(v) for k, v in result.tensors.items()}
         meta = {"keys": result.keys, "texts": result.texts, "lm_eval": result.lm_eval,
                 "batch_size": self.settings.batch_size,
                 "provenance": provenance(self.handle.identity, _data_files(ref, self.root, self.settings))}
-        entry = self.store.get_or_compute(UNPATCHED_KIND, spec, lambda: (tensors, meta))
-        self.unpatched_cached[ref.name] = not entry.computed
-        return _outputs_from_entry(entry)
+        return tensors, meta
 
     def data_files(self) -> list[Path]:
         return sorted({p for r in self.refs for p in _data_files(r, self.root, self.settings)})

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from filelock import FileLock
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from lsn_exp import data, outputs, settings
+from lsn_exp import data, models, outputs, preflight, settings
 from lsn_exp.patch import PatchSpec
 from lsn_exp.settings import Factor, parse_factor
 from lsn_exp.steer import Intervention, SteerSpec
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from lsn_exp.models import ModelHandle
 
 log = logging.getLogger(__name__)
+CELL_LOCK = "cell.lock"  # held while a process works on the cell
 
 
 @dataclass
@@ -218,6 +220,15 @@ def run_job(cfg: DictConfig) -> RunRecord | None:
         return None
 
     digest = config_hash(cfg)
+    preflight.require_writable(models.cache_root(cfg.cache_dir), "cache dir",
+                               "set cache_dir=<a writable dir> or LSN_CACHE")
+    with FileLock(str(run_dir / CELL_LOCK)):  # a second process on this cell waits, then finds it complete
+        return _run_cell(cfg, record, factor, method, summary, digest)
+
+
+def _run_cell(cfg: DictConfig, record: RunRecord, factor: Factor, method: str, summary: str,
+              digest: str) -> RunRecord | None:
+    run_dir = record.run_dir
     if not cfg.force and completed(run_dir, digest):
         note_attempt(run_dir, "skipped: complete results exist for this config")
         log.info("%s | complete results exist (config %s): skipped; force=true recomputes", summary, digest)
@@ -225,24 +236,31 @@ def run_job(cfg: DictConfig) -> RunRecord | None:
             log.info("%s | the W&B run was never completed: logging the saved results", summary)
             log_cell(RunRecord.load(run_dir), cfg, factor, method, digest)
         return None
+    for stale in run_dir.glob(".*.tmp"):  # a temp file of a writer killed mid-write (we hold the cell lock)
+        stale.unlink(missing_ok=True)
     note_attempt(run_dir, "started")
     started = time.time()
     ctx = JobContext(cfg=cfg, factor=factor, run_dir=run_dir, data_root=data.resolve_root(cfg.data.root))
-    steps, data_files = STAGES[cfg.stage], []
+    steps, data_files, step_times = STAGES[cfg.stage], [], {}
     for step in steps:
+        log.info("step %s", step.__name__)
+        step_start = time.time()
         out = step(ctx)
+        step_times[step.__name__] = round(time.time() - step_start, 2)
         record.results.update(out.results)
         record.tables.update(out.tables)
         record.images.update(out.images)
         record.artifacts.update(out.artifacts)
         data_files += out.data_files
     record.results.update(stages_done=[step.__name__ for step in steps], wall_time_s=round(time.time() - started, 2),
-                          config_hash=digest)
+                          step_times_s=step_times, config_hash=digest)
+    log.info("step write_results")
     record.provenance = provenance(ctx.model_handle.identity, data_files)
     record.provenance["data_root"] = str(ctx.data_root) if ctx.data_root else "hf-hub"
     path = record.save()
     note_attempt(run_dir, "completed")
-    log.info("%s | %s | wrote %s", summary, headline(record.results), path)
+    log.info("%s | %s | wrote %s | %s", summary, headline(record.results), path,
+             " ".join(f"{name} {sec:.1f}s" for name, sec in step_times.items()))
     log_cell(record, cfg, factor, method, digest)
     return record
 

@@ -108,21 +108,23 @@ class UnpatchedScores:
 
     def ensure(self, targets) -> None:
         """Fill ``columns[s][:, l]`` for every source s and l in {s} ∪ targets: a job toward one target scores 2
-        objects per prompt, a matrix all 15 in one batched call."""
+        objects per prompt, a matrix all 15 in one batched call. Jobs that need the same columns at once score
+        them once: the others wait on the cache locks and load."""
         wanted = [(s, lang) for s in self.columns for lang in LSS_LANGS
                   if (lang == s or lang in targets) and np.isnan(self.columns[s][:, LSS_LANGS.index(lang)]).all()]
-        missing = []
-        for source, lang in wanted:
-            entry = self.store.load(UNPATCHED_KIND, self.spec(source, lang)) if self.store else None
-            if entry is None:
-                missing.append((source, lang))
-            else:
-                self.columns[source][:, LSS_LANGS.index(lang)] = entry.tensors["loglik"].numpy()
-                self.cached.setdefault(source, True)
-        if missing:
-            self._score(missing)
+        if not wanted:
+            return
+        if self.store is None:
+            entries = {pair: (tensors, False) for pair, (tensors, _) in self._score(wanted).items()}
+        else:
+            found = self.store.get_or_compute_many(UNPATCHED_KIND, {pair: self.spec(*pair) for pair in wanted},
+                                                   self._score)
+            entries = {pair: (entry.tensors, not entry.computed) for pair, entry in found.items()}
+        for (source, lang), (tensors, cached) in entries.items():
+            self.columns[source][:, LSS_LANGS.index(lang)] = tensors["loglik"].numpy()
+            self.cached[source] = self.cached.get(source, True) and cached
 
-    def _score(self, missing: list[tuple[str, str]]) -> None:
+    def _score(self, missing: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[dict, dict]]:
         insts = [self.requests.instances[s][i][LSS_LANGS.index(lang)] for s, lang in missing for i in range(self.n)]
         start = time.time()
         ll = np.asarray(evaluate.loglikelihoods(self.lm, insts, disable_tqdm=False), dtype=np.float64)
@@ -131,13 +133,8 @@ class UnpatchedScores:
         meta = {"fact_ids": self.requests.fact_ids, "provenance": provenance(self.handle.identity, self.data_files),
                 "batch_size": self.batch_size,
                 "what": "log P(object in object_lang | source prompt), summed over continuation tokens, per fact"}
-        for (source, lang), column in zip(missing, ll.reshape(len(missing), self.n)):
-            tensors = {"loglik": torch.from_numpy(column.copy())}
-            if self.store is not None:  # a job that got there first wins: every job then uses the same numbers
-                entry = self.store.get_or_compute(UNPATCHED_KIND, self.spec(source, lang), lambda t=tensors: (t, meta))
-                column = entry.tensors["loglik"].numpy()
-            self.columns[source][:, LSS_LANGS.index(lang)] = column
-            self.cached[source] = False
+        return {pair: ({"loglik": torch.from_numpy(column.copy())}, meta)
+                for pair, column in zip(missing, ll.reshape(len(missing), self.n))}
 
     def paired(self, target: str, keep: dict, insts: list) -> np.ndarray:
         """16-bit models: unpatched log-probs [n, 2] of exactly the requests a patched run toward ``target``

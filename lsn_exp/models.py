@@ -24,12 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lsn_exp import manifest
 from lsn_exp.errors import UserError
 from lsn_exp.tracking import sha256_file
 
 log = logging.getLogger(__name__)
 
 CONVERSION_VERSION = 1
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json"]  # what a tiny test model reads
 
 # Named intervention sites, one per decoder layer l, as paths under ``model.model.layers[l]``. The recorder
 # and every intervention resolve sites by these names only.
@@ -212,11 +214,20 @@ def converted_dir(cfg, cache_dir: str | None = None) -> Path:
     return cache_root(cache_dir) / "models" / f"{cfg.name}-v{CONVERSION_VERSION}"
 
 
-def ensure_converted(cfg, cache_dir: str | None = None) -> Path:
-    """Convert the GGUF to a safetensors checkpoint once (~30-75 s); later loads take seconds."""
+def ensure_converted(cfg, cache_dir: str | None = None, files: list[str] | None = None,
+                     repair: bool = False) -> Path:
+    """Convert the GGUF to a safetensors checkpoint once (~30-75 s); later loads take seconds and check the
+    checksums of ``files`` (default all). A damaged conversion is an error naming ``make install``, which
+    (``repair``) converts it again."""
     out = converted_dir(cfg, cache_dir)
     if (out / "lsn_source.json").exists():
-        return out
+        damage = manifest.problem(out, files)
+        if damage is None:
+            return out
+        if not repair:
+            raise UserError(f"the converted {cfg.name} model at {out} is damaged ({damage}): "
+                            f"run `make install` to convert it again")
+        log.warning("the converted %s model at %s is damaged (%s): converting it again", cfg.name, out, damage)
     import torch
 
     src = gguf_file(cfg, cache_dir)
@@ -233,6 +244,7 @@ def ensure_converted(cfg, cache_dir: str | None = None) -> Path:
     identity = {"id": cfg.get("reference", cfg.name), "gguf": src.name, "gguf_sha256": sha256_file(src),
                 "package": cfg.package, "package_version": _dist_version(cfg.package)}
     (tmp / "lsn_source.json").write_text(json.dumps(identity, indent=2))
+    manifest.write(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     log.info("converted in %.0f s", time.time() - start)
@@ -307,7 +319,7 @@ def _load_tiny(cfg, cache_dir: str | None):
     from lsn_exp import CONF_DIR
 
     tokenizer_cfg = OmegaConf.load(CONF_DIR / "model" / f"{cfg.tokenizer_model}.yaml")
-    tokenizer = AutoTokenizer.from_pretrained(str(ensure_converted(tokenizer_cfg, cache_dir)))
+    tokenizer = AutoTokenizer.from_pretrained(str(ensure_converted(tokenizer_cfg, cache_dir, files=TOKENIZER_FILES)))
     if not cfg.get("bos", True):  # a BOS-less tokenizer, like Qwen2.5's: no BOS token, none added
         tokenizer.add_bos_token = False
         tokenizer.bos_token = None
@@ -338,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in args.names:
         cfg = OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")
-        print(f"{name}: {ensure_converted(cfg)}")
+        print(f"{name}: {ensure_converted(cfg, repair=True)}")
 
 
 if __name__ == "__main__":

@@ -32,11 +32,17 @@ TRACKED_PACKAGES = ("lsn_exp", "torch", "transformers", "lm_eval", "hydra-core",
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to a temp file in the same dir, then rename: readers never see half a file."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temp file in the same dir, fsync, then rename: readers see the old file or the new one.
+    A failed write (a full disk) removes the temp file and leaves the old file as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False, default=str)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -113,7 +119,7 @@ class RunRecord:
     @classmethod
     def start(cls, cfg: DictConfig, run_dir: Path) -> "RunRecord":
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         return cls(run_dir=run_dir, config=OmegaConf.to_container(cfg, resolve=True))
 
     def json_results(self) -> dict:
@@ -173,19 +179,43 @@ WANDB_LOGGED = "wandb_logged"  # written in the run dir once a run has been logg
 
 def log_to_wandb(record: RunRecord, logger_cfg: DictConfig, group: str, name: str, job_type: str,
                  run_id: str | None = None, keys: dict | None = None) -> None:
-    """Mirror a saved record to W&B; any failure becomes a warning.
+    """Mirror a saved record to W&B; any failure becomes one warning.
 
     ``run_id`` (a job's config hash) makes a re-run, a requeued SLURM job or a resumed sweep update the same run;
-    ``keys`` (model, lang, factor, method, stage) are top-level config entries to group by."""
+    ``keys`` (model, lang, factor, method, stage) are top-level config entries to group by. In online mode an
+    unreachable server (``logger.init_timeout`` seconds) sends the run to an offline one in the run dir instead,
+    for ``wandb sync`` later."""
     if logger_cfg.name != "wandb":
         return
+    attempt = dict(record=record, logger_cfg=logger_cfg, group=group, name=name, job_type=job_type, run_id=run_id,
+                   keys=keys)
     try:
-        import wandb
+        _log_run(mode=logger_cfg.mode, **attempt)
+        return
+    except Exception as err:  # noqa: BLE001 - W&B must never fail a job
+        failure = _one_line(err)
+    if logger_cfg.mode == "online":
+        try:
+            offline_dir = _log_run(mode="offline", **attempt)
+            warnings.warn(f"W&B online logging failed ({failure}); logged offline instead: "
+                          f"`wandb sync {offline_dir}` uploads it later", stacklevel=2)
+            return
+        except Exception as err:  # noqa: BLE001
+            failure += f"; offline too: {_one_line(err)}"
+    warnings.warn(f"W&B logging failed ({failure}); results are in {record.run_dir}", stacklevel=2)
 
-        run = wandb.init(project=logger_cfg.project, entity=logger_cfg.entity, mode=logger_cfg.mode,
+
+def _log_run(record: RunRecord, logger_cfg: DictConfig, mode: str, group: str, name: str, job_type: str,
+             run_id: str | None, keys: dict | None) -> str:
+    """One W&B run of the record; its local folder."""
+    import wandb
+
+    try:
+        run = wandb.init(project=logger_cfg.project, entity=logger_cfg.entity, mode=mode,
                          group=group, name=name, job_type=job_type, dir=str(record.run_dir), id=run_id,
                          resume="allow" if run_id else None, config={**(keys or {}), **flatten(record.config)},
-                         tags=list(logger_cfg.tags), reinit="finish_previous")
+                         tags=list(logger_cfg.tags), reinit="finish_previous",
+                         settings=wandb.Settings(init_timeout=float(logger_cfg.get("init_timeout", 30))))
         run.summary.update(summary_metrics(record.results))
         for key, png in record.images.items():
             run.log({key: wandb.Image(str(png))})
@@ -194,10 +224,14 @@ def log_to_wandb(record: RunRecord, logger_cfg: DictConfig, group: str, name: st
         for kind, folder in record.artifacts.items():
             run.log_artifact(_folder_artifact(wandb, kind, Path(folder), record.config))
         run.finish()
-        (record.run_dir / WANDB_LOGGED).write_text(f"{run.id}\n")
-    except Exception as err:  # noqa: BLE001 - W&B must never fail a job
-        warnings.warn(f"W&B logging failed ({type(err).__name__}: {err}); results are in {record.run_dir}",
-                      stacklevel=2)
+    finally:
+        wandb.teardown()  # finish() returns before wandb-core has closed the run file; teardown waits for it
+    (record.run_dir / WANDB_LOGGED).write_text(f"{run.id}\n")
+    return run.settings.sync_dir
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())[:500]
 
 
 def _folder_artifact(wandb, kind: str, folder: Path, config: dict):

@@ -96,3 +96,12 @@ def synthetic_artifact(handle, languages: list[str], rate: float = 0.1, seed: in
     p_max = torch.rand(shape, generator=gen) + 0.5
     return NeuronArtifact(languages=list(languages), masks=masks, p_max=p_max, p_median=p_max / 3,
                           activation_prob=torch.rand(shape, generator=gen), meta={"synthetic": True})
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fault suite's figures (tests/test_faults.py), one row per fault kind, when any fault test ran."""
+    from faultlib import FIGURES, summary_table
+
+    if FIGURES:
+        terminalreporter.section("fault suite: faults injected and survived")
+        terminalreporter.write_line(summary_table(FIGURES))

@@ -52,6 +52,7 @@ def test_task_names_carry_their_language():
         eval_settings({"tasks": ["x"], "include_path": "/nonexistent"})
 
 
+@pytest.mark.slow  # a sweep of real jobs (about a minute): in `make test-slow`
 def test_a_user_task_runs_under_a_patch_with_cached_unpatched_scores(tmp_path):
     tasks = user_task(tmp_path / "tasks")
     args = ("model=tiny", "stage=downstream", "lang=fr", "eval.tasks=[my_mc_fr,xcopa]", "eval.langs=[id]",

@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO_ROOT, run_cli
 from test_tracking import read_offline_run
 
@@ -23,6 +25,7 @@ def results(run_dir):
     return json.loads((run_dir / "results.json").read_text())["results"]
 
 
+@pytest.mark.slow  # a sweep of real jobs (about a minute): in `make test-slow`
 def test_export_import_and_identify_from_give_the_same_lss_without_recording(tmp_path):
     made = run_cli("stage=lss", *TINY, "logger=wandb", f"hydra.run.dir={tmp_path}/made", timeout=600)
     assert made.returncode == 0, made.stderr[-3000:]

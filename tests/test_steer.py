@@ -191,6 +191,7 @@ SMALL_COMPARE = ("model=tiny", "compare.targets=[fr,ja]", "compare.lss_n_facts=3
                  "identify.max_tokens=300", "lss.sources=[en,fr,ja]", "logger=none")
 
 
+@pytest.mark.slow  # a sweep of real jobs (about a minute): in `make test-slow`
 def test_compare_methods_writes_one_row_per_method_and_target_and_method_best_runs_the_winner(tmp_path):
     import csv
 

@@ -12,6 +12,7 @@ from conftest import run_cli
 SMALL = ["model=tiny", "logger=none", "identify.languages=[en,fr,id]", "identify.max_tokens=1500",
          "lss.n_facts=4", "lss.sources=[en,fr,id]", "lss.bootstrap=50"]
 GRID = ["lang=id,fr", "factor=2,pmax"]
+pytestmark = pytest.mark.slow  # sweeps of real jobs (about 3 minutes in all): in `make test-slow`
 
 
 def attempts(cell) -> list[str]:

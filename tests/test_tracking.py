@@ -145,6 +145,7 @@ def test_wandb_offline_run_is_written_in_the_run_dir(tmp_path):
     assert run["history_keys"] == set()  # scalars go to the summary only; no images or tables here
 
 
+@pytest.mark.slow  # a sweep of real jobs (about a minute): in `make test-slow`
 def test_a_sweep_run_twice_and_a_resumed_cell_leave_one_wandb_run_per_cell(tmp_path):
     """Run ids come from the config hash: a sweep killed (SIGKILL) after its first cell, resumed, then run again
     leaves exactly one W&B run id per cell; a cell re-run after its results were lost writes a second file under
