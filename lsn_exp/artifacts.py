@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -106,7 +107,7 @@ class ArtifactStore:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / TENSORS_FILE)
+            _save_tensors(tensors, tmp / TENSORS_FILE)
             fsync_path(tmp / TENSORS_FILE)
             write_text_atomic(tmp / META_FILE, json.dumps(
                 {"key": key_of(spec), "kind": kind, "spec": spec, "tensor_names": sorted(tensors),
@@ -165,3 +166,14 @@ class ArtifactStore:
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, its I/O errors (a full disk) raised as the OSError they are."""
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+    except Exception as err:  # noqa: BLE001 - SafetensorError carries the errno only in its message
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from err

@@ -81,7 +81,7 @@ def flores_dev(data_root):
 
 def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """``python -m lsn_exp ARGS`` from the repo root, as a user would run it."""
-    full_env = {**os.environ, **(env or {})}
+    full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}  # None: unset it
     return subprocess.run([sys.executable, "-m", "lsn_exp", *args], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=timeout, env=full_env)
 

@@ -195,15 +195,16 @@ class CliCell(submitit.helpers.Checkpointable if submitit else object):
     def __call__(self, args: list[str]) -> str:
         from lsn_exp.__main__ import main
 
-        sys.argv = ["lsn_exp", *args]
+        sys.argv = ["lsn_exp", "--config-path", str(CONF_DIR), *args]  # imported, not run: name the config dir
         main()
         return "done"
 
 
-def wait_for_ledger(cache: Path, kind: str, timeout: float = 600) -> None:
+def wait_for_ledger(cache: Path, kind: str, running, timeout: float = 600) -> None:
+    """Until the cache ledger shows a ``kind`` entry computed; fails as soon as ``running()`` is False."""
     deadline = time.time() + timeout
-    while time.time() < deadline:
+    while time.time() < deadline and running():
         if kind in computed_by_kind(cache):
             return
         time.sleep(0.2)
-    raise AssertionError(f"no {kind} was computed within {timeout}s")
+    raise AssertionError(f"no {kind} was computed (job {'ended' if not running() else 'timed out'})")

@@ -40,7 +40,7 @@ def test_a_sweep_killed_at_random_moments_resumes_with_nothing_lost_or_done_twic
         aim, occurrence = AIMS[trial % len(AIMS)], rng.randint(1, fl.N_CELLS)
         if aim in ("recording", "selection"):
             occurrence = 1  # recordings are made by the first cell only; the others load them
-        delay = rng.uniform(0, {"recording": 1.5, "selection": 0.05, "scoring": 2.0, "writing": 0.05,
+        delay = rng.uniform(0, {"recording": 0.3, "selection": 0.05, "scoring": 2.0, "writing": 0.05,
                                 "wandb": 1.0}[aim])
         root = tmp_path / f"trial{trial}"
         root.mkdir()
@@ -215,7 +215,7 @@ def test_an_unwritable_place_is_a_one_line_error_before_the_model_loads(tmp_path
             "sweep_dir": ["-m", "stage=identify", "factor=2,3", f"hydra.sweep.dir={target}", f"cache_dir={cache}"],
             "cache_dir": ["stage=identify", f"hydra.run.dir={tmp_path / 'run'}", f"cache_dir={target}"]}[place]
     started = time.time()
-    result = run_cli("lang=fr", "logger=none", *fl.TINY, *args, timeout=120)
+    result = run_cli(*args, "lang=fr", "logger=none", *fl.TINY, timeout=120)  # -m first
     errors = [line for line in result.stderr.splitlines() if line.startswith("lsn_exp: error:")]
     assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
     assert str(target) in errors[0] and "not writable" in errors[0] and "Traceback" not in result.stderr
@@ -246,11 +246,9 @@ def test_a_disk_that_fills_up_leaves_no_partial_results_and_no_corrupt_cache_ent
     args = ["lang=fr", "factor=2", "stage=lss", "logger=none", *fl.TINY]
     reference = tmp_path / "reference"
     assert fl.run([*args, f"hydra.run.dir={reference}", f"cache_dir={cache}"], tmp_path / "ref.log") == 0
-    others = sum(p.stat().st_size for p in reference.rglob("*") if p.is_file() and p.name != "results.json")
-    results_size = (reference / "results.json").stat().st_size
-    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
-    filler = free - others - (8 << 10) * 20 - results_size // 2  # room for the rest, not for results.json
-    (small_disk / "filler").write_bytes(b"\0" * max(0, filler))
+    others = sum(_pages(p.stat().st_size) for p in reference.rglob("*") if p.is_file() and p.name != "results.json")
+    assert _pages((reference / "results.json").stat().st_size) >= 3 * PAGE  # room to fail midway
+    _fill(small_disk, leave=others + 2 * PAGE)  # the other files fit (give or take a page), results.json not
     run_dir = small_disk / "run"
     failed = run_cli(*args, f"hydra.run.dir={run_dir}", f"cache_dir={cache}", timeout=600)
     assert failed.returncode == 2, failed.stderr[-3000:]
@@ -262,8 +260,7 @@ def test_a_disk_that_fills_up_leaves_no_partial_results_and_no_corrupt_cache_ent
 
     small_cache = small_disk / "cache"  # a fresh cache that cannot hold the recordings
     shutil.copytree(cache / "models", small_cache / "models", symlinks=True)
-    (small_disk / "filler").write_bytes(b"\0" * (os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
-                                                 - (48 << 10)))
+    _fill(small_disk, leave=6 * PAGE)  # one recording entry fits, the next fails midway
     full = run_cli(*args, f"hydra.run.dir={tmp_path / 'run2'}", f"cache_dir={small_cache}", timeout=600)
     assert full.returncode == 2 and "No space left on device" in full.stderr, full.stderr[-3000:]
     assert not fl.temp_files(small_cache) and not fl.damaged_entries(small_cache)
@@ -274,13 +271,25 @@ def test_a_disk_that_fills_up_leaves_no_partial_results_and_no_corrupt_cache_ent
                        "duplicates": 0, "detail": "no partial results.json, no temp file, no damaged entry"})
 
 
+PAGE = 4096  # tmpfs counts whole pages
+
+
+def _pages(size: int) -> int:
+    return -(-size // PAGE) * PAGE
+
+
+def _fill(disk, leave: int) -> None:
+    stat = os.statvfs(disk)
+    (disk / "filler").write_bytes(b"\0" * max(0, stat.f_bavail * stat.f_frsize - leave))
+
+
 # --- W&B unreachable --------------------------------------------------------------------------------------------
 
 def test_wandb_unreachable_online_logs_offline_with_one_warning_and_keeps_the_results(tmp_path):
     from test_tracking import read_offline_run
 
     run_dir = tmp_path / "run"
-    env = {"WANDB_MODE": "", "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": "x" * 40}
+    env = {"WANDB_MODE": None, "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": "x" * 40}
     started = time.time()
     result = run_cli("lang=fr", "factor=2", "stage=lss", "logger=wandb", "logger.mode=online",
                      "logger.init_timeout=10", *fl.TINY, f"hydra.run.dir={run_dir}",
@@ -299,9 +308,10 @@ def test_wandb_unreachable_online_logs_offline_with_one_warning_and_keeps_the_re
 # --- preemption -------------------------------------------------------------------------------------------------
 
 def test_a_cell_interrupted_by_submitit_resumes_from_its_cache_and_finishes_once(tmp_path):
-    """submitit's own preemption helper (``job._interrupt()``: SIGUSR2 on the local executor) hits a cell after
-    its neuron set is saved; the cell is checkpointed, requeued, and finishes without recomputing anything."""
+    """A preemption signal (SIGUSR2, what submitit's local controller and SLURM send) hits a cell after its
+    neuron set is saved; the cell is checkpointed, requeued, and finishes without recomputing anything."""
     import cloudpickle
+    import psutil
     import submitit
 
     cloudpickle.register_pickle_by_value(fl)
@@ -310,13 +320,19 @@ def test_a_cell_interrupted_by_submitit_resumes_from_its_cache_and_finishes_once
     executor.update_parameters(timeout_min=20)
     job = executor.submit(fl.CliCell(), ["lang=fr", "factor=2", "stage=lss", "logger=none", *fl.TINY,
                                          f"hydra.run.dir={run_dir}", f"cache_dir={cache}"])
-    fl.wait_for_ledger(cache, "neurons")
-    job._interrupt()
-    assert job.result(timeout=900) == "done"
+    fl.wait_for_ledger(cache, "neurons", running=lambda: not job.done())
+    # submitit 1.5's job._interrupt() signals the local controller, which forwards SIGTERM only (SIGUSR2 would
+    # end the controller and orphan the task): send the task the signal the controller sends at a timeout.
+    (task,) = psutil.Process(job._process.pid).children()
+    task.send_signal(submitit.JobEnvironment._usr_sig())
+    deadline = time.time() + 900
+    while not job.done() and time.time() < deadline:
+        time.sleep(0.5)
+    assert job.result() == "done"
     outcomes = fl.attempts(run_dir)
     assert outcomes == ["started", "started", "completed"], outcomes
     assert not fl.computed_twice(cache) and fl._valid_results(run_dir / "results.json")
-    assert "Requeued job" in "".join(p.read_text() for p in (tmp_path / "submitit").glob("*_log.err"))
+    assert "Requeued job" in "".join(p.read_text() for p in (tmp_path / "submitit").glob("*_log.*"))
     fl.FIGURES.append({"fault": "preemption (submitit local)", "trials": 1, "injected": 1, "survived": 1,
                        "lost": 0, "duplicates": 0, "detail": f"recomputed artifacts 0; computed "
                                                              f"{fl.computed_by_kind(cache)}"})
@@ -330,7 +346,7 @@ def test_a_cell_requeued_by_slurm_resumes_from_its_cache_and_finishes_once(slurm
             f"cache_dir={cache}", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug",
             "hydra.launcher.timeout_min=20", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2"]
     proc = fl.start(args, tmp_path / "sweep.log")
-    fl.wait_for_ledger(cache, "neurons")
+    fl.wait_for_ledger(cache, "neurons", running=lambda: proc.poll() is None)
     (job_dir,) = [p for p in (sweep / ".submitit").iterdir() if p.is_dir() and p.name[0].isdigit()]
     requeue = subprocess.run(["scontrol", "requeue", job_dir.name], capture_output=True, text=True)
     assert requeue.returncode == 0, requeue.stderr
