@@ -342,11 +342,13 @@ def test_a_cell_requeued_by_slurm_resumes_from_its_cache_and_finishes_once(slurm
     """`scontrol requeue` on a running cell of a submitit_slurm sweep: SLURM kills and restarts it; the cell
     resumes from the cache and the sweep finishes with the cell complete once."""
     cache, sweep = fl.fresh_cache(tmp_path), tmp_path / "sweep"
-    args = ["-m", "lang=fr", "factor=2", "stage=lss", "logger=none", *fl.TINY, f"hydra.sweep.dir={sweep}",
+    # A cell long enough to outlive SLURM's KillWait (10 s): submitit ignores the SIGTERM, SIGKILL follows.
+    longer = ["identify.max_tokens=20000", "lss.n_facts=150"]
+    args = ["-m", "lang=fr", "factor=2", "stage=lss", "logger=none", *fl.TINY, *longer, f"hydra.sweep.dir={sweep}",
             f"cache_dir={cache}", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug",
             "hydra.launcher.timeout_min=20", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2"]
     proc = fl.start(args, tmp_path / "sweep.log")
-    fl.wait_for_ledger(cache, "neurons", running=lambda: proc.poll() is None)
+    fl.wait_for_ledger(cache, "recording", running=lambda: proc.poll() is None)
     (job_dir,) = [p for p in (sweep / ".submitit").iterdir() if p.is_dir() and p.name[0].isdigit()]
     requeue = subprocess.run(["scontrol", "requeue", job_dir.name], capture_output=True, text=True)
     assert requeue.returncode == 0, requeue.stderr
