@@ -40,7 +40,7 @@ def test_a_sweep_killed_at_random_moments_resumes_with_nothing_lost_or_done_twic
         aim, occurrence = AIMS[trial % len(AIMS)], rng.randint(1, fl.N_CELLS)
         if aim in ("recording", "selection"):
             occurrence = 1  # recordings are made by the first cell only; the others load them
-        delay = rng.uniform(0, {"recording": 0.3, "selection": 0.05, "scoring": 2.0, "writing": 0.05,
+        delay = rng.uniform(0, {"recording": 0.3, "selection": 0.05, "scoring": 0.15, "writing": 0.05,
                                 "wandb": 1.0}[aim])
         root = tmp_path / f"trial{trial}"
         root.mkdir()
