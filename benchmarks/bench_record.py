@@ -67,8 +67,8 @@ def main() -> None:
     print(f"model={args.model} lang={args.lang} tokens={n_tokens} batches={len(batches)} threads={torch.get_num_threads()}")
     print(f"plain forward: {n_tokens / forward:8.1f} tok/s   recording: {n_tokens / rec:8.1f} tok/s")
     print(f"recording / forward throughput ratio: {forward / rec:.3f}  (goal >= 0.95)")
-    print(f"matmul on the body's shapes ({int(rows)} rows): {gflops:.1f} GFLOP/s; body {per_token / 1e6:.1f} MFLOP/token; "
-          f"roofline {roofline:.1f} tok/s")
+    print(f"matmul on the body's shapes ({int(rows)} rows): {gflops:.1f} GFLOP/s; "
+          f"body {per_token / 1e6:.1f} MFLOP/token; roofline {roofline:.1f} tok/s")
     print(f"forward / roofline: {n_tokens / forward / roofline:.3f}   recording / roofline: "
           f"{n_tokens / rec / roofline:.3f}  (goal >= 0.75)")
 

@@ -24,7 +24,8 @@ def main(cfg: DictConfig) -> None:
         if err.errno not in DISK_ERRORS:
             raise
         print(f"lsn_exp: error: {err.strerror} writing {err.filename or 'a file'}: results.json was not "
-              "written; free space (or fix permissions) and run the same command again (cached work is kept)", file=sys.stderr)
+              "written; free space (or fix permissions) and run the same command again (cached work is kept)",
+              file=sys.stderr)
         sys.exit(2)
 
 

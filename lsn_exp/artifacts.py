@@ -128,8 +128,9 @@ class ArtifactStore:
                             compute: Callable[[list], dict[Hashable, Computed]],
                             force: bool = False) -> dict[Hashable, CacheEntry]:
         """Entries of ``specs`` (name -> spec): those cached are loaded, the rest computed in one call of
-        ``compute(missing names)`` (a name it leaves out is left out of the answer). All their locks are held meanwhile (taken in key order, so jobs that
-        need overlapping sets cannot deadlock): a job that waited loads what the first one saved."""
+        ``compute(missing names)`` (a name it leaves out is left out of the answer). All their locks are held
+        meanwhile, taken in key order so that jobs needing overlapping sets cannot deadlock: a job that waited
+        loads what the first one saved."""
         paths = {name: self.entry_dir(kind, spec) for name, spec in specs.items()}
         (self.root / kind).mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as locks:

@@ -300,7 +300,8 @@ def test_wandb_unreachable_online_logs_offline_with_one_warning_and_keeps_the_re
     assert len(warned) == 1 and "wandb sync" in warned[0], result.stderr[-3000:]
     assert fl._valid_results(run_dir / "results.json") and (run_dir / "wandb_logged").exists()
     offline = read_offline_run(run_dir)  # complete, ready for `wandb sync`
-    assert offline["summary"]["lss/mean"] == json.loads((run_dir / "results.json").read_text())["results"]["lss"]["mean"]
+    saved = json.loads((run_dir / "results.json").read_text())["results"]
+    assert offline["summary"]["lss/mean"] == saved["lss"]["mean"]
     fl.FIGURES.append({"fault": "W&B unreachable (online)", "trials": 1, "injected": 1, "survived": 1, "lost": 0,
                        "duplicates": 0, "detail": f"one warning, offline run to sync; job {seconds:.0f} s"})
 
