@@ -1,0 +1,88 @@
+"""How recording and the LSS matrix scale: time at 1x / 2x / 4x the work, and the fitted exponent.
+
+    .venv/bin/python benchmarks/bench_scaling.py [--model gemma3_270m] [--tokens 2000] [--facts 8] [--langs en,fr,ja]
+
+recording  language_stats on FLORES dev (--lang) capped at T, 2T, 4T tokens.
+matrix     the LSS matrix over --langs (sources = targets) at F, 2F, 4F facts, each from a cold cache, so the
+           unpatched columns are inside the timing too.
+The exponent b of time = a * work^b is the least-squares slope in log-log; linear scaling is b = 1 (goal
+1.0 +- 0.1). A fixed cost per run (setup, lm-eval task building) pulls b below 1 at small sizes: the
+script prints each point, so the fixed part can be read off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from bench_lss import synthetic_artifact
+from lsn_exp import CONF_DIR, data, lss, models
+from lsn_exp.artifacts import ArtifactStore
+from lsn_exp.patch import PatchSpec
+from lsn_exp.record import language_stats, prefix_token
+from lsn_exp.settings import parse_factor
+
+
+def exponent(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of log(seconds) on log(work)."""
+    xs, ys = [math.log(w) for w, _ in points], [math.log(s) for _, s in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def recording_points(handle, lang: str, tokens: int) -> list[tuple[float, float]]:
+    sentences = data.flores(data.resolve_root(None), data.languages([lang])[0], "dev").sentences
+    prefix = prefix_token(handle.tokenizer, "auto")
+    points = []
+    for scale in (1, 2, 4):
+        start = time.perf_counter()
+        language_stats(handle, sentences, tokens * scale, 32, prefix, handle.batch_size, desc=f"record x{scale}")
+        points.append((tokens * scale, time.perf_counter() - start))
+        print(f"recording {tokens * scale:7d} tokens: {points[-1][1]:7.1f} s")
+    return points
+
+
+def matrix_points(handle, langs: list[str], facts: int) -> list[tuple[float, float]]:
+    artifact = synthetic_artifact(handle, 0.002)
+    spec_for = lambda t: PatchSpec.from_config({"neuron_set": "lape"}, parse_factor("pmax"), t)  # noqa: E731
+    points = []
+    for scale in (1, 2, 4):
+        cfg = {"n_facts": facts * scale, "sources": langs, "targets": langs, "bootstrap": 0}
+        with tempfile.TemporaryDirectory() as cache:
+            start = time.perf_counter()
+            lss.lss_matrix(handle, artifact, spec_for, cfg, None, ArtifactStore(Path(cache)))
+            seconds = time.perf_counter() - start
+        work = facts * scale * len(langs) * len(langs)  # patched prompts: facts x sources x targets
+        points.append((work, seconds))
+        print(f"matrix {facts * scale:4d} facts x {len(langs)} x {len(langs)}: {seconds:7.1f} s")
+    return points
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="gemma3_270m")
+    parser.add_argument("--lang", default="en")
+    parser.add_argument("--tokens", type=int, default=2000)
+    parser.add_argument("--facts", type=int, default=8)
+    parser.add_argument("--langs", default="en,fr,ja")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    handle = models.load(OmegaConf.load(CONF_DIR / "model" / f"{args.model}.yaml"))
+    print(f"model={args.model} threads={torch.get_num_threads()}")
+    rec = recording_points(handle, args.lang, args.tokens)
+    mat = matrix_points(handle, args.langs.split(","), args.facts)
+    print(f"exponent: recording time vs tokens {exponent(rec):.2f}; matrix time vs facts x sources x targets "
+          f"{exponent(mat):.2f}  (goal 1.0 +- 0.1)")
+
+
+if __name__ == "__main__":
+    main()
