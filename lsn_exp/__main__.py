@@ -1,12 +1,11 @@
 """``python -m lsn_exp [overrides]`` and ``python -m lsn_exp -m [sweep overrides]``."""
 
 import errno
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from lsn_exp.errors import UserError
+from lsn_exp.errors import UserError, exit_with
 
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG)
 
@@ -18,15 +17,12 @@ def main(cfg: DictConfig) -> None:
     try:
         run_job(cfg)
     except UserError as err:
-        print(f"lsn_exp: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(str(err))
     except OSError as err:
         if err.errno not in DISK_ERRORS:
             raise
-        print(f"lsn_exp: error: {err.strerror} writing {err.filename or 'a file'}: results.json was not "
-              "written; free space (or fix permissions) and run the same command again (cached work is kept)",
-              file=sys.stderr)
-        sys.exit(2)
+        exit_with(f"{err.strerror} writing {err.filename or 'a file'}: results.json was not written; free space "
+                  "(or fix permissions) and run the same command again (cached work is kept)")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import time
@@ -23,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Hashable
 
+import safetensors.torch
 import torch
 from filelock import FileLock
-from safetensors.torch import load_file, save_file
 
-from lsn_exp.tracking import sha256_file, write_text_atomic
+from lsn_exp.tracking import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -77,41 +76,47 @@ class ArtifactStore:
         if not path.exists():
             return None
         try:
-            stored = self._verified_meta(path, key_of(spec))
-            tensors = load_file(path / TENSORS_FILE)
-            missing = set(stored["tensor_names"]) - set(tensors)
-            if missing:
-                raise DamagedEntry(f"missing tensors {sorted(missing)}")
+            stored, tensors = self.read_entry(path, key_of(spec))
         except Exception as err:  # noqa: BLE001 - any damage means: recompute
             log.warning("cached %s %s is damaged (%s): recomputing", kind, path, err)
             return None
         return CacheEntry(tensors, stored["meta"], path, computed=False)
 
     @staticmethod
-    def _verified_meta(path: Path, key: str) -> dict:
+    def read_entry(path: Path, key: str) -> tuple[dict, dict[str, torch.Tensor]]:
+        """An entry's stored meta and tensors, its file read once and checked against its sha256; raises on
+        any damage. An entry written before checksums existed adopts one."""
         stored = json.loads((path / META_FILE).read_text())
         if stored.get("key") != key:
             raise DamagedEntry(f"key mismatch ({stored.get('key')} != {key})")
-        actual = sha256_file(path / TENSORS_FILE)
+        blob = (path / TENSORS_FILE).read_bytes()
+        actual = hashlib.sha256(blob).hexdigest()
         expected = stored.get("sha256")
-        if expected is None:  # written before checksums existed: adopt the file as it is now
+        if expected is None:
             stored["sha256"] = actual
             write_text_atomic(path / META_FILE, json.dumps(stored, indent=2, default=str))
         elif actual != expected:
             raise DamagedEntry(f"{TENSORS_FILE}: sha256 {actual[:12]} != recorded {expected[:12]}")
-        return stored
+        tensors = safetensors.torch.load(blob)
+        missing = set(stored["tensor_names"]) - set(tensors)
+        if missing:
+            raise DamagedEntry(f"missing tensors {sorted(missing)}")
+        return stored, tensors
 
     def save(self, kind: str, spec: dict, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
         path = self.entry_dir(kind, spec)
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        blob = safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()})
         try:
-            _save_tensors(tensors, tmp / TENSORS_FILE)
-            fsync_path(tmp / TENSORS_FILE)
+            with open(tmp / TENSORS_FILE, "wb") as f:  # a full disk raises its OSError here
+                f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())
             write_text_atomic(tmp / META_FILE, json.dumps(
                 {"key": key_of(spec), "kind": kind, "spec": spec, "tensor_names": sorted(tensors),
-                 "sha256": sha256_file(tmp / TENSORS_FILE), "meta": meta}, indent=2, default=str))
+                 "sha256": hashlib.sha256(blob).hexdigest(), "meta": meta}, indent=2, default=str))
             shutil.rmtree(path, ignore_errors=True)
             tmp.rename(path)
             fsync_path(path.parent)
@@ -168,13 +173,3 @@ class ArtifactStore:
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors' save_file, its I/O errors (a full disk) raised as the OSError they are."""
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, path)
-    except Exception as err:  # noqa: BLE001 - SafetensorError carries the errno only in its message
-        code = re.search(r"os error (\d+)", str(err))
-        if code is None:
-            raise
-        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from err

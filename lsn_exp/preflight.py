@@ -9,14 +9,13 @@ a full disk or a path through a file all fail here, for root too.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from lsn_exp.errors import UserError
+from lsn_exp.errors import UserError, exit_with
 
 PROBE = ".lsn_write_probe"
 
@@ -58,5 +57,4 @@ def _exit_if_unwritable(path: Path, what: str, fix: str) -> None:
     try:
         require_writable(path, what, fix)
     except UserError as err:
-        print(f"lsn_exp: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(str(err))
