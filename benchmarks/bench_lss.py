@@ -13,6 +13,11 @@ paper  for every target, every source s != t and every fact: 4 forward passes at
 Both score the same facts and continuations; the run prints both times, the ratio, and how far the two
 matrices agree (they may differ only on facts whose shift lies within the tolerance of the threshold).
 The neuron sets are synthetic by default (random, LAPE-sized: timing does not depend on which neurons).
+
+roofline  the patched run toward --roofline-target (every source, as a default job scores it) against the
+       matmul roofline measured in the same run: body FLOPs of every fed token plus LM-head FLOPs of every
+       scored position (benchmarks/roofline.py ScoringWork), divided by the matmul rates on those shapes.
+       --only-roofline skips the matrix and the paper loop.
 """
 
 from __future__ import annotations
@@ -30,10 +35,11 @@ from omegaconf import OmegaConf
 
 from lsn_exp import CONF_DIR, data, lss, models
 from lsn_exp.artifacts import ArtifactStore
+from lsn_exp.forkmap import processes_for
 from lsn_exp.identify import NeuronArtifact
 from lsn_exp.patch import Patch, PatchSpec
-from lsn_exp.settings import parse_factor
-from lsn_exp.settings import lss_settings
+from lsn_exp.settings import lss_settings, parse_factor
+from roofline import ScoringWork
 
 
 def synthetic_artifact(handle, per_lang: float, seed: int = 0) -> NeuronArtifact:
@@ -78,6 +84,34 @@ def paper_loop(handle, artifact, spec_for, facts, langs, tol: float) -> tuple[di
     return matrix, shifts
 
 
+def roofline_run(handle, artifact, spec, cfg, store, processes_list=(1, 2)) -> None:
+    """One patched run toward spec.target from every source (unpatched columns cached first), and its share of
+    the roofline."""
+    evaluator = lss.LssEvaluator(handle, cfg, None, store)
+    evaluator.unpatched.ensure([spec.target])
+    _, _, scored = evaluator._requests_toward(spec.target)
+    work = ScoringWork.of(evaluator.lm, [inst.args for inst in scored])
+    seconds, cells, fed = {}, {}, []
+    hook = handle.model.register_forward_pre_hook(lambda m, a, kw: fed.append(kw["input_ids"].numel()),
+                                                  with_kwargs=True)  # positions fed, padding included
+    for processes in processes_list:
+        evaluator.lm.scoring_processes = processes
+        result = evaluator.score(artifact, spec)
+        seconds[processes], cells[processes] = result.wall_time_s, result.cells
+        hook.remove()  # counted on the one-process run only (a forked worker's calls are not seen here)
+    roof_s, figures = work.roofline_seconds(handle.model)
+    print(f"roofline: patched run toward {spec.target}: {len(scored)} requests, {work.contexts} prompts, "
+          f"{work.fed_tokens} fed tokens, {work.scored_positions} scored positions; padding "
+          f"{1 - work.fed_tokens / sum(fed):.1%} of fed positions (batches sorted by length)")
+    print(f"roofline: body {figures['body_gflop']:.0f} GFLOP at {figures['body_gflops']:.1f} GFLOP/s + head "
+          f"{figures['head_gflop']:.0f} GFLOP at {figures['head_gflops']:.1f} GFLOP/s = {roof_s:.1f} s")
+    for processes, wall in seconds.items():
+        print(f"roofline: {processes} scoring process(es): {wall:.1f} s ({work.fed_tokens / wall:.1f} fed tokens/s); "
+              f"LSS scoring / roofline: {roof_s / wall:.3f}  (goal >= 0.6)")
+    if len(cells) > 1:
+        print(f"roofline: cells equal across process counts: {len({repr(c) for c in cells.values()}) == 1}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gemma3_270m", help="conf/model/<name>.yaml")
@@ -87,6 +121,9 @@ def main() -> None:
     parser.add_argument("--langs", default="all", help="all (the full 15x15 matrix) or e.g. en,fr,ja")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--neurons-per-lang", type=float, default=0.002, help="synthetic set size per layer")
+    parser.add_argument("--roofline-target", default="id", help="the target of the roofline measurement")
+    parser.add_argument("--only-roofline", action="store_true", help="skip the matrix and the paper loop")
+    parser.add_argument("--processes", default="auto", help="scoring processes of the matrix runs (auto: the default)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -105,6 +142,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as cache:
         store = ArtifactStore(Path(cache))
+        roofline_run(handle, artifact, spec_for(args.roofline_target), cfg, store)
+        handle.scoring_processes = processes_for(args.processes, handle.device)
+        if args.only_roofline:
+            return
         start = time.perf_counter()
         evaluator = lss.LssEvaluator(handle, cfg, None, store)
         evaluator.unpatched.ensure(langs)  # every column, cold cache

@@ -73,7 +73,7 @@ class Comparison:
     """The evaluators of one model, shared by every (method, target) cell."""
 
     def __init__(self, cfg, handle, artifact, root, store):
-        self.cfg, self.handle, self.artifact, self.root = cfg, handle, artifact, root
+        self.cfg, self.handle, self.artifact, self.root, self.store = cfg, handle, artifact, root, store
         opts = cfg.compare
         gen_cfg = {**settings.plain(cfg.generate), "n_prompts": opts.n_prompts}
         self.gen_settings = settings.generate_settings(gen_cfg)
@@ -97,7 +97,8 @@ class Comparison:
             lss = self.search_lss.score(self.artifact, spec).mean
             return {"score": lss, "lss": lss, "steering_success": None, "ppl": None}
         summary, _ = generate.steering(self.handle, self.search_prompts, target, self.gen_settings,
-                                       intervene(self.handle, self.artifact, spec), spec.prefix, self.search_unpatched)
+                                       intervene(self.handle, self.artifact, spec), spec.prefix, self.search_unpatched,
+                                       self.store)
         patched, base = summary["all"]["patched"], summary["all"]["unpatched"]
         return {"score": self.search.score(patched["steering_success"], patched["ppl"], base["ppl"]), "lss": None,
                 "steering_success": patched["steering_success"], "ppl": patched["ppl"]}
@@ -125,7 +126,7 @@ class Comparison:
         spec = method_intervention(self.cfg, method, target, self.root)
         lss = self.lss.score(self.artifact, spec) if target in data.LSS_LANGS else None
         summary, _ = generate.steering(self.handle, self.prompts, target, self.gen_settings,
-                                       intervene(self.handle, self.artifact, spec), spec.prefix, self.unpatched)
+                                       intervene(self.handle, self.artifact, spec), spec.prefix, self.unpatched, self.store)
         patched = summary["all"]["patched"]
         xcopa = self._xcopa(spec) if self.xcopa is not None and not spec.prefix else {}
         row = {"method": method["name"], "target": target, "intervention": spec.describe(),
@@ -146,7 +147,7 @@ class Comparison:
     def unpatched_row(self, target: str) -> dict:
         """The unpatched model's own steering success toward ``target`` (what every method is compared with)."""
         s = self.gen_settings
-        generate.fill_unpatched(self.handle, self.prompts, s, self.unpatched)  # once, shared with every cell
+        generate.fill_unpatched(self.handle, self.prompts, s, self.unpatched, self.store)  # once, shared with every cell
         measures = generate.measures(generate.counted(self.unpatched, target), target, s.max_repetition)
         return {"method": "unpatched", "target": target, "intervention": "none", "lss": 0.0, "lss_paper": 0.0,
                 **{k: measures[k] for k in ("steering_success", "target_share", "ppl", "repetition",

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lm_eval.models.huggingface import HFLM
 
+from lsn_exp.forkmap import forked_map
 from lsn_exp.taskindex import TASKS_DIR
 
 if TYPE_CHECKING:
@@ -80,6 +81,7 @@ class LsnHFLM(HFLM):
     """
 
     share_prompts = True  # False: always score whole rows (benchmarks compare the two)
+    scoring_processes = 1  # forked workers sharing the shared-prompt batches (hflm sets the handle's)
     # Per-call state of the whole-row path: set by _loglikelihood_tokens for one call and cleared when it
     # returns. Each row HFLM will build (its ``inp`` tokens) -> the longest continuation scored in it;
     # _model_call reads it to rebuild the row's attention mask and the positions whose logits are read.
@@ -90,7 +92,7 @@ class LsnHFLM(HFLM):
         if self._can_share_prompts(requests):
             scores = score_shared_prompts(self.model, [(ctx, cont) for _, ctx, cont in requests],
                                           int(override_bs or self.batch_size), disable_tqdm=disable_tqdm or
-                                          self.rank != 0)
+                                          self.rank != 0, processes=self.scoring_processes)
             for (pair, _, _), answer in zip(requests, scores):
                 if pair is not None:
                     self.cache_hook.add_partial("loglikelihood", pair, answer)
@@ -164,10 +166,11 @@ CONT_TOKENS_PER_ROW = 32  # ... and at most batch_size x this padded positions (
 
 
 def score_shared_prompts(model, pairs: list[tuple[list[int], list[int]]], batch_size: int,
-                         disable_tqdm: bool = True) -> list[tuple[float, bool]]:
+                         disable_tqdm: bool = True, processes: int = 1) -> list[tuple[float, bool]]:
     """(summed log P(continuation | context), greedy?) for each (context tokens, continuation tokens) pair.
 
-    Each distinct context is run once; see ``LsnHFLM``. Identical pairs are scored once.
+    Each distinct context is run once; see ``LsnHFLM``. Identical pairs are scored once. ``processes`` > 1
+    shares the batches with forked workers (``forkmap``); every batch is the same either way.
     """
     from tqdm import tqdm
 
@@ -175,14 +178,16 @@ def score_shared_prompts(model, pairs: list[tuple[list[int], list[int]]], batch_
     for i, (ctx, cont) in enumerate(pairs):
         groups.setdefault(tuple(ctx), {}).setdefault(tuple(cont), []).append(i)
     contexts = sorted(groups, key=lambda c: (-len(c), c))  # similar widths share a batch
+    chunks = [contexts[start: start + batch_size] for start in range(0, len(contexts), batch_size)]
     results: list[tuple[float, bool] | None] = [None] * len(pairs)
     with tqdm(total=len(pairs), desc="loglikelihood (shared prompts)", disable=disable_tqdm) as bar:
-        for start in range(0, len(contexts), batch_size):
-            chunk = contexts[start: start + batch_size]
-            for (ctx, cont), answer in _score_context_batch(model, chunk, groups, batch_size).items():
+        def keep(chunk, answers: dict) -> None:
+            for (ctx, cont), answer in answers.items():
                 for i in groups[ctx][cont]:
                     results[i] = answer
                 bar.update(len(groups[ctx][cont]))
+
+        forked_map(lambda chunk: _score_context_batch(model, chunk, groups, batch_size), chunks, processes, keep)
     return results  # type: ignore[return-value]
 
 
@@ -284,9 +289,10 @@ def hflm(handle: ModelHandle, batch_size: int | None = None, lm_class: type[LsnH
     """lm-eval's HF model around ``handle.model`` (patched in place by ``Patch``). Log-softmax runs in float32
     whatever the model dtype: in bf16 it rounds log-probs near large logits to steps of 0.06-0.125 nats."""
     logging.getLogger("lm_eval.models.huggingface").addFilter(_quiet)
-    return lm_class(pretrained=handle.model, tokenizer=handle.tokenizer,
-                    batch_size=int(batch_size or handle.batch_size),
-                    logits_cache=True, softmax_dtype=torch.float32)
+    lm = lm_class(pretrained=handle.model, tokenizer=handle.tokenizer, batch_size=int(batch_size or handle.batch_size),
+                  logits_cache=True, softmax_dtype=torch.float32)
+    lm.scoring_processes = handle.scoring_processes
+    return lm
 
 
 def build_instances(task) -> list[Instance]:

@@ -21,6 +21,8 @@ from lsn_exp.data import language_of
 
 
 NLL_ROWS = 16  # continuations scored per forward in continuation_nll
+GENERATE_VERSION = 1  # bump when the cached unpatched continuations would be generated or scored differently
+UNPATCHED_KIND = "generate_unpatched"
 
 
 @dataclass(frozen=True)
@@ -114,14 +116,14 @@ def prompt_sets(settings, root) -> dict[str, list[str]]:
 
 
 def steering(handle, prompts: dict[str, list[str]], target: str, settings, patch=None, prefix: str = "",
-             unpatched: dict | None = None) -> tuple[dict, list]:
+             unpatched: dict | None = None, store=None) -> tuple[dict, list]:
     """Unpatched and patched continuations of every source's prompts toward ``target``: per source and overall,
     the raw target share, the steering success (target and not degenerate) and fluency; and one row per prompt.
     The overall ("all") figures leave out the prompts in the target language itself (unless they are all there is).
     ``prefix`` (a prompt baseline) goes before every patched prompt; ``unpatched`` (source -> generations) keeps
-    the unpatched continuations across calls."""
+    the unpatched continuations across calls, ``store`` across jobs."""
     summary, rows = {}, []
-    unpatched = fill_unpatched(handle, prompts, settings, {} if unpatched is None else unpatched)
+    unpatched = fill_unpatched(handle, prompts, settings, {} if unpatched is None else unpatched, store)
     patched = by_source(prompts, generate_labelled(handle, [prefix + t for t in joined(prompts)],
                                                    settings.max_new_tokens, patch, settings.repetition_n))
     for source in prompts:
@@ -141,13 +143,47 @@ def counted(by_source: dict[str, list], target: str) -> list:
     return others or [g for gens in by_source.values() for g in gens]
 
 
-def fill_unpatched(handle, prompts: dict[str, list[str]], settings, unpatched: dict) -> dict:
-    """``unpatched`` (source -> generations) with the unpatched continuations of every source not yet in it."""
+def fill_unpatched(handle, prompts: dict[str, list[str]], settings, unpatched: dict, store=None) -> dict:
+    """``unpatched`` (source -> generations) with the unpatched continuations of every source not yet in it,
+    generated as one batch, or loaded from ``store`` (they depend only on the model, the prompts and the
+    generation settings, so every job and target of a model shares them)."""
     missing = {source: texts for source, texts in prompts.items() if source not in unpatched}
-    if missing:
-        unpatched.update(by_source(missing, generate_labelled(handle, joined(missing), settings.max_new_tokens, None,
-                                                              settings.repetition_n)))
+    if not missing:
+        return unpatched
+
+    def compute():
+        return generations_entry(generate_labelled(handle, joined(missing), settings.max_new_tokens, None,
+                                                   settings.repetition_n))
+
+    if store is None:
+        generations = generations_from_entry(*compute())
+    else:
+        entry = store.get_or_compute(UNPATCHED_KIND, unpatched_spec(handle, missing, settings), compute)
+        generations = generations_from_entry(entry.tensors, entry.meta)
+    unpatched.update(by_source(missing, generations))
     return unpatched
+
+
+def unpatched_spec(handle, prompts: dict[str, list[str]], settings) -> dict:
+    """What the unpatched continuations depend on (their cache key). The whole prompt set is part of it: they
+    are generated as one left-padded batch, whose width moves scores by float noise."""
+    from importlib.metadata import version
+
+    return {"model": handle.identity, "dtype": str(handle.model.dtype), "device": getattr(handle.device, "type",
+            str(handle.device)), "prompts": prompts, "max_new_tokens": settings.max_new_tokens,
+            "repetition_n": settings.repetition_n, "generate_version": GENERATE_VERSION,
+            "transformers": version("transformers")}
+
+
+def generations_entry(generations: list[Generation]) -> tuple[dict, dict]:
+    nll = [math.nan if g.nll is None else g.nll for g in generations]
+    return ({"nll": torch.tensor(nll, dtype=torch.float64)},
+            {"generations": [[g.prompt, g.text, g.label, g.repetition] for g in generations]})
+
+
+def generations_from_entry(tensors: dict, meta: dict) -> list[Generation]:
+    return [Generation(prompt, text, label, repetition, None if math.isnan(nll) else nll)
+            for (prompt, text, label, repetition), nll in zip(meta["generations"], tensors["nll"].tolist())]
 
 
 def joined(prompts: dict[str, list[str]]) -> list[str]:

@@ -73,6 +73,7 @@ class JobContext:
 def load_model(ctx: JobContext) -> StageOutput:
     from lsn_exp import models
     from lsn_exp.artifacts import ArtifactStore
+    from lsn_exp.forkmap import processes_for
 
     threads = settings.threads(ctx.cfg.threads)
     if threads:
@@ -80,6 +81,7 @@ def load_model(ctx: JobContext) -> StageOutput:
 
         torch.set_num_threads(threads)  # e.g. the CPUs SLURM gave this task
     ctx.model_handle = models.load(ctx.cfg.model, ctx.cfg.cache_dir)
+    ctx.model_handle.scoring_processes = processes_for(ctx.cfg.get("scoring_processes"), ctx.model_handle.device)
     ctx.store = ArtifactStore(models.cache_root(ctx.cfg.cache_dir) / "artifacts" / ctx.cfg.model.name)
     return StageOutput()
 
@@ -114,7 +116,7 @@ def generate_demo(ctx: JobContext) -> StageOutput:
     gen_settings = settings.generate_settings(ctx.cfg.generate)
     prompts = generate.prompt_sets(gen_settings, ctx.data_root)
     summary, rows = generate.steering(ctx.model_handle, prompts, target, gen_settings,
-                                      intervene(ctx.model_handle, ctx.artifact, spec), spec.prefix)
+                                      intervene(ctx.model_handle, ctx.artifact, spec), spec.prefix, store=ctx.store)
     for row in rows[:: max(1, len(rows) // 6)]:  # a few examples in the log
         print(f"[{row[0]}] {row[1]!r}\n  unpatched [{row[3]}] {row[2]!r}\n  {spec.describe()} [{row[6]}] {row[5]!r}")
     table = outputs.generations_csv(ctx.run_dir / "generations.csv", rows)
@@ -275,7 +277,7 @@ def log_cell(record: RunRecord, cfg: DictConfig, factor: Factor, method: str, di
 
 
 # Settings that cannot change a cell's results: a cell finished on one machine is not recomputed on another.
-IGNORED_FOR_RESUME = ("force", "dry_run", "logger", "threads", "cache_dir")
+IGNORED_FOR_RESUME = ("force", "dry_run", "logger", "threads", "scoring_processes", "cache_dir")
 
 
 def config_hash(cfg: DictConfig) -> str:

@@ -77,6 +77,7 @@ class ModelHandle:
     identity: dict  # stable description of the weights: goes into artifact keys and provenance
     batch_size: int
     device: Any = field(default=None)
+    scoring_processes: int = 1  # forked workers for lm-eval scoring on a CPU (lsn_exp.forkmap; job: auto)
 
 
 def find_adapter(model) -> Adapter:

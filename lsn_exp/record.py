@@ -24,6 +24,7 @@ from lsn_exp.models import ModelHandle
 
 RECORD_VERSION = 3  # bump when what a recording holds or how it is computed changes (part of its cache key)
 PREFIX_CHOICES = ("auto", "bos", "eos", "none")
+ALL_ROWS = torch.empty(0)  # ActivationRecorder.stat_pos when every row of the batch is a stat sentence (no copy)
 
 
 @dataclass
@@ -157,14 +158,25 @@ class ActivationRecorder:
         self.batch: Batch | None = None
         self.stat_pos: torch.Tensor | None = None  # batch rows that are stat sentences
         self.stat_ids: torch.Tensor | None = None  # their index among the stat sentences
+        self.uncounted: torch.Tensor | None = None  # flat [B*T] positions left out of the counts
+
+    def _count(self, layer: int, output: torch.Tensor) -> None:
+        """counts[layer] += positive activations at counted positions: every position, less the few that are
+        not counted (prefix, padding). An int32 sum of the bool tensor costs half an int64 masked sum."""
+        flat = output.reshape(-1, output.shape[-1])  # [B*T, d_ff]
+        positive = (flat > 0).sum(dim=0, dtype=torch.int32)
+        if self.uncounted is not None:
+            positive -= (flat.index_select(0, self.uncounted) > 0).sum(dim=0, dtype=torch.int32)
+        self.counts[layer] += positive
 
     def _hook(self, layer: int):
         def hook(module, inputs, output):  # output: [B, T, d_ff]
-            mask = self.batch.count_mask.bool()
-            self.counts[layer] += ((output > 0) & mask[..., None]).sum(dim=(0, 1))
+            self._count(layer, output)
             if self.stat_pos is not None:  # decided on the host when the batch was built: no device sync
-                weights = mask.index_select(0, self.stat_pos).float()
-                sums = torch.einsum("bt,btd->bd", weights, output.index_select(0, self.stat_pos).float())
+                rows = output if self.stat_pos is ALL_ROWS else output.index_select(0, self.stat_pos)
+                weights = self.batch.count_mask.bool().float()
+                weights = weights if self.stat_pos is ALL_ROWS else weights.index_select(0, self.stat_pos)
+                sums = torch.einsum("bt,btd->bd", weights, rows.float())
                 self.means[self.stat_ids, layer] = sums / weights.sum(dim=1, keepdim=True).clamp(min=1)
         return hook
 
@@ -195,8 +207,11 @@ class ActivationRecorder:
         with self.hooked():
             for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
                 positions = batch.stat_rows.ge(0).nonzero().flatten()  # on the host
-                self.stat_pos = positions.to(device) if len(positions) else None
+                self.stat_pos = (None if not len(positions) else ALL_ROWS if len(positions) == len(batch.stat_rows)
+                                 else positions.to(device))  # stat sentences have batches of their own: ALL_ROWS
                 self.stat_ids = batch.stat_rows[positions].to(device)
+                uncounted = batch.count_mask.flatten().eq(0).nonzero().flatten()  # on the host
+                self.uncounted = uncounted.to(device) if len(uncounted) else None
                 self.batch = Batch(*(t.to(device) for t in (batch.input_ids, batch.attention_mask,
                                                              batch.count_mask, batch.stat_rows)))
                 decoder(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask,

@@ -359,6 +359,8 @@ def validate(cfg, stages) -> None:
         raise UserError(f"stage={cfg.stage} is not one of {', '.join(stages)}")
     factor = parse_factor(cfg.factor)
     threads(cfg.get("threads"))
+    if cfg.get("scoring_processes", "auto") != "auto":
+        positive_int("scoring_processes", cfg.get("scoring_processes"))
     identify_settings(cfg.identify)
     lss_settings(cfg.lss)
     lss_settings(search_config(cfg.lss))

@@ -115,3 +115,18 @@ def test_by_source_splits_one_batch_back_in_order():
     prompts = {"en": ["a", "b"], "fr": ["c"], "ja": ["d", "e", "f"]}
     assert generate.joined(prompts) == list("abcdef")
     assert generate.by_source(prompts, list("ABCDEF")) == {"en": ["A", "B"], "fr": ["C"], "ja": ["D", "E", "F"]}
+
+
+def test_unpatched_continuations_are_cached_once_per_model_prompts_and_settings(tmp_path):
+    from lsn_exp.artifacts import ArtifactStore
+
+    handle, store = load_tiny("llama"), ArtifactStore(tmp_path)
+    prompts = {"en": ["The weather today is", "Yesterday I"], "fr": ["Il était une fois"]}
+    settings = generate_settings({"max_new_tokens": 5})
+    fresh = generate.fill_unpatched(handle, prompts, settings, {}, store)
+    again = generate.fill_unpatched(handle, prompts, settings, {}, store)
+    assert again == fresh == generate.fill_unpatched(handle, prompts, settings, {})  # the same as no cache
+    assert [e["kind"] for e in store.ledger()] == ["generate_unpatched"]  # generated once
+    generate.fill_unpatched(handle, prompts, generate_settings({"max_new_tokens": 4}), {}, store)
+    generate.fill_unpatched(handle, {"en": prompts["en"]}, settings, {}, store)
+    assert len(store.ledger()) == 3  # other settings, other prompt set: generated anew

@@ -1,0 +1,96 @@
+"""Scoring split over forked workers: the same answers as one process, under a patch too; a worker that fails
+or dies fails the call and leaves no process behind (tiny models, CPU, Linux)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import psutil
+import pytest
+import torch
+
+from lsn_exp import data, evaluate, forkmap
+from lsn_exp.patch import Patch, PatchSpec
+from conftest import synthetic_artifact
+from test_lss import _lss_instances
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked scoring runs on Linux only")
+
+
+def test_forked_map_keeps_item_order_and_reports_every_result_in_the_parent():
+    seen = []
+    out = forkmap.forked_map(lambda x: (x * x, os.getpid()), list(range(13)), 3, lambda item, r: seen.append(item))
+    assert [square for square, _ in out] == [x * x for x in range(13)]
+    assert len({pid for _, pid in out}) == 3 and {pid for _, pid in out[::3]} == {os.getpid()}  # 0, 3, 6 ...
+    assert sorted(seen) == list(range(13))
+    few = forkmap.forked_map(lambda x: os.getpid(), list(range(7)), 3)  # under 4 items each: 7 // 4 = 1 process
+    assert set(few) == {os.getpid()}
+    assert torch.get_num_threads() >= 1 and not psutil.Process().children()
+
+
+def test_scores_with_two_processes_equal_one_process_bit_for_bit(tiny, data_root, monkeypatch):
+    artifact = synthetic_artifact(tiny, list(data.LSS_LANGS))
+    instances = _lss_instances(data_root, n_facts=5)  # 10 prompts: batches of 1 give each process 5
+    forks = []
+    fork = forkmap._fork
+    monkeypatch.setattr(forkmap, "_fork", lambda *a: forks.append(1) or fork(*a))
+    threads = torch.get_num_threads()
+    for patch in (None, Patch(tiny, artifact, PatchSpec(target="fr", op="set", source="pmax"))):
+        scores = {}
+        for processes in (1, 2):
+            lm = evaluate.hflm(tiny, 1)
+            lm.scoring_processes = processes
+            with patch or _nothing():
+                scores[processes] = lm.loglikelihood(_requests(instances), disable_tqdm=True)
+        assert scores[1] == scores[2]
+    assert len(forks) == 2 and torch.get_num_threads() == threads  # one worker per 2-process call; restored
+
+
+def test_a_failing_or_dying_worker_fails_the_call_and_no_child_is_left():
+    parent = os.getpid()
+
+    def fails(x):
+        if os.getpid() != parent:
+            raise ValueError(f"boom {x}")
+        return x
+
+    with pytest.raises(RuntimeError, match="(?s)failed:.*ValueError: boom 1"):
+        forkmap.forked_map(fails, list(range(8)), 2)
+
+    def dies(x):
+        if os.getpid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return x
+
+    with pytest.raises(RuntimeError, match="died \\(signal SIGKILL\\)"):
+        forkmap.forked_map(dies, list(range(8)), 2)
+    assert not psutil.Process().children()
+
+
+def test_auto_uses_two_processes_on_a_multi_threaded_cpu_only():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert forkmap.processes_for("auto", torch.device("cpu")) == 2
+        assert forkmap.processes_for("auto", torch.device("cuda")) == 1
+        assert forkmap.processes_for(1, torch.device("cpu")) == 1
+        torch.set_num_threads(1)
+        assert forkmap.processes_for(None, torch.device("cpu")) == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _requests(instances):
+    from lm_eval.api.instance import Instance
+
+    return [Instance("loglikelihood", {}, inst.args, 0) for inst in instances]
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
