@@ -79,8 +79,9 @@ def main() -> None:
         if recorded:
             print(f"  identify_neurons {steps['identify_neurons']:.1f} s vs recording roofline {record_roof:.1f} s "
                   f"({tokens} tokens) -> {record_roof / steps['identify_neurons']:.3f}")
-        print(f"  lss_scores {steps['lss_scores']:.1f} s vs LSS roofline {lss_roof:.1f} s ({work.fed_tokens} fed tokens, "
-              f"{work.scored_positions} scored positions; unpatched columns {'in' if cold_lss else 'cached'}) -> "
+        columns = "in" if cold_lss else "cached"
+        print(f"  lss_scores {steps['lss_scores']:.1f} s vs LSS roofline {lss_roof:.1f} s ({work.fed_tokens} fed "
+              f"tokens, {work.scored_positions} scored positions; unpatched columns {columns}) -> "
               f"{lss_roof / steps['lss_scores']:.3f}")
         print(f"  job / (recording roofline + LSS roofline) = {total / (record_roof + lss_roof):.2f}  "
               f"(goal for a cold job <= 1.3)")

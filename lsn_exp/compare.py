@@ -126,7 +126,8 @@ class Comparison:
         spec = method_intervention(self.cfg, method, target, self.root)
         lss = self.lss.score(self.artifact, spec) if target in data.LSS_LANGS else None
         summary, _ = generate.steering(self.handle, self.prompts, target, self.gen_settings,
-                                       intervene(self.handle, self.artifact, spec), spec.prefix, self.unpatched, self.store)
+                                       intervene(self.handle, self.artifact, spec), spec.prefix, self.unpatched,
+                                       self.store)
         patched = summary["all"]["patched"]
         xcopa = self._xcopa(spec) if self.xcopa is not None and not spec.prefix else {}
         row = {"method": method["name"], "target": target, "intervention": spec.describe(),
@@ -147,7 +148,7 @@ class Comparison:
     def unpatched_row(self, target: str) -> dict:
         """The unpatched model's own steering success toward ``target`` (what every method is compared with)."""
         s = self.gen_settings
-        generate.fill_unpatched(self.handle, self.prompts, s, self.unpatched, self.store)  # once, shared with every cell
+        generate.fill_unpatched(self.handle, self.prompts, s, self.unpatched, self.store)  # once, for every cell
         measures = generate.measures(generate.counted(self.unpatched, target), target, s.max_repetition)
         return {"method": "unpatched", "target": target, "intervention": "none", "lss": 0.0, "lss_paper": 0.0,
                 **{k: measures[k] for k in ("steering_success", "target_share", "ppl", "repetition",

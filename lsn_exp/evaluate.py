@@ -92,7 +92,8 @@ class LsnHFLM(HFLM):
         if self._can_share_prompts(requests):
             scores = score_shared_prompts(self.model, [(ctx, cont) for _, ctx, cont in requests],
                                           int(override_bs or self.batch_size), disable_tqdm=disable_tqdm or
-                                          self.rank != 0, processes=self.scoring_processes)
+                                          self.rank != 0, processes=self.scoring_processes
+                                          if len(requests) >= FORK_MIN_REQUESTS else 1)
             for (pair, _, _), answer in zip(requests, scores):
                 if pair is not None:
                     self.cache_hook.add_partial("loglikelihood", pair, answer)
@@ -161,6 +162,7 @@ class LsnHFLM(HFLM):
 
 # --- shared-prompt scoring ----------------------------------------------------------------------------
 
+FORK_MIN_REQUESTS = 256  # fewer requests are scored in one process: a fork (~10-50 ms) would cost more
 CONT_ROWS_PER_CONTEXT = 4  # continuation rows per forward: up to this x batch_size (LSS objects are short) ...
 CONT_TOKENS_PER_ROW = 32  # ... and at most batch_size x this padded positions (long rows: rolling windows)
 

@@ -33,8 +33,8 @@ def processes_for(setting, device) -> int:
 
 def forked_map(fn: Callable, items: Sequence, processes: int, on_result: Callable | None = None) -> list:
     """``[fn(item) for item in items]``, the items shared round robin by the parent and ``processes - 1``
-    forked children (fewer when there are under MIN_ITEMS_PER_PROCESS items each). ``on_result(item, result)`` runs in the parent, for every item, in item order per worker.
-    A child that fails or dies fails the call."""
+    forked children (fewer when there are under MIN_ITEMS_PER_PROCESS items each). ``on_result(item, result)``
+    runs in the parent, for every item, in item order per worker. A child that fails or dies fails the call."""
     processes = min(processes, len(items) // MIN_ITEMS_PER_PROCESS)
     if processes <= 1:
         return _serial(fn, items, on_result)

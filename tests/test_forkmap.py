@@ -36,6 +36,7 @@ def test_scores_with_two_processes_equal_one_process_bit_for_bit(tiny, data_root
     forks = []
     fork = forkmap._fork
     monkeypatch.setattr(forkmap, "_fork", lambda *a: forks.append(1) or fork(*a))
+    monkeypatch.setattr(evaluate, "FORK_MIN_REQUESTS", 1)  # 20 requests: fork anyway
     threads = torch.get_num_threads()
     for patch in (None, Patch(tiny, artifact, PatchSpec(target="fr", op="set", source="pmax"))):
         scores = {}
@@ -94,3 +95,24 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_a_killed_parent_takes_its_workers_with_it(tmp_path):
+    """SIGKILL on a job while its workers score: no worker outlives it (PR_SET_PDEATHSIG)."""
+    import subprocess
+    import time
+
+    pids = tmp_path / "pids"
+    script = (f"import os, time\nfrom lsn_exp import forkmap\n"
+              f"def slow(x):\n    open({str(pids)!r}, 'a').write(f'{{os.getpid()}}\\n'); time.sleep(60)\n"
+              "forkmap.forked_map(slow, list(range(8)), 2)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 60
+    while time.time() < deadline and (not pids.exists() or len(pids.read_text().split()) < 2):
+        time.sleep(0.2)
+    workers = {int(p) for p in pids.read_text().split()} - {parent.pid}
+    assert len(workers) == 1, pids.read_text()
+    parent.kill()
+    parent.wait(timeout=30)
+    time.sleep(1)
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in workers)
