@@ -173,10 +173,10 @@ class ActivationRecorder:
         def hook(module, inputs, output):  # output: [B, T, d_ff]
             self._count(layer, output)
             if self.stat_pos is not None:  # decided on the host when the batch was built: no device sync
-                rows = output if self.stat_pos is ALL_ROWS else output.index_select(0, self.stat_pos)
-                weights = self.batch.count_mask.bool().float()
-                weights = weights if self.stat_pos is ALL_ROWS else weights.index_select(0, self.stat_pos)
-                sums = torch.einsum("bt,btd->bd", weights, rows.float())
+                weights = self.batch.count_mask.float()  # [B, T] 0/1
+                if self.stat_pos is not ALL_ROWS:  # only some rows are stat sentences: take those
+                    output, weights = output.index_select(0, self.stat_pos), weights.index_select(0, self.stat_pos)
+                sums = torch.einsum("bt,btd->bd", weights, output.float())
                 self.means[self.stat_ids, layer] = sums / weights.sum(dim=1, keepdim=True).clamp(min=1)
         return hook
 
