@@ -79,8 +79,10 @@ def _fork(fn, items, k: int, step: int, threads: int) -> tuple[int, int]:
     status = 1
     try:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # die with the parent
+        # SLURM signals every process of a job: the parent alone decides (submitit's requeue, Ctrl-C), and its
+        # exit ends the workers through PDEATHSIG.
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(sig, signal.SIG_DFL)  # the parent's handlers (submitit's requeue) are not ours
+            signal.signal(sig, signal.SIG_IGN)
         torch.set_num_threads(threads)
         payload = ("ok", [fn(items[i]) for i in range(k, len(items), step)])
         status = 0

@@ -343,8 +343,10 @@ def test_a_cell_requeued_by_slurm_resumes_from_its_cache_and_finishes_once(slurm
     """`scontrol requeue` on a running cell of a submitit_slurm sweep: SLURM kills and restarts it; the cell
     resumes from the cache and the sweep finishes with the cell complete once."""
     cache, sweep = fl.fresh_cache(tmp_path), tmp_path / "sweep"
-    # A cell long enough to outlive SLURM's KillWait (10 s): submitit ignores the SIGTERM, SIGKILL follows.
-    longer = ["identify.max_tokens=20000", "lss.n_facts=150"]
+    # Submitit bypasses the SIGTERM, SIGKILL follows after KillWait (10 s): what is left of the cell once the
+    # first recording is cached (about 40 s of LSS at one thread on a 2-core box) must outlast it on a machine
+    # 2x faster. At 150 facts it did not: the first attempt finished within KillWait and was never killed.
+    longer = ["identify.max_tokens=20000", "lss.n_facts=1000"]
     args = ["-m", "lang=fr", "factor=2", "stage=lss", "logger=none", *fl.TINY, *longer, f"hydra.sweep.dir={sweep}",
             f"cache_dir={cache}", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug",
             "hydra.launcher.timeout_min=20", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2"]

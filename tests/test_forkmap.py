@@ -70,6 +70,20 @@ def test_a_failing_or_dying_worker_fails_the_call_and_no_child_is_left():
     assert not psutil.Process().children()
 
 
+def test_a_worker_leaves_slurms_signals_to_its_parent():
+    """SLURM sends SIGTERM (requeue, scancel) and SIGUSR2 (timeout) to every process of a job: a worker keeps
+    scoring, so the parent's handler alone decides (submitit bypasses SIGTERM and requeues on SIGUSR2)."""
+    parent = os.getpid()
+
+    def signalled(x):
+        if os.getpid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return x * 2
+
+    assert forkmap.forked_map(signalled, list(range(8)), 2) == [x * 2 for x in range(8)]
+
+
 def test_auto_uses_two_processes_on_a_multi_threaded_cpu_only():
     threads = torch.get_num_threads()
     try:
