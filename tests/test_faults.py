@@ -344,7 +344,7 @@ def test_a_cell_requeued_by_slurm_resumes_from_its_cache_and_finishes_once(slurm
     resumes from the cache and the sweep finishes with the cell complete once."""
     cache, sweep = fl.fresh_cache(tmp_path), tmp_path / "sweep"
     # Submitit bypasses the SIGTERM, SIGKILL follows after KillWait (10 s): what is left of the cell once the
-    # first recording is cached (about 40 s of LSS at one thread on a 2-core box) must outlast it on a machine
+    # first recording is cached (about 50 s of LSS at one thread on a 2-core box) must outlast it on a machine
     # 2x faster. At 150 facts it did not: the first attempt finished within KillWait and was never killed.
     longer = ["identify.max_tokens=20000", "lss.n_facts=1000"]
     args = ["-m", "lang=fr", "factor=2", "stage=lss", "logger=none", *fl.TINY, *longer, f"hydra.sweep.dir={sweep}",
