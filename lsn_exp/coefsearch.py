@@ -107,19 +107,26 @@ class SearchSettings:
 
     objective: str  # steering: steering success, 0 or below past the fluency bound | lss: the target's mean LSS
     n_evals: int  # evaluations per searched method and target
-    n_prompts: int  # generation prompts per source (steering objective)
-    first_sentence: int  # the search prompts' first FLORES devtest sentence (after the reported prompts)
-    n_facts: int  # LSS facts (lss objective), drawn outside the lss.n_facts reporting sample
+    n_prompts: int  # generation prompts per source (steering objective): the last of the domain's pool
+    domain: str  # the prompt domain searched on (lsn_exp.prompts.DOMAINS)
+    n_facts: int  # LSS facts (lss objective), drawn outside the reported samples
     max_ppl_ratio: float  # fluency bound: the continuations' perplexity at most this x the unpatched model's
 
     @classmethod
     def of(cls, cfg: dict) -> SearchSettings:
-        found = cls(str(cfg.get("objective", "steering")), int(cfg.get("n_evals", 5)), int(cfg.get("n_prompts", 4)),
-                    int(cfg.get("first_sentence", 500)), int(cfg.get("n_facts", 20)),
-                    float(cfg.get("max_ppl_ratio", 3.0)))
+        known = {"objective", "n_evals", "n_prompts", "domain", "n_facts", "max_ppl_ratio"}
+        if set(cfg) - known:
+            raise UserError(f"compare.search has unknown key(s) {sorted(set(cfg) - known)}: use {sorted(known)}")
+        try:
+            found = cls(str(cfg.get("objective", "steering")), _whole(cfg.get("n_evals", 5)),
+                        _whole(cfg.get("n_prompts", 4)), str(cfg.get("domain", "news")), _whole(cfg.get("n_facts", 20)),
+                        float(cfg.get("max_ppl_ratio", 3.0)))
+        except (TypeError, ValueError):
+            raise UserError("compare.search: n_evals, n_prompts and n_facts must be whole numbers, max_ppl_ratio a "
+                            "number") from None
         if found.objective not in OBJECTIVES:
             raise UserError(f"compare.search.objective={found.objective} is not allowed: use {' or '.join(OBJECTIVES)}")
-        if min(found.n_evals, found.n_prompts, found.n_facts) < 1 or found.max_ppl_ratio <= 0:
+        if min(found.n_evals, found.n_prompts, found.n_facts) < 1 or not found.max_ppl_ratio > 0:
             raise UserError("compare.search: n_evals, n_prompts and n_facts must be >= 1, max_ppl_ratio > 0")
         return found
 
@@ -135,15 +142,22 @@ class SearchSettings:
         return -(ppl / (self.max_ppl_ratio * unpatched_ppl) - 1)
 
 
-def check_compare(compare_cfg: dict, first_sentence: int, prompts_file) -> SearchSettings:
-    """``compare``'s search settings and every method's range; the search prompts must not be reported ones."""
+def _whole(raw) -> int:
+    if isinstance(raw, bool) or float(raw) != int(raw):
+        raise ValueError(raw)
+    return int(raw)
+
+
+def check_compare(compare_cfg: dict, domains: tuple[str, ...]) -> SearchSettings:
+    """``compare``'s search settings, every method's range, the prompt domains and the final sample's size (that
+    the prompt blocks do not overlap is checked against the data: lsn_exp.prompts.check_blocks)."""
     found = SearchSettings.of(compare_cfg.get("search") or {})
     for method in compare_cfg.get("methods") or []:
         CoefficientRange.of(method)
-    reported = range(first_sentence, first_sentence + int(compare_cfg.get("n_prompts", 16)))
-    searched = range(found.first_sentence, found.first_sentence + found.n_prompts)
-    if prompts_file is None and set(reported) & set(searched):
-        raise UserError(f"compare.search.first_sentence={found.first_sentence}: the search prompts (devtest "
-                        f"{searched.start}-{searched.stop - 1}) overlap the reported ones ({reported.start}-"
-                        f"{reported.stop - 1}); start the search after them")
+    for name, value in (("compare.search.domain", [found.domain]), ("compare.domains", compare_cfg.get("domains"))):
+        if not value or any(d not in domains for d in value):
+            raise UserError(f"{name}={value} is not allowed: use prompt domains from {', '.join(domains)}")
+    final = (compare_cfg.get("final") or {}).get("n_prompts")
+    if isinstance(final, bool) or not isinstance(final, int) or final < 1:
+        raise UserError(f"compare.final.n_prompts={final!r} is not allowed: use a whole number >= 1")
     return found

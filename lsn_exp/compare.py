@@ -16,7 +16,8 @@ import time
 
 from omegaconf import OmegaConf
 
-from lsn_exp import data, generate, settings
+from lsn_exp import data, generate, metrics, outputs, settings
+from lsn_exp.prompts import GIVEN, prompt_split
 from lsn_exp.coefsearch import CoefficientRange, SearchSettings, best_point, golden_section, with_coefficient
 from lsn_exp.downstream import DownstreamEvaluator
 from lsn_exp.errors import UserError
@@ -26,12 +27,17 @@ from lsn_exp.steer import Intervention, SteerSpec, intervene
 
 log = logging.getLogger(__name__)
 
-FIELDS = ("method", "target", "intervention", "coefficient", "search_score", "lss", "lss_paper", "steering_success",
-          "target_share", "ppl", "repetition", "degenerate_share", "xcopa_self", "xcopa_cross", "seconds")
+SHARES = ("steering_success", "target_share", "degenerate_share")  # each with its 95% Wilson interval and n
+FIELDS = ("method", "target", "domain", "intervention", "coefficient", "search_score", "final_score", "lss",
+          "lss_paper", "n", "steering_success", "steering_success_ci", "target_share", "target_share_ci", "ppl",
+          "repetition", "degenerate_share", "degenerate_share_ci", "lid_ceiling", "xcopa_self", "xcopa_cross",
+          "outcomes", "seconds")
+TEST_FIELDS = ("target", "domain", "method_a", "method_b", "n", "share_a", "share_b", "difference", "only_a",
+               "only_b", "p", "q")
 CURVE_FIELDS = ("method", "target", "path", "coefficient", "score", "steering_success", "ppl", "lss")
 BEST_METHOD_KIND = "compare_best_method"
-WINNER_VERSION = 2  # bump when the search or the choice of the winner changes
-GENERATE_KEYS = ("sources", "prompt_words", "prompts_file", "max_new_tokens", "repetition_n", "max_repetition")
+WINNER_VERSION = 3  # bump when the search or the choice of the winner changes
+GENERATE_KEYS = ("sources", "prompt_words", "prompts_file", "max_new_tokens", "repetition_n", "max_repetition", "lid")
 
 
 def method_intervention(cfg, method: dict, target: str, root) -> Intervention:
@@ -48,6 +54,7 @@ def winner_key(cfg, identity: dict, artifact_key: str | None, target: str) -> di
     search = settings.plain(cfg.compare.search)
     key = {"version": WINNER_VERSION, "model": identity, "neurons": artifact_key, "target": target,
            "methods": OmegaConf.to_container(cfg.compare.methods, resolve=True), "search": search,
+           "final": settings.plain(cfg.compare.final),
            "generate": {k: settings.plain(cfg.generate).get(k) for k in GENERATE_KEYS},
            "base": {k: settings.plain(cfg[k]) for k in ("patch", "steer", "prompt")}}
     if settings.plain(cfg.generate).get("prompts") is not None:  # prompts written in the config
@@ -70,36 +77,52 @@ def best_method(cfg, identity: dict, store, artifact_key: str | None, target: st
 
 
 class Comparison:
-    """The evaluators of one model, shared by every (method, target) cell."""
+    """The evaluators of one model, shared by every (method, target) cell.
+
+    Prompts: per domain, the reported block; on ``compare.search.domain`` also the search and the final block
+    (lsn_exp.prompts: never overlapping). LSS: the reported facts, and for the lss objective search facts outside
+    them (``lss.n_facts`` and ``compare.lss_n_facts``, whichever is larger)."""
 
     def __init__(self, cfg, handle, artifact, root, store):
         self.cfg, self.handle, self.artifact, self.root, self.store = cfg, handle, artifact, root, store
-        opts = cfg.compare
-        gen_cfg = {**settings.plain(cfg.generate), "n_prompts": opts.n_prompts}
-        self.gen_settings = settings.generate_settings(gen_cfg)
-        self.search = SearchSettings.of(settings.plain(opts.search))
-        search_gen = settings.generate_settings({**gen_cfg, "n_prompts": self.search.n_prompts,
-                                                 "first_sentence": self.search.first_sentence})
-        self.prompts, self.search_prompts = (generate.prompt_sets(s, root) for s in (self.gen_settings, search_gen))
-        self.unpatched: dict = {}
-        self.search_unpatched: dict = {}
-        lss_cfg = settings.plain(cfg.lss)
-        self.lss = LssEvaluator(handle, {**lss_cfg, "n_facts": opts.lss_n_facts}, root, store)
+        opts = settings.plain(cfg.compare)
+        self.search = SearchSettings.of(opts["search"])
+        self.n_final = settings.positive_int("compare.final.n_prompts", (opts.get("final") or {}).get("n_prompts", 8))
+        self.gen_settings = settings.generate_settings({**settings.plain(cfg.generate), "n_prompts": opts["n_prompts"]})
+        given = self.gen_settings.prompts is not None or self.gen_settings.prompts_file is not None
+        self.domains = [GIVEN] if given else list(opts.get("domains") or [self.gen_settings.domain])
+        self.search_domain = GIVEN if given else self.search.domain
+        self.splits = {d: prompt_split(self.gen_settings, root, None if given else d, None,
+                                       self.search.n_prompts, self.n_final) for d in self.domains}
+        if self.search_domain not in self.splits:
+            self.splits[self.search_domain] = prompt_split(self.gen_settings, root, self.search_domain, None,
+                                                           self.search.n_prompts, self.n_final)
+        self.unpatched: dict = {}  # (domain, block) -> source -> unpatched generations
+        self.lss = LssEvaluator(handle, {**settings.plain(cfg.lss), "n_facts": opts["lss_n_facts"]}, root, store)
         self.search_lss = None if self.search.objective != "lss" else LssEvaluator(
-            handle, {**lss_cfg, "n_facts": self.search.n_facts}, root, store, exclude_n_facts=lss_cfg.get("n_facts"))
-        self.xcopa = None if not opts.xcopa_limit else DownstreamEvaluator(
-            handle, {"tasks": ["xcopa"], "limit": int(opts.xcopa_limit), "bootstrap": 0}, root, store)
+            handle, {**settings.plain(cfg.lss), "n_facts": self.search.n_facts}, root, store,
+            exclude_n_facts=reported_facts(opts["lss_n_facts"], cfg.lss.n_facts))
+        self.xcopa = None if not opts["xcopa_limit"] else DownstreamEvaluator(
+            handle, {"tasks": ["xcopa"], "limit": int(opts["xcopa_limit"]), "bootstrap": 0}, root, store)
 
-    def objective(self, method: dict, target: str) -> dict:
-        """The search score of ``method`` toward ``target`` on the search sample (with what it is made of)."""
+    def steering(self, spec, target: str, domain: str, block: str) -> dict:
+        """The "all" summary (unpatched and patched) of ``spec`` toward ``target`` on one prompt block."""
+        prompts = getattr(self.splits[domain], block)
+        summary, _ = generate.steering(self.handle, prompts, target, self.gen_settings,
+                                       intervene(self.handle, self.artifact, spec), spec.prefix,
+                                       self.unpatched.setdefault((domain, block), {}), self.store)
+        return summary["all"]
+
+    def objective(self, method: dict, target: str, block: str = "search") -> dict:
+        """The search score of ``method`` toward ``target`` on the search (or the final) sample."""
         spec = method_intervention(self.cfg, method, target, self.root)
         if self.search_lss is not None:
+            if block == "final":
+                raise UserError("compare.search.objective=lss has no final fact sample yet: use objective=steering")
             lss = self.search_lss.score(self.artifact, spec).mean
             return {"score": lss, "lss": lss, "steering_success": None, "ppl": None}
-        summary, _ = generate.steering(self.handle, self.search_prompts, target, self.gen_settings,
-                                       intervene(self.handle, self.artifact, spec), spec.prefix, self.search_unpatched,
-                                       self.store)
-        patched, base = summary["all"]["patched"], summary["all"]["unpatched"]
+        found = self.steering(spec, target, self.search_domain, block)
+        patched, base = found["patched"], found["unpatched"]
         return {"score": self.search.score(patched["steering_success"], patched["ppl"], base["ppl"]), "lss": None,
                 "steering_success": patched["steering_success"], "ppl": patched["ppl"]}
 
@@ -121,62 +144,114 @@ class Comparison:
                                             self.search.rising))
         return {**with_coefficient(method, found.path, x), "coefficient": x}, best, curve
 
-    def cell(self, method: dict, target: str, search_score: float | None = None) -> dict:
+    def cells(self, method: dict, target: str, scores: tuple[float | None, float | None] = (None, None)) -> list[dict]:
+        """One row per reported domain: LSS and XCOPA (domain-free) with each domain's steering measures."""
         start = time.time()
         spec = method_intervention(self.cfg, method, target, self.root)
         lss = self.lss.score(self.artifact, spec) if target in data.LSS_LANGS else None
-        summary, _ = generate.steering(self.handle, self.prompts, target, self.gen_settings,
-                                       intervene(self.handle, self.artifact, spec), spec.prefix, self.unpatched,
-                                       self.store)
-        patched = summary["all"]["patched"]
         xcopa = self._xcopa(spec) if self.xcopa is not None and not spec.prefix else {}
-        row = {"method": method["name"], "target": target, "intervention": spec.describe(),
-               "coefficient": method.get("coefficient"), "search_score": search_score,
-               "lss": None if lss is None else lss.mean, "lss_paper": None if lss is None else lss.mean_paper,
-               **{k: patched[k] for k in ("steering_success", "target_share", "ppl", "repetition", "degenerate_share")},
-               "xcopa_self": xcopa.get("self"), "xcopa_cross": xcopa.get("cross"),
-               "seconds": round(time.time() - start, 1)}
-        log.info("compare %s -> %s: LSS %s, steering %.2f (raw %.2f), ppl %.1f", method["name"], target,
-                 "—" if row["lss"] is None else f"{row['lss']:.3f}", row["steering_success"], row["target_share"],
-                 row["ppl"] or float("nan"))
-        return row
+        shared = {"method": method["name"], "target": target, "intervention": spec.describe(),
+                  "coefficient": method.get("coefficient"), "search_score": scores[0], "final_score": scores[1],
+                  "lss": None if lss is None else lss.mean, "lss_paper": None if lss is None else lss.mean_paper,
+                  "xcopa_self": xcopa.get("self"), "xcopa_cross": xcopa.get("cross")}
+        rows = [{**shared, "domain": d, **shown(self.steering(spec, target, d, "report")["patched"])}
+                for d in self.domains]
+        for row in rows:
+            row["seconds"] = round((time.time() - start) / len(rows), 1)
+            log.info("compare %s -> %s (%s): LSS %s, steering %s, ppl %.1f", row["method"], target, row["domain"],
+                     "—" if row["lss"] is None else f"{row['lss']:.3f}", outputs.share_text(row, "steering_success"),
+                     row["ppl"] or float("nan"))
+        return rows
 
     def _xcopa(self, spec) -> dict:
         result, _ = self.xcopa.score(self.artifact, spec)
         return result.summary().get("xcopa", {}).get("acc", {})
 
-    def unpatched_row(self, target: str) -> dict:
-        """The unpatched model's own steering success toward ``target`` (what every method is compared with)."""
-        s = self.gen_settings
-        generate.fill_unpatched(self.handle, self.prompts, s, self.unpatched, self.store)  # once, for every cell
-        measures = generate.measures(generate.counted(self.unpatched, target), target, s.max_repetition)
-        return {"method": "unpatched", "target": target, "intervention": "none", "lss": 0.0, "lss_paper": 0.0,
-                **{k: measures[k] for k in ("steering_success", "target_share", "ppl", "repetition",
-                                            "degenerate_share")}, "xcopa_self": 0.0, "xcopa_cross": 0.0, "seconds": 0}
+    def unpatched_rows(self, target: str) -> list[dict]:
+        """The unpatched model's own steering toward ``target`` per domain (what every method is compared with)."""
+        rows = []
+        for domain in self.domains:
+            prompts = self.splits[domain].report
+            done = generate.fill_unpatched(self.handle, prompts, self.gen_settings,
+                                           self.unpatched.setdefault((domain, "report"), {}), self.store)
+            measures = generate.measures(generate.counted(done, target), target, self.gen_settings.max_repetition)
+            rows.append({"method": "unpatched", "target": target, "domain": domain, "intervention": "none",
+                         "lss": 0.0, "lss_paper": 0.0, **shown(measures), "xcopa_self": 0.0, "xcopa_cross": 0.0,
+                         "seconds": 0})
+        return rows
+
+
+def shown(measures: dict) -> dict:
+    """The measures a compare row carries (shares with n and intervals, fluency, per-prompt outcomes)."""
+    keys = ("n", *SHARES, *(f"{k}_ci" for k in SHARES), "ppl", "repetition", "outcomes")
+    return {k: measures.get(k) for k in keys}
+
+
+def reported_facts(compare_n, lss_n) -> int | str | None:
+    """The facts a compare run reports on: the larger of ``compare.lss_n_facts`` and ``lss.n_facts`` (samples of
+    one seed are nested), so a search sample drawn outside them overlaps neither."""
+    sizes = [n for n in (compare_n, lss_n)]
+    if any(n is None or str(n).lower() == "all" for n in sizes):
+        raise UserError("compare.search.objective=lss needs facts outside the reported ones: set compare.lss_n_facts "
+                        "and lss.n_facts to numbers, not all")
+    return max(int(n) for n in sizes)
+
+
+def paired_tests(rows: list[dict]) -> list[dict]:
+    """Every pair of methods (the unpatched model included) toward one target on one domain's same prompts: the
+    exact McNemar test of their steering outcomes, with Benjamini-Hochberg q over the pairs of that target and
+    domain (lsn_exp.metrics)."""
+    tests = []
+    for key in dict.fromkeys((r["target"], r["domain"]) for r in rows):
+        group = [r for r in rows if (r["target"], r["domain"]) == key and r.get("outcomes") is not None]
+        found = [{"target": key[0], "domain": key[1], "method_a": a["method"], "method_b": b["method"],
+                  **metrics.mcnemar_exact(a["outcomes"], b["outcomes"])}
+                 for i, a in enumerate(group) for b in group[i + 1:]]
+        for test, q in zip(found, metrics.false_discovery([t["p"] for t in found])):
+            test["q"] = q
+        tests += found
+    return tests
 
 
 def compare(cfg, handle, artifact, root, store, artifact_key: str | None = None,
-            progress=None) -> tuple[list[dict], list[dict]]:
-    """(every (method, target) row, the unpatched model's rows first; every search evaluation). The method with
-    the best search score toward each target is saved for ``method=best``; ``progress(rows, curve)`` gets what
-    is done after each target (the job writes it, so a killed run keeps its finished targets)."""
-    import torch
-
+            progress=None) -> tuple[list[dict], list[dict], list[dict]]:
+    """(every (method, target, domain) row, the unpatched model's rows first; every search evaluation; the paired
+    tests). Each target's finalists (every method at its searched coefficient) are re-scored on the final prompts,
+    and the best there is saved for ``method=best``; ``progress(rows, curve)`` gets what is done after each target
+    (the job writes it, so a killed run keeps its finished targets)."""
     comparison = Comparison(cfg, handle, artifact, root, store)
     targets, methods = list(cfg.compare.targets), OmegaConf.to_container(cfg.compare.methods, resolve=True)
-    rows, curve, cells = [comparison.unpatched_row(t) for t in targets], [], {}
+    rows, curve, cells = [r for t in targets for r in comparison.unpatched_rows(t)], [], {}
     for target in targets:
         tuned = [comparison.tune(method, target) for method in methods]
         curve += [point for _, _, points in tuned for point in points]
-        cells.update({(entry["name"], target): comparison.cell(entry, target, score) for entry, score, _ in tuned})
-        winner, score, _ = max(tuned, key=lambda t: t[1])
-        if store is not None:
-            ranking = sorted(((e["name"], s) for e, s, _ in tuned), key=lambda p: -p[1])
-            store.get_or_compute(BEST_METHOD_KIND, winner_key(cfg, handle.identity, artifact_key, target),
-                                 lambda: ({"score": torch.tensor([score])},
-                                          {"method": winner, "score": score, "ranking": ranking}), force=True)
-        log.info("best method toward %s on the search sample: %s (%.3f)", target, winner["name"], score)
+        finals = [comparison.objective(entry, target, "final")["score"] for entry, _, _ in tuned]
+        for (entry, score, _), final in zip(tuned, finals):
+            cells[(entry["name"], target)] = comparison.cells(entry, target, (score, final))
+        save_winner(cfg, handle, store, artifact_key, target, tuned, finals)
         if progress is not None:
-            progress(rows + list(cells.values()), curve)
-    rows += [cells[(m["name"], t)] for m in methods for t in targets]  # grouped by method, as before
-    return rows, curve
+            progress(rows + [r for group in cells.values() for r in group], curve)
+    rows += [r for m in methods for t in targets for r in cells[(m["name"], t)]]  # grouped by method, as before
+    return rows, curve, paired_tests(rows)
+
+
+def pick_winner(tuned: list, finals: list[float]) -> tuple[dict, list[dict]]:
+    """(the method entry with the best score on the final prompts, every finalist ranked by it): a searched method
+    is judged on a sample it was not tuned on, like an unsearched one."""
+    ranking = sorted(({"name": e["name"], "search_score": s, "final_score": f}
+                      for (e, s, _), f in zip(tuned, finals)), key=lambda r: -r["final_score"])
+    return next(e for e, _, _ in tuned if e["name"] == ranking[0]["name"]), ranking
+
+
+def save_winner(cfg, handle, store, artifact_key, target: str, tuned: list, finals: list[float]) -> None:
+    """The winner on the final prompts goes to ``method=best``, with both scores of every finalist."""
+    import torch
+
+    winner, ranking = pick_winner(tuned, finals)
+    score = ranking[0]["final_score"]
+    if store is not None:
+        store.get_or_compute(BEST_METHOD_KIND, winner_key(cfg, handle.identity, artifact_key, target),
+                             lambda: ({"score": torch.tensor([score])},
+                                      {"method": winner, "score": score, "ranking": ranking}), force=True)
+    log.info("best method toward %s on the final prompts: %s (%.3f; search score %.3f)", target, winner["name"],
+             score, ranking[0]["search_score"])

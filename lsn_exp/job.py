@@ -186,13 +186,13 @@ def compare_methods(ctx: JobContext) -> StageOutput:
         outputs.write_csv(ctx.run_dir / "compare_search_partial.csv", list(compare.CURVE_FIELDS),
                           [[row.get(k) for k in compare.CURVE_FIELDS] for row in curve])
 
-    rows, curve = compare.compare(ctx.cfg, ctx.model_handle, ctx.artifact, ctx.data_root, ctx.store, ctx.artifact_key,
-                                  progress)
+    rows, curve, tests = compare.compare(ctx.cfg, ctx.model_handle, ctx.artifact, ctx.data_root, ctx.store,
+                                         ctx.artifact_key, progress)
     title = f"{ctx.cfg.model.name}: methods side by side"
-    tables, images = outputs.comparison_files(rows, compare.FIELDS, ctx.run_dir, title)
+    tables, images = outputs.comparison_files(rows, compare.FIELDS, ctx.run_dir, title, tests, compare.TEST_FIELDS)
     curve_table, curve_images = outputs.search_curve_files(curve, compare.CURVE_FIELDS, ctx.run_dir, title)
     print((ctx.run_dir / "compare.md").read_text())
-    return StageOutput({"compare": {"rows": rows, "search": curve}}, {**tables, **curve_table},
+    return StageOutput({"compare": {"rows": rows, "search": curve, "tests": tests}}, {**tables, **curve_table},
                        {**images, **curve_images})
 
 

@@ -1,5 +1,6 @@
 """Every statistic a result carries: LSS cells and their bootstraps, chrF++/BLEU corpus statistics, paired
-deltas of downstream metrics. numpy and sacrebleu only (no torch, no lm-eval).
+deltas of downstream metrics, intervals and paired tests of prompt shares. numpy, scipy and sacrebleu only (no
+torch, no lm-eval).
 
 LSS cell (source s, target t) from per-fact shifts Δ(patched toward t) − Δ(unpatched), where
 Δ = log P(obj_t | prompt_s) − log P(obj_s | prompt_s): a win is a shift above ``tol``.
@@ -18,6 +19,7 @@ import os
 from functools import cache
 
 import numpy as np
+from scipy.stats import binomtest, false_discovery_control
 
 from lsn_exp.data import LSS_LANGS
 from lsn_exp.results import LssCell, MetricDelta, num
@@ -221,3 +223,45 @@ def paired_delta(metric: str, patched, unpatched, lang: str, n_boot: int, rng) -
         errors = float("nan"), float("nan"), float("nan")
     return MetricDelta(value=num(value), stderr=num(errors[0]), base=num(base), base_stderr=num(errors[1]),
                        delta=num(value - base), delta_stderr=num(errors[2]))
+
+
+# --- shares of prompts: intervals and paired tests (scipy.stats) ----------------------------------------------
+
+CONFIDENCE = 0.95
+WIDE = 0.10  # a share's interval half-width above this is flagged as wide in tables
+
+
+def share_interval(hits: int, n: int) -> tuple[float, float]:
+    """95% Wilson score interval of ``hits`` / ``n`` (scipy.stats.binomtest(...).proportion_ci, method wilson);
+    (nan, nan) when n is 0."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    ci = binomtest(int(hits), int(n)).proportion_ci(CONFIDENCE, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def half_width(interval) -> float:
+    lo, hi = interval
+    return (hi - lo) / 2
+
+
+def mcnemar_exact(a: str, b: str) -> dict:
+    """Exact McNemar test of two methods' per-prompt outcomes on the same prompts (``a``, ``b``: strings of
+    "1"/"0", one character per prompt, in the same order): the two-sided binomial test of the discordant pairs
+    (scipy.stats.binomtest with p = 0.5). Returns the shares, their difference, the discordant counts and p."""
+    if len(a) != len(b):
+        raise ValueError(f"paired outcomes differ in length: {len(a)} vs {len(b)}")
+    only_a = sum(x == "1" and y == "0" for x, y in zip(a, b))
+    only_b = sum(x == "0" and y == "1" for x, y in zip(a, b))
+    p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    n = len(a)
+    share_a, share_b = (a.count("1") / n, b.count("1") / n) if n else (float("nan"), float("nan"))
+    return {"n": n, "share_a": share_a, "share_b": share_b, "difference": share_a - share_b, "only_a": only_a,
+            "only_b": only_b, "p": float(p)}
+
+
+def false_discovery(pvalues: list[float]) -> list[float]:
+    """Benjamini-Hochberg adjusted p-values of one family of tests (scipy.stats.false_discovery_control)."""
+    if not pvalues:
+        return []
+    return [float(q) for q in false_discovery_control(np.asarray(pvalues, dtype=np.float64))]

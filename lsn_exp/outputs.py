@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from lsn_exp import plots
+from lsn_exp import metrics, plots
 from lsn_exp.results import DownstreamResult, LssCell, LssMatrix, cell_matrix
 from lsn_exp.settings import TASK_FAMILIES
 
@@ -135,21 +135,51 @@ def ranking_csv(ranked: list[dict], out_dir: Path) -> Path:
 
 # --- method comparison ---------------------------------------------------------------------------------------
 
-def comparison_files(rows: list[dict], fields: tuple[str, ...], out_dir: Path, title: str) -> tuple[dict, dict]:
-    """compare.csv, compare.md (one row per method x target) and compare_scatter.png (steering success vs the
-    continuations' perplexity under the unpatched model, one point per method x target)."""
-    table = [[row.get(k) for k in fields] for row in rows]
-    csv_path = write_csv(out_dir / "compare.csv", list(fields), table)
-    shown = [k for k in fields if k != "intervention"]
-    (out_dir / "compare.md").write_text("\n".join([f"# {title}", "", *markdown_rows(
-        shown, [[row.get(k) for k in shown] for row in rows])]) + "\n")
+COMPARE_SHOWN = ("method", "target", "domain", "coefficient", "search_score", "final_score", "lss", "lss_paper", "n",
+                 "steering_success", "lid_ceiling", "target_share", "ppl", "degenerate_share", "xcopa_self",
+                 "xcopa_cross")
+TEST_SHOWN = ("target", "domain", "method_a", "method_b", "n", "share_a", "share_b", "only_a", "only_b", "p", "q")
+
+
+def share_text(row: dict, key: str) -> str:
+    """"0.50 [0.36, 0.64]": a share and its 95% interval; "wide" where the half-width passes metrics.WIDE."""
+    lo, hi = row.get(f"{key}_ci") or (None, None)
+    if row.get(key) is None or lo is None:
+        return "—" if row.get(key) is None else f"{row[key]:.2f}"
+    wide = " wide" if metrics.half_width((lo, hi)) > metrics.WIDE else ""
+    return f"{row[key]:.2f} [{lo:.2f}, {hi:.2f}]{wide}"
+
+
+def compare_markdown(rows: list[dict], tests: list[dict]) -> list[str]:
+    """The method table (shares with their intervals) and the paired tests, as markdown lines."""
+    shares = ("steering_success", "target_share", "degenerate_share")
+    table = [[share_text(row, k) if k in shares else row.get(k) for k in COMPARE_SHOWN] for row in rows]
+    lines = [*markdown_rows(list(COMPARE_SHOWN), table), "",
+             f"Shares: 95% Wilson intervals over the n prompts counted; \"wide\": half-width above {metrics.WIDE}.", ""]
+    if tests:
+        lines += ["Paired tests (same prompts): exact McNemar p; q = Benjamini-Hochberg over the pairs of one target "
+                  "and domain. only_a / only_b: prompts only that method steers.", "",
+                  *markdown_rows(list(TEST_SHOWN), [[t.get(k) for k in TEST_SHOWN] for t in tests])]
+    return lines
+
+
+def comparison_files(rows: list[dict], fields: tuple[str, ...], out_dir: Path, title: str,
+                     tests: list[dict] | None = None, test_fields: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """compare.csv, compare_tests.csv, compare.md (one row per method x target x domain, then the paired tests) and
+    compare_scatter.png (steering success vs the continuations' perplexity under the unpatched model)."""
+    csv_path = write_csv(out_dir / "compare.csv", list(fields), [[row.get(k) for k in fields] for row in rows])
+    tables = {"compare/table": csv_path}
+    if tests:
+        tables["compare/tests"] = write_csv(out_dir / "compare_tests.csv", list(test_fields),
+                                            [[t.get(k) for k in test_fields] for t in tests])
+    (out_dir / "compare.md").write_text("\n".join([f"# {title}", "", *compare_markdown(rows, tests or [])]) + "\n")
     points: dict[str, list] = {}
     for row in rows:
-        if row.get("ppl"):
+        if row.get("ppl") and row.get("domain") in (None, rows[0].get("domain")):
             points.setdefault(row["method"], []).append((row["ppl"], row["steering_success"], row["target"]))
     image = plots.scatter(points, f"{title}: steering vs fluency", "perplexity of the continuation (unpatched model)",
                           "steering success (target language, not degenerate)", out_dir / "compare_scatter.png")
-    return {"compare/table": csv_path}, {"compare/scatter": image}
+    return tables, {"compare/scatter": image}
 
 
 def search_curve_files(curve: list[dict], fields: tuple[str, ...], out_dir: Path, title: str) -> tuple[dict, dict]:

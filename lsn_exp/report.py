@@ -209,10 +209,8 @@ def compare_section(done: list[SweepRun], sweep_dir: Path) -> list[str]:
         rows = (run.results.get("compare") or {}).get("rows")
         if not rows:
             continue
-        shown = ("method", "target", "coefficient", "lss", "steering_success", "target_share", "ppl",
-                 "degenerate_share", "xcopa_self", "xcopa_cross")
-        lines += [f"## Methods side by side: {run.key[0]}", "",
-                  *outputs.markdown_rows(list(shown), [[row.get(k) for k in shown] for row in rows]), ""]
+        tests = (run.results.get("compare") or {}).get("tests") or []
+        lines += [f"## Methods side by side: {run.key[0]}", "", *outputs.compare_markdown(rows, tests), ""]
         for name in ("compare_scatter.png", "compare_search.png"):
             if (run.run_dir / name).is_file():
                 lines += [f"![{run.key[0]} {name[:-4]}]({(run.run_dir / name).relative_to(sweep_dir)})", ""]

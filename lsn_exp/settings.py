@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from lsn_exp import data
 from lsn_exp.data import LANG_ORDER, LSS_LANGS, MT_PROMPTS
 from lsn_exp.errors import UserError
+from lsn_exp.prompts import DOMAINS as PROMPT_DOMAINS, check_blocks
 from lsn_exp.patch import PATCHED_VALUES, PatchSpec, check_layers
 from lsn_exp.steer import SteerSpec
 
@@ -307,6 +308,7 @@ class GenerateSettings:
     repetition_n: int
     max_repetition: float
     prompts: dict | None = None  # the same mapping written in the config (generate.prompts)
+    domain: str = "news"  # prompt domain (lsn_exp/prompts.py): news | everyday
 
 
 def given_prompts(raw, path) -> dict[str, list[str]] | None:
@@ -340,7 +342,14 @@ def generate_settings(generate_cfg) -> GenerateSettings:
         first_sentence=int(cfg.get("first_sentence", 0)), prompts_file=None if path is None else str(path),
         prompts=given_prompts(cfg.get("prompts"), path),
         max_new_tokens=positive_int("generate.max_new_tokens", cfg.get("max_new_tokens", 25)),
-        repetition_n=positive_int("generate.repetition_n", cfg.get("repetition_n", 4)), max_repetition=max_repetition)
+        repetition_n=positive_int("generate.repetition_n", cfg.get("repetition_n", 4)), max_repetition=max_repetition,
+        domain=prompt_domain("generate.domain", cfg.get("domain", "news")))
+
+
+def prompt_domain(name: str, raw) -> str:
+    if raw not in PROMPT_DOMAINS:
+        raise UserError(f"{name}={raw} is not a prompt domain: use one of {', '.join(PROMPT_DOMAINS)}")
+    return str(raw)
 
 
 # --- the job ---------------------------------------------------------------------------------------------
@@ -374,7 +383,10 @@ def validate(cfg, stages) -> None:
     if cfg.stage == "compare" or cfg.get("method_name") == "best":  # the methods, ranges and search sample
         from lsn_exp.coefsearch import check_compare
 
-        check_compare(plain(cfg.compare), generated.first_sentence, generated.prompts_file or generated.prompts)
+        compare_cfg = plain(cfg.compare)
+        found = check_compare(compare_cfg, PROMPT_DOMAINS)
+        check_blocks(generated, data.resolve_root(plain(cfg.get("data") or {}).get("root")), compare_cfg["domains"],
+                     found, compare_cfg)
     if cfg.get("prompt") is not None and cfg.prompt.mode not in data.PROMPT_MODES:
         raise UserError(f"prompt.mode={cfg.prompt.mode} is not allowed: use one of {', '.join(data.PROMPT_MODES)}")
     if cfg.stage == "downstream" and cfg.get("prompt") is not None and cfg.prompt.mode != "none":

@@ -166,8 +166,11 @@ def summary_metrics(results: dict) -> dict:
             out.update({f"generate/{k}": result[k] for k in ("steering_success", "target_share_unpatched",
                                                              "target_share_patched")})
         elif stage == "compare":
-            out.update({f"compare/{row['method']}/{row['target']}/{k}": row[k] for row in result["rows"]
-                        for k in ("steering_success", "lss", "ppl")})
+            out.update({f"compare/{row['method']}/{row['target']}/{row.get('domain', 'news')}/{k}": row[k]
+                        for row in result["rows"] for k in ("steering_success", "n", "lss", "ppl", "final_score")})
+            out.update({f"compare/{row['method']}/{row['target']}/{row.get('domain', 'news')}/steering_success_{end}":
+                        row["steering_success_ci"][i] for row in result["rows"] if row.get("steering_success_ci")
+                        for i, end in enumerate(("low", "high"))})
         elif stage == "identify":
             out.update({"identify/lape_union": result["lape_union"],
                         **{f"identify/lape/{c}": n for c, n in result["lape_neurons"].items()}})

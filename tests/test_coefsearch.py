@@ -78,11 +78,17 @@ def test_the_steering_objective_goes_negative_past_the_fluency_bound():
         SearchSettings.of({"objective": "bleu"})
 
 
-def test_the_search_prompts_may_not_overlap_the_reported_ones():
-    check_compare({"n_prompts": 16, "search": {"first_sentence": 16, "n_prompts": 4}}, 0, None)
-    with pytest.raises(UserError, match="overlap"):
-        check_compare({"n_prompts": 16, "search": {"first_sentence": 12, "n_prompts": 4}}, 0, None)
-    check_compare({"n_prompts": 16, "search": {"first_sentence": 12}}, 0, "prompts.yaml")  # a file: the same prompts
+def test_compare_settings_name_known_domains_and_a_final_sample():
+    domains = ("news", "everyday")
+    found = check_compare({"search": {"domain": "everyday"}, "domains": ["news"], "final": {"n_prompts": 8}}, domains)
+    assert found.domain == "everyday"
+    for bad, match in (({"domains": ["sports"], "final": {"n_prompts": 8}}, "compare.domains"),
+                       ({"domains": [], "final": {"n_prompts": 8}}, "compare.domains"),
+                       ({"search": {"domain": "x"}, "domains": ["news"], "final": {"n_prompts": 8}}, "search.domain"),
+                       ({"domains": ["news"], "final": {"n_prompts": 0}}, "final.n_prompts"),
+                       ({"search": {"first_sentence": 500}, "domains": ["news"], "final": {"n_prompts": 8}}, "unknown")):
+        with pytest.raises(UserError, match=match):
+            check_compare(bad, domains)
 
 
 def test_a_plateau_tie_moves_toward_the_peak_it_says_is_further_on():

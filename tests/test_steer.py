@@ -187,7 +187,7 @@ def test_generation_under_a_prompt_baseline_continues_the_prefixed_prompt(handle
 
 SMALL_COMPARE = ("model=tiny", "compare.targets=[fr,ja]", "compare.lss_n_facts=3", "compare.n_prompts=2",
                  "compare.xcopa_limit=0", "compare.search.n_evals=2", "compare.search.n_prompts=1",
-                 "compare.search.first_sentence=2", "generate.max_new_tokens=4", "identify.languages=[en,fr,ja]",
+                 "compare.final.n_prompts=1", "generate.max_new_tokens=4", "identify.languages=[en,fr,ja]",
                  "identify.max_tokens=300", "lss.sources=[en,fr,ja]", "logger=none")
 
 
