@@ -123,7 +123,9 @@ def generate_demo(ctx: JobContext) -> StageOutput:
     result = {"patch": spec.describe(), "n_prompts": summary["all"]["patched"]["n"],
               "target_share_unpatched": summary["all"]["unpatched"]["target_share"],
               "target_share_patched": summary["all"]["patched"]["target_share"],
-              "steering_success": summary["all"]["patched"]["steering_success"], "by_source": summary}
+              "steering_success": summary["all"]["patched"]["steering_success"],
+              "steering_success_ci": summary["all"]["patched"]["steering_success_ci"], "domain": gen_settings.domain,
+              "by_source": summary}
     return StageOutput({"generate": result}, {"generate/continuations": table})
 
 
@@ -315,9 +317,11 @@ def headline(results: dict) -> str:
     if "generate" in results:
         gen = results["generate"]
         ppl = {run: gen["by_source"]["all"][run].get("ppl") for run in ("unpatched", "patched")}
+        lo, hi = gen.get("steering_success_ci") or (float("nan"), float("nan"))
         parts.append(f"target-language continuations {gen['target_share_unpatched']:.2f} -> "
-                     f"{gen['target_share_patched']:.2f} (fluent {gen.get('steering_success', 0):.2f}; "
-                     f"perplexity {_number(ppl['unpatched'])} -> {_number(ppl['patched'])})")
+                     f"{gen['target_share_patched']:.2f} (fluent {gen.get('steering_success', 0):.2f} [{lo:.2f}, "
+                     f"{hi:.2f}] of {gen.get('n_prompts')}; perplexity {_number(ppl['unpatched'])} -> "
+                     f"{_number(ppl['patched'])})")
     if "downstream" in results:
         for family, metrics in results["downstream"].summary().items():
             metric, cell = next(iter(metrics.items()))  # each family's first metric: acc, chrF++, ll/token
