@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DOWNSTREAM_VERSION = 3  # bump when requests, scoring or the cached unpatched outputs' layout change
+DOWNSTREAM_VERSION = 4  # bump when requests, scoring, decoding or the cached unpatched outputs' layout change
 UNPATCHED_KIND = "downstream_unpatched"
 INCLUDE_HUB_ID = "CohereForAI/include-base-44"
 LM_EVAL_METRIC = {"acc": "acc", "chrf++": "chrf++", "bleu": "bleu", "lang_share": "lang_share",

@@ -5,7 +5,7 @@ and task runs that never reuse a response across patches.
   lm-eval's own tasks only when asked for (indexing them takes seconds).
 - ``hflm``: ``LsnHFLM(pretrained=handle.model)``. The Patch edits that model in place, so one HFLM serves
   every patch of a job. No CachingLM (``use_cache``) anywhere: a cached response would belong to
-  whatever patch was active when it was written.
+  whatever patch was active when it was written. Its generate_until decodes under ``decoding.greedy_config``.
 - ``loglikelihoods``: a task's (or any) loglikelihood requests, deduplicated, in one batched call.
 - ``run_tasks``: ``simple_evaluate`` on an LM object with response and request caches off.
 """
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lm_eval.models.huggingface import HFLM
 
+from lsn_exp import decoding
 from lsn_exp.forkmap import forked_map
 from lsn_exp.taskindex import TASKS_DIR
 
@@ -142,6 +143,26 @@ class LsnHFLM(HFLM):
         logits = kept.new_zeros(len(lengths), width - first, kept.shape[-1])  # [B, T - first, V]
         logits[read[:, first:]] = kept  # positions nobody reads stay 0 (HFLM slices them away)
         return logits
+
+    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs):
+        """HFLM's generate_until decoding under ``decoding.greedy_config`` (the request's own settings and stop
+        sequences on top), so none of the model's generation config (a repetition_penalty ...) applies; each
+        row's tokens from its first stop id on become padding, which decodes to nothing."""
+        if self.backend != "causal":
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        from lm_eval.models.utils_hf import stop_sequences_criteria
+
+        if generation_kwargs.get("temperature", 0.0) == 0.0 and not generation_kwargs.get("do_sample"):
+            generation_kwargs.pop("temperature", None)  # lm-eval's way of asking for greedy
+        width = context.shape[1]
+        config = decoding.greedy_config(self.model, self.tokenizer, max_length - width)
+        inputs = config.update(**generation_kwargs)  # what is not a decoding setting (attention_mask) is an input
+        criteria = stop_sequences_criteria(self.tokenizer, stop, width, context.shape[0])
+        with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                            enabled=self.mixed_precision_dtype is not None):
+            out = decoding.greedy_generate(self.model, config, input_ids=context, stopping_criteria=criteria, **inputs)
+        out[:, width:][decoding.ended(out[:, width:], config.eos_token_id)] = self.tokenizer.pad_token_id
+        return out
 
     def _can_share_prompts(self, requests) -> bool:
         from lsn_exp.patch import active_patch

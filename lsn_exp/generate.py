@@ -3,8 +3,9 @@
 - label: py3langid's language of the continuation (``data.language_of``)
 - repetition: the share of repeated character n-grams in the continuation, whitespace removed, so it works
   for every script (``alıkalıkalık``, ``、、、、`` and ``แรกแรกแรก`` are one "word" each and score near 1)
-- nll: the continuation's mean negative log-likelihood per token under the *unpatched* model (its log is the
-  perplexity): a method that switches language by babbling pays here
+- nll: the continuation's mean negative log-likelihood per token under the *unpatched* model after the plain
+  prompt (a prompt baseline's prefix left out; its exp is the perplexity): a method that babbles pays here
+- decoding: greedy, one explicit config for every method (``decoding.greedy_config``), ended at any stop id
 - steering success: the share of continuations labelled as the target *and* not degenerate (repetition at most
   ``max_repetition``); the raw share is reported beside it.
 """
@@ -17,11 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
+from lsn_exp import decoding, metrics
 from lsn_exp.data import language_of
+from lsn_exp.prompts import prompt_split
 
 
 NLL_ROWS = 16  # continuations scored per forward in continuation_nll
-GENERATE_VERSION = 1  # bump when the cached unpatched continuations would be generated or scored differently
+GENERATE_VERSION = 2  # bump when the cached unpatched continuations would be generated or scored differently
 UNPATCHED_KIND = "generate_unpatched"
 
 
@@ -43,23 +46,35 @@ def repetition_rate(text: str, n: int = 4) -> float:
 
 @torch.inference_mode()
 def continuations(handle, prompts, max_new_tokens: int = 25) -> tuple[list[str], torch.Tensor, torch.Tensor, int]:
-    """Greedy continuations of a batch of prompts (left-padded, so every row decodes in step): the texts, the
-    full sequences [B, T], their attention mask (padding and everything after an EOS masked out) and the
-    prompt width (continuations start there)."""
+    """Greedy continuations (``decoding.greedy_config``) of a batch of prompts (left-padded, so every row decodes
+    in step): the texts, the full sequences [B, T], their attention mask (padding, each row's first stop id and
+    everything after it masked out) and the prompt width (continuations start there)."""
+    tokenizer = handle.tokenizer
+    batch = left_padded(handle, prompts)
+    config = decoding.greedy_config(handle.model, tokenizer, max_new_tokens)
+    out = decoding.greedy_generate(handle.model, config, **batch)
+    width = batch["input_ids"].shape[1]
+    new_tokens = out[:, width:]
+    kept = (~decoding.ended(new_tokens, config.eos_token_id)).long()
+    mask = torch.cat([batch["attention_mask"], kept], dim=1)  # [B, T]
+    texts = [tokenizer.decode(row[:n], skip_special_tokens=True).strip()
+             for row, n in zip(new_tokens.tolist(), kept.sum(dim=1).tolist())]
+    return texts, out, mask, width
+
+
+def left_padded(handle, prompts) -> dict:
+    """The tokenized batch of ``prompts``, left-padded, on the model's device."""
     tokenizer = handle.tokenizer
     tokenizer.padding_side = "left"
     try:
-        batch = tokenizer(list(prompts), return_tensors="pt", padding=True).to(handle.device)
+        return tokenizer(list(prompts), return_tensors="pt", padding=True).to(handle.device)
     finally:
         tokenizer.padding_side = "right"
-    out = handle.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, top_p=None,
-                                top_k=None, temperature=None, pad_token_id=tokenizer.pad_token_id)
-    width = batch["input_ids"].shape[1]
-    new_tokens = out[:, width:]
-    ended = (new_tokens == tokenizer.eos_token_id).long().cumsum(dim=1) > 0  # the EOS and everything after it
-    mask = torch.cat([batch["attention_mask"], (~ended).long()], dim=1)  # [B, T]
-    texts = [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    return texts, out, mask, width
+
+
+def greedy_config_dict(handle, max_new_tokens: int) -> dict:
+    """The decoding settings of every continuation (results.json records them)."""
+    return decoding.greedy_config_dict(handle.model, handle.tokenizer, max_new_tokens)
 
 
 @torch.inference_mode()
@@ -79,14 +94,24 @@ def continuation_nll(handle, sequences: torch.Tensor, mask: torch.Tensor, width:
 
 
 def generate_labelled(handle, prompts, max_new_tokens: int = 25, patch=None, repetition_n: int = 4,
-                      fluency: bool = True) -> list[Generation]:
-    """Continuations under ``patch`` (any intervention context manager; None: unpatched), each labelled, with its
-    repetition rate and (``fluency``) its NLL under the unpatched model."""
+                      fluency: bool = True, prefix: str = "") -> list[Generation]:
+    """Continuations under ``patch`` (any intervention context manager; None: unpatched) of ``prefix`` + each
+    prompt, each labelled, with its repetition rate and (``fluency``) its NLL under the unpatched model after the
+    plain prompt (without ``prefix``), as every method's."""
     with patch if patch is not None else nullcontext():
-        texts, sequences, mask, width = continuations(handle, prompts, max_new_tokens)
+        texts, sequences, mask, width = continuations(handle, [prefix + p for p in prompts], max_new_tokens)
+    if prefix:
+        sequences, mask, width = after_prompts(handle, prompts, sequences[:, width:], mask[:, width:])
     nll = continuation_nll(handle, sequences, mask, width) if fluency else [None] * len(texts)
     return [Generation(p, t, language_of(t), repetition_rate(t, repetition_n), n)
             for p, t, n in zip(prompts, texts, nll)]
+
+
+def after_prompts(handle, prompts, new_tokens: torch.Tensor, new_mask: torch.Tensor):
+    """(sequences, mask, width) of continuation tokens [B, N] (and their mask) after the left-padded ``prompts``."""
+    batch = left_padded(handle, prompts)
+    return (torch.cat([batch["input_ids"], new_tokens], dim=1), torch.cat([batch["attention_mask"], new_mask], dim=1),
+            batch["input_ids"].shape[1])
 
 
 def share_in(generations: list[Generation], code: str, max_repetition: float | None = None) -> float:
@@ -104,15 +129,8 @@ def fluency_summary(generations: list[Generation], max_repetition: float) -> dic
 
 
 def prompt_sets(settings, root) -> dict[str, list[str]]:
-    """source language -> prompts: ``generate.prompts``, the prompts file, else FLORES devtest openings."""
-    from lsn_exp import data
-
-    if settings.prompts is not None:
-        return dict(settings.prompts)
-    if settings.prompts_file is not None:
-        return data.prompts_from_file(settings.prompts_file)
-    return {code: data.flores_prompts(root, code, settings.n_prompts, settings.prompt_words, settings.first_sentence)
-            for code in settings.sources}
+    """source language -> the reported prompts of ``settings.domain`` (or those written in the config / a file)."""
+    return prompt_split(settings, root).report
 
 
 def steering(handle, prompts: dict[str, list[str]], target: str, settings, patch=None, prefix: str = "",
@@ -120,12 +138,13 @@ def steering(handle, prompts: dict[str, list[str]], target: str, settings, patch
     """Unpatched and patched continuations of every source's prompts toward ``target``: per source and overall,
     the raw target share, the steering success (target and not degenerate) and fluency; and one row per prompt.
     The overall ("all") figures leave out the prompts in the target language itself (unless they are all there is).
-    ``prefix`` (a prompt baseline) goes before every patched prompt; ``unpatched`` (source -> generations) keeps
-    the unpatched continuations across calls, ``store`` across jobs."""
+    ``prefix`` (a prompt baseline) goes before every patched prompt (its continuation is scored after the plain
+    one); ``unpatched`` (source -> generations) keeps the unpatched continuations across calls, ``store`` across
+    jobs."""
     summary, rows = {}, []
     unpatched = fill_unpatched(handle, prompts, settings, {} if unpatched is None else unpatched, store)
-    patched = by_source(prompts, generate_labelled(handle, [prefix + t for t in joined(prompts)],
-                                                   settings.max_new_tokens, patch, settings.repetition_n))
+    patched = by_source(prompts, generate_labelled(handle, joined(prompts), settings.max_new_tokens, patch,
+                                                   settings.repetition_n, prefix=prefix))
     for source in prompts:
         runs = {"unpatched": unpatched[source], "patched": patched[source]}
         summary[source] = {name: measures(gens, target, settings.max_repetition) for name, gens in runs.items()}
@@ -200,6 +219,14 @@ def by_source(prompts: dict[str, list[str]], generations: list) -> dict[str, lis
 
 
 def measures(generations: list[Generation], target: str, max_repetition: float) -> dict:
-    return {"n": len(generations), "target_share": share_in(generations, target),
-            "steering_success": share_in(generations, target, max_repetition),
-            **fluency_summary(generations, max_repetition)}
+    """Shares of the generations with their n and 95% Wilson intervals (lsn_exp.metrics.share_interval), and the
+    per-prompt success outcomes ("1"/"0" in prompt order) that paired tests between methods read."""
+    n = len(generations)
+    success = [share_in([g], target, max_repetition) == 1 for g in generations]
+    found = {"n": n, "target_share": share_in(generations, target),
+             "steering_success": share_in(generations, target, max_repetition),
+             **fluency_summary(generations, max_repetition)}
+    for key in ("target_share", "steering_success", "degenerate_share"):
+        found[f"{key}_ci"] = list(metrics.share_interval(round(found[key] * n), n))
+    found["outcomes"] = "".join("1" if hit else "0" for hit in success)
+    return found

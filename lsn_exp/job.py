@@ -125,7 +125,8 @@ def generate_demo(ctx: JobContext) -> StageOutput:
               "target_share_patched": summary["all"]["patched"]["target_share"],
               "steering_success": summary["all"]["patched"]["steering_success"],
               "steering_success_ci": summary["all"]["patched"]["steering_success_ci"], "domain": gen_settings.domain,
-              "by_source": summary}
+              "by_source": summary,
+              "generation_config": generate.greedy_config_dict(ctx.model_handle, gen_settings.max_new_tokens)}
     return StageOutput({"generate": result}, {"generate/continuations": table})
 
 
@@ -180,7 +181,7 @@ def downstream(ctx: JobContext) -> StageOutput:
 
 def compare_methods(ctx: JobContext) -> StageOutput:
     """Every method of ``compare.methods`` toward every ``compare.targets``: LSS, steering, fluency, XCOPA."""
-    from lsn_exp import compare
+    from lsn_exp import compare, generate
 
     def progress(rows: list[dict], curve: list[dict]) -> None:  # the targets done so far, rewritten after each
         outputs.write_csv(ctx.run_dir / "compare_partial.csv", list(compare.FIELDS),
@@ -194,8 +195,9 @@ def compare_methods(ctx: JobContext) -> StageOutput:
     tables, images = outputs.comparison_files(rows, compare.FIELDS, ctx.run_dir, title, tests, compare.TEST_FIELDS)
     curve_table, curve_images = outputs.search_curve_files(curve, compare.CURVE_FIELDS, ctx.run_dir, title)
     print((ctx.run_dir / "compare.md").read_text())
-    return StageOutput({"compare": {"rows": rows, "search": curve, "tests": tests}}, {**tables, **curve_table},
-                       {**images, **curve_images})
+    decoded = generate.greedy_config_dict(ctx.model_handle, settings.generate_settings(ctx.cfg.generate).max_new_tokens)
+    return StageOutput({"compare": {"rows": rows, "search": curve, "tests": tests, "generation_config": decoded}},
+                       {**tables, **curve_table}, {**images, **curve_images})
 
 
 STAGES: dict[str, list[Callable[[JobContext], StageOutput]]] = {

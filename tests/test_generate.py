@@ -97,6 +97,9 @@ def test_the_generate_stage_reports_per_source_success_and_fluency(tmp_path):
     by = found["by_source"]
     assert overall["target_share"] == pytest.approx((by["en"]["patched"]["target_share"]
                                                      + by["ja"]["patched"]["target_share"]) / 2)
+    decoded = found["generation_config"]  # every decoding setting, none from the model's generation config
+    assert decoded["do_sample"] is False and decoded["repetition_penalty"] == 1.0 and decoded["max_new_tokens"] == 5
+    assert decoded["eos_token_id"] == [1] and decoded["no_repeat_ngram_size"] == 0
     rows = (tmp_path / "generations.csv").read_text().splitlines()
     assert len(rows) == 1 + 9 and rows[0].startswith("source,prompt,unpatched")
 
@@ -130,3 +133,117 @@ def test_unpatched_continuations_are_cached_once_per_model_prompts_and_settings(
     generate.fill_unpatched(handle, prompts, generate_settings({"max_new_tokens": 4}), {}, store)
     generate.fill_unpatched(handle, {"en": prompts["en"]}, settings, {}, store)
     assert len(store.ledger()) == 3  # other settings, other prompt set: generated anew
+
+
+# --- decoding: every stop id, plain greedy, prefixed prompts scored on the plain prompt -------------------------
+
+def argmax_tokens(handle, prompt_ids: list[int], n: int, stop: set[int]) -> list[int]:
+    """Greedy by hand, one token at a time: the argmax of the last logits, no penalty of any kind."""
+    ids, new = list(prompt_ids), []
+    with torch.no_grad():
+        for _ in range(n):
+            token = int(handle.model(torch.tensor([ids])).logits[0, -1].argmax())
+            if token in stop:
+                break
+            ids.append(token)
+            new.append(token)
+    return new
+
+
+def nll_after(handle, prompt_ids: list[int], new: list[int]) -> float:
+    """Mean NLL of ``new`` after ``prompt_ids``, one unpadded forward in float64."""
+    with torch.no_grad():
+        logits = handle.model(torch.tensor([prompt_ids + new])).logits[0].double()
+    lp = torch.log_softmax(logits, dim=-1)
+    return float(-sum(lp[len(prompt_ids) - 1 + i, tok] for i, tok in enumerate(new)) / len(new))
+
+
+def kept(sequences, mask, width, row) -> list[int]:
+    return [t for t, m in zip(sequences[row, width:].tolist(), mask[row, width:].tolist()) if m]
+
+
+def test_every_id_the_model_stops_on_ends_the_continuation():
+    handle = load_tiny("llama")
+    prompts = ["The weather today is", "Yesterday I"]
+    _, sequences, _, width = generate.continuations(handle, prompts, max_new_tokens=8)
+    row = sequences[0, width:].tolist()
+    k = next(i for i in range(2, 8) if row[i] not in row[:i])  # a token it emits first at step k
+    stop = row[k]
+    short_texts, short_seq, short_mask, short_width = generate.continuations(handle, prompts[:1], max_new_tokens=k)
+    truncated_nll = generate.continuation_nll(handle, short_seq, short_mask, short_width)[0]
+    handle.model.generation_config.eos_token_id = [handle.tokenizer.eos_token_id, stop]  # as Gemma-2-it's [1, 107]
+    texts, sequences, mask, width = generate.continuations(handle, prompts, max_new_tokens=8)
+    assert sequences[0, width + k] == stop and kept(sequences, mask, width, 0) == row[:k]
+    assert mask[0, width + k:].sum() == 0  # the stop token and the padding after it
+    assert texts[0] == short_texts[0]
+    nll = generate.continuation_nll(handle, sequences, mask, width)[0]
+    assert math.isclose(nll, truncated_nll, rel_tol=1e-5, abs_tol=1e-5)
+
+
+def penalised_tiny():
+    """A tiny model whose own generation config asks for penalties (as Qwen2.5-Instruct's repetition_penalty) and
+    suppresses the token greedy decoding picks first after "The weather today is"."""
+    handle = load_tiny("llama")
+    first = argmax_tokens(handle, handle.tokenizer("The weather today is")["input_ids"], 1, set())
+    handle.model.generation_config.repetition_penalty = 1.3
+    handle.model.generation_config.no_repeat_ngram_size = 2
+    handle.model.generation_config.suppress_tokens = first
+    return handle
+
+
+def test_continuations_are_plain_argmax_whatever_the_models_generation_config():
+    handle = penalised_tiny()
+    prompts = ["The weather today is", "Yesterday I"]
+    _, sequences, mask, width = generate.continuations(handle, prompts, max_new_tokens=12)
+    stop = {handle.tokenizer.eos_token_id}
+    for row, prompt in enumerate(prompts):
+        want = argmax_tokens(handle, handle.tokenizer(prompt)["input_ids"], 12, stop)
+        assert kept(sequences, mask, width, row) == want
+    config = generate.greedy_config_dict(handle, 12)
+    assert config["repetition_penalty"] == 1.0 and config["no_repeat_ngram_size"] == 0
+    assert config["do_sample"] is False and config["max_new_tokens"] == 12 and config["eos_token_id"] == [1]
+
+
+def test_lm_evals_generate_until_is_plain_argmax_whatever_the_models_generation_config():
+    from lm_eval.api.instance import Instance
+
+    from lsn_exp import evaluate
+
+    handle = penalised_tiny()
+    lm = evaluate.hflm(handle)
+    prompts = ["The weather today is", "Yesterday I"]
+    requests = [Instance("generate_until", {}, (p, {"until": [], "max_gen_toks": 12, "do_sample": False}), i)
+                for i, p in enumerate(prompts)]
+    got = lm.generate_until(requests, disable_tqdm=True)
+    for prompt, text in zip(prompts, got):
+        context = lm.tok_batch_encode([prompt])[0][0].tolist()
+        assert text == lm.tok_decode(argmax_tokens(handle, context, 12, {handle.tokenizer.eos_token_id}))
+
+
+def test_a_prompt_baselines_continuation_is_scored_after_the_plain_prompt():
+    handle = load_tiny("llama")
+    prompts, prefix = ["The weather today is", "Yesterday I"], "Bonjour à tous. Il fait beau. "
+    _, rows = generate.steering(handle, {"en": prompts}, "fr", generate_settings({"max_new_tokens": 6}),
+                                prefix=prefix)
+    texts, sequences, mask, width = generate.continuations(handle, [prefix + p for p in prompts], max_new_tokens=6)
+    for i, (prompt, row) in enumerate(zip(prompts, rows)):
+        new = kept(sequences, mask, width, i)
+        plain = nll_after(handle, handle.tokenizer(prompt)["input_ids"], new)
+        prefixed = nll_after(handle, handle.tokenizer(prefix + prompt)["input_ids"], new)
+        assert row[1] == prompt and row[5] == texts[i]
+        assert math.isclose(row[8], plain, abs_tol=1e-4) and abs(plain - prefixed) > 1e-2
+
+
+def test_lm_evals_generate_until_ends_at_every_id_the_model_stops_on():
+    from lm_eval.api.instance import Instance
+
+    from lsn_exp import evaluate
+
+    handle = load_tiny("llama")
+    lm = evaluate.hflm(handle)
+    context = lm.tok_batch_encode(["The weather today is"])[0][0].tolist()
+    row = argmax_tokens(handle, context, 8, set())
+    k = next(i for i in range(2, 8) if row[i] not in row[:i])
+    handle.model.generation_config.eos_token_id = [handle.tokenizer.eos_token_id, row[k]]
+    request = Instance("generate_until", {}, ("The weather today is", {"until": [], "max_gen_toks": 8}), 0)
+    assert lm.generate_until([request], disable_tqdm=True) == [lm.tok_decode(row[:k])]

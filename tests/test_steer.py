@@ -194,6 +194,7 @@ SMALL_COMPARE = ("model=tiny", "compare.targets=[fr,ja]", "compare.lss_n_facts=3
 @pytest.mark.slow  # a sweep of real jobs (about a minute): in `make test-slow`
 def test_compare_methods_writes_one_row_per_method_and_target_and_method_best_runs_the_winner(tmp_path):
     import csv
+    import json
 
     from conftest import run_cli
 
@@ -203,8 +204,9 @@ def test_compare_methods_writes_one_row_per_method_and_target_and_method_best_ru
     rows = list(csv.DictReader(open(tmp_path / "compare.csv")))
     methods = ["unpatched", "lape_pmax", "lape_mul", "lape_pmax_no_en", "diffmean", "lape_pmax_diffmean",
                "prompt_priming"]  # compare=full
-    assert [(r["method"], r["target"]) for r in rows] == [(m, t) for m in methods for t in ("fr", "ja")]
-    by = {(r["method"], r["target"]): r for r in rows}
+    assert [(r["method"], r["target"], r["domain"]) for r in rows] == [
+        (m, t, d) for m in methods for t in ("fr", "ja") for d in ("news", "everyday")]
+    by = {(r["method"], r["target"]): r for r in rows if r["domain"] == "news"}
     assert by[("prompt_priming", "fr")]["intervention"] == "fr:lape:mul=1+prompt:priming"
     assert by[("lape_pmax_no_en", "fr")]["intervention"] == "fr:lape:set=pmax:others(en):set=0"
     alpha = float(by[("diffmean", "ja")]["coefficient"])  # searched on [0.002, 0.1] (log), reported at the winner
@@ -212,7 +214,10 @@ def test_compare_methods_writes_one_row_per_method_and_target_and_method_best_ru
     assert by[("lape_pmax", "fr")]["coefficient"] == "" and by[("lape_pmax", "fr")]["search_score"] != ""
     assert all(0 <= float(r["steering_success"]) <= float(r["target_share"]) <= 1 for r in rows)
     partial = list(csv.DictReader(open(tmp_path / "compare_partial.csv")))  # rewritten after each target
-    assert sorted((r["method"], r["target"]) for r in partial) == sorted((r["method"], r["target"]) for r in rows)
+    assert sorted((r["method"], r["target"], r["domain"]) for r in partial) == sorted(
+        (r["method"], r["target"], r["domain"]) for r in rows)
+    tests = list(csv.DictReader(open(tmp_path / "compare_tests.csv")))  # 7 methods: 21 pairs per target and domain
+    assert len(tests) == 21 * 2 * 2 and all(0 <= float(t["p"]) <= float(t["q"]) <= 1 for t in tests)
     curve = list(csv.DictReader(open(tmp_path / "compare_search.csv")))
     searched = [r for r in curve if r["method"] == "diffmean" and r["target"] == "ja"]
     assert len(searched) == 2 and alpha in [float(r["coefficient"]) for r in searched]  # n_evals points, winner among
@@ -220,11 +225,14 @@ def test_compare_methods_writes_one_row_per_method_and_target_and_method_best_ru
     for name in ("compare_scatter.png", "compare_search.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "| method |" in (tmp_path / "compare.md").read_text()
+    decoded = json.loads((tmp_path / "results.json").read_text())["results"]["compare"]["generation_config"]
+    assert decoded["do_sample"] is False and decoded["max_new_tokens"] == 4
 
     best = run_cli("method=best", "compare=full", "lang=ja", "stage=generate", *SMALL_COMPARE, f"hydra.run.dir={tmp_path}/best",
                    timeout=600)
     assert best.returncode == 0, best.stderr[-3000:]
-    winner = max((r for r in curve if r["target"] == "ja"), key=lambda r: float(r["score"]))
+    winner = max((r for r in rows if r["target"] == "ja" and r["method"] != "unpatched" and r["domain"] == "news"),
+                 key=lambda r: float(r["final_score"]))  # the best on the final prompts, not on the search
     assert f"method=best toward ja: {winner['method']}" in best.stdout + best.stderr
     stale = run_cli("method=best", "lang=ja", "stage=generate", *SMALL_COMPARE,  # the default methods: no winner
                     f"hydra.run.dir={tmp_path}/stale", timeout=600)
