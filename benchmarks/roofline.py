@@ -3,8 +3,8 @@
 ``body_flops_per_token``: 2 FLOPs per weight of every linear layer of the decoder body (attention and MLP
 projections, no LM head) plus the attention scores and the weighted sum (4 * heads * head_dim * context
 per layer). ``head_flops_per_position``: 2 FLOPs per LM-head weight, for every position whose logits are read.
-``matmul_gflops``: the rate ``x @ W.T`` reaches on those shapes (rows = tokens in a batch), timed right
-before the workload it is compared with, so both see the same machine state.
+``matmul_gflops``: the rate ``x @ W.T`` reaches on those shapes (rows = tokens in a batch), on the model's device and
+in its dtype, timed right before the workload it is compared with, so both see the same machine state.
 ``roofline seconds = body FLOPs / body GFLOP/s + head FLOPs / head GFLOP/s``; a workload's roofline time
 divided by its measured time is the ratio the benchmarks report.
 """
@@ -56,9 +56,9 @@ def matmul_gflops(model, rows: int, repeats: int = 3, head: bool = False) -> flo
     """GFLOP/s of ``x @ W.T`` over the body's distinct weight shapes (or the LM head's), ``rows`` tokens at a
     time (median of ``repeats`` rounds, each shape weighted by how often it occurs)."""
     counts = shapes(model, head)
-    dtype = next(model.parameters()).dtype
-    weights = {s: torch.randn(s, dtype=dtype) for s in counts}
-    inputs = {s: torch.randn(max(rows, 1), s[1], dtype=dtype) for s in counts}
+    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
+    weights = {s: torch.randn(s, dtype=dtype, device=device) for s in counts}
+    inputs = {s: torch.randn(max(rows, 1), s[1], dtype=dtype, device=device) for s in counts}
     flops = sum(2 * max(rows, 1) * s[0] * s[1] * n for s, n in counts.items())
     rounds = []
     with torch.inference_mode():
@@ -67,12 +67,20 @@ def matmul_gflops(model, rows: int, repeats: int = 3, head: bool = False) -> flo
         for _ in range(repeats):
             seconds = 0.0
             for s, n in counts.items():
+                synchronize(device)
                 start = time.perf_counter()
                 for _ in range(n):
                     inputs[s] @ weights[s].T
+                synchronize(device)
                 seconds += time.perf_counter() - start
             rounds.append(flops / seconds / 1e9)
     return statistics.median(rounds)
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so a timer sees it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import time
 
 from omegaconf import OmegaConf
 
-from lsn_exp import data, generate, metrics, outputs, settings
+from lsn_exp import data, generate, lid, metrics, outputs, settings
 from lsn_exp.prompts import GIVEN, prompt_split
 from lsn_exp.coefsearch import CoefficientRange, SearchSettings, best_point, golden_section, with_coefficient
 from lsn_exp.downstream import DownstreamEvaluator
@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 SHARES = ("steering_success", "target_share", "degenerate_share")  # each with its 95% Wilson interval and n
 FIELDS = ("method", "target", "domain", "intervention", "coefficient", "search_score", "final_score", "lss",
           "lss_paper", "n", "steering_success", "steering_success_ci", "target_share", "target_share_ci", "ppl",
-          "repetition", "degenerate_share", "degenerate_share_ci", "lid_ceiling", "xcopa_self", "xcopa_cross",
+          "repetition", "degenerate_share", "degenerate_share_ci", "lid_ceiling", "lid_agreement", "xcopa_self",
+          "xcopa_cross",
           "outcomes", "seconds")
 TEST_FIELDS = ("target", "domain", "method_a", "method_b", "n", "share_a", "share_b", "difference", "only_a",
                "only_b", "p", "q")
@@ -105,13 +106,23 @@ class Comparison:
         self.xcopa = None if not opts["xcopa_limit"] else DownstreamEvaluator(
             handle, {"tasks": ["xcopa"], "limit": int(opts["xcopa_limit"]), "bootstrap": 0}, root, store)
 
-    def steering(self, spec, target: str, domain: str, block: str) -> dict:
-        """The "all" summary (unpatched and patched) of ``spec`` toward ``target`` on one prompt block."""
+    def steering(self, spec, target: str, domain: str, block: str) -> tuple[dict, list[str]]:
+        """The "all" summary (unpatched and patched) of ``spec`` toward ``target`` on one prompt block, and the
+        patched continuations it counts."""
         prompts = getattr(self.splits[domain], block)
-        summary, _ = generate.steering(self.handle, prompts, target, self.gen_settings,
-                                       intervene(self.handle, self.artifact, spec), spec.prefix,
-                                       self.unpatched.setdefault((domain, block), {}), self.store)
-        return summary["all"]
+        summary, rows = generate.steering(self.handle, prompts, target, self.gen_settings,
+                                          intervene(self.handle, self.artifact, spec), spec.prefix,
+                                          self.unpatched.setdefault((domain, block), {}), self.store)
+        counted = [row[5] for row in rows if row[0] != target] or [row[5] for row in rows]
+        return summary["all"], counted
+
+    def measured(self, spec, target: str, domain: str) -> dict:
+        """A row's steering measures on a domain's reported prompts, with the target's LID ceiling and how often
+        the two identifiers agree on the patched continuations (lsn_exp.lid)."""
+        found, texts = self.steering(spec, target, domain, "report")
+        ceiling = lid.ceilings(self.root, [target], self.gen_settings.lid)[target]["ceiling"]
+        return {"domain": domain, **shown(found["patched"]), "lid_ceiling": ceiling,
+                "lid_agreement": lid.agreement(texts)}
 
     def objective(self, method: dict, target: str, block: str = "search") -> dict:
         """The search score of ``method`` toward ``target`` on the search (or the final) sample."""
@@ -121,7 +132,7 @@ class Comparison:
                 raise UserError("compare.search.objective=lss has no final fact sample yet: use objective=steering")
             lss = self.search_lss.score(self.artifact, spec).mean
             return {"score": lss, "lss": lss, "steering_success": None, "ppl": None}
-        found = self.steering(spec, target, self.search_domain, block)
+        found, _ = self.steering(spec, target, self.search_domain, block)
         patched, base = found["patched"], found["unpatched"]
         return {"score": self.search.score(patched["steering_success"], patched["ppl"], base["ppl"]), "lss": None,
                 "steering_success": patched["steering_success"], "ppl": patched["ppl"]}
@@ -154,8 +165,7 @@ class Comparison:
                   "coefficient": method.get("coefficient"), "search_score": scores[0], "final_score": scores[1],
                   "lss": None if lss is None else lss.mean, "lss_paper": None if lss is None else lss.mean_paper,
                   "xcopa_self": xcopa.get("self"), "xcopa_cross": xcopa.get("cross")}
-        rows = [{**shared, "domain": d, **shown(self.steering(spec, target, d, "report")["patched"])}
-                for d in self.domains]
+        rows = [{**shared, **self.measured(spec, target, d)} for d in self.domains]
         for row in rows:
             row["seconds"] = round((time.time() - start) / len(rows), 1)
             log.info("compare %s -> %s (%s): LSS %s, steering %s, ppl %.1f", row["method"], target, row["domain"],
@@ -175,9 +185,11 @@ class Comparison:
             done = generate.fill_unpatched(self.handle, prompts, self.gen_settings,
                                            self.unpatched.setdefault((domain, "report"), {}), self.store)
             measures = generate.measures(generate.counted(done, target), target, self.gen_settings.max_repetition)
+            texts = [g.text for g in generate.counted(done, target)]
             rows.append({"method": "unpatched", "target": target, "domain": domain, "intervention": "none",
                          "lss": 0.0, "lss_paper": 0.0, **shown(measures), "xcopa_self": 0.0, "xcopa_cross": 0.0,
-                         "seconds": 0})
+                         "lid_ceiling": lid.ceilings(self.root, [target], self.gen_settings.lid)[target]["ceiling"],
+                         "lid_agreement": lid.agreement(texts), "seconds": 0})
         return rows
 
 

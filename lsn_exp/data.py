@@ -1,7 +1,8 @@
 """Every dataset reader: the language registry, the data root, FLORES-200, XCOPA, XWinograd and mLAMA.
 
-The task ``utils.py`` files under ``lsn_exp/tasks/`` import only this module (lm-eval style: a task is data
-plus small pure functions). Readers return plain rows; a missing file or an offline hub is one UserError.
+The task ``utils.py`` files under ``lsn_exp/tasks/`` import only this module and ``lsn_exp.lid`` (language labels,
+built on this one): lm-eval style, a task is data plus small pure functions. Readers return plain rows; a missing
+file or an offline hub is one UserError.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ FLORES_HUB_ID = "openlanguagedata/flores_plus"  # FLORES+ (v2): close to, not by
 MLAMA_HUB_ID = "inayarhmns/MLAMA-dod-185"  # the paper's set (hub only; LSS reads the local copy)
 TRUTHY = ("1", "true", "yes", "on")
 NO_SPACE_LANGS = ("ja", "zh", "th")  # written without spaces between words
+PAPER_SEP = " "  # the paper's code puts one space between prompt and object in every language (lss_paper)
 
 
 # --- languages -----------------------------------------------------------------------------------------
@@ -63,13 +65,6 @@ def covered(field: str) -> tuple[str, ...]:
 
 LANG_ORDER = tuple(language_registry())  # the 18 languages in the paper's order
 LSS_LANGS = covered("mlama")  # the 15 languages of the parallel mLAMA facts
-
-
-def language_of(text: str) -> str:
-    """py3langid's ISO 639-1 label of a text ("-" when empty): the label every steering measure uses."""
-    import py3langid
-
-    return py3langid.classify(text)[0] if text.strip() else "-"
 
 
 # --- the data root ---------------------------------------------------------------------------------------
@@ -245,6 +240,11 @@ class Fact:
         """The object in ``lang`` as a continuation of the ``source`` prompt."""
         return self.seps[source] + self.objects[lang]
 
+    def paper_continuation(self, lang: str) -> str:
+        """The object in ``lang`` as the paper's code continues any prompt: after one space, in every language
+        (tauimbz/lang-task-neuron intervention_dod.py ``calculate_logprob``: ``prompt + " " + continuation``)."""
+        return PAPER_SEP + self.objects[lang]
+
 
 @dataclass(frozen=True)
 class MlamaFacts:
@@ -354,12 +354,18 @@ def _round_robin(facts: list[Fact], n: int, seed: int) -> list[Fact]:
 
 
 def sample_facts(facts: list[Fact], n_facts: int | str | None, seed: int,
-                 exclude_n_facts: int | str | None = None) -> list[Fact]:
+                 exclude_n_facts: int | str | None = None, skip_n_facts: int = 0) -> list[Fact]:
     """``n_facts`` facts spread over relations (``_round_robin``); ``all``/None keeps every fact.
 
     ``exclude_n_facts``: first remove the sample this function gives for that size and seed (the reporting
-    sample), so a factor search never scores a fact it is later reported on.
+    sample), so a factor search never scores a fact it is later reported on. ``skip_n_facts``: leave out the
+    first that many facts of the draw (another block's: the draws of one seed are nested), so a compare run's
+    final sample shares no fact with its search sample.
     """
+    if skip_n_facts:
+        skipped = {f.fact_id for f in sample_facts(facts, skip_n_facts, seed, exclude_n_facts)}
+        drawn = sample_facts(facts, int(n_facts) + skip_n_facts, seed, exclude_n_facts)
+        return [f for f in drawn if f.fact_id not in skipped]
     if exclude_n_facts is not None:
         held = {f.fact_id for f in sample_facts(facts, exclude_n_facts, seed)}
         facts = [f for f in facts if f.fact_id not in held]
@@ -380,12 +386,13 @@ def sample_facts(facts: list[Fact], n_facts: int | str | None, seed: int,
 
 def lss_docs(data_root, source: str, n_facts: int | str | None = 185, seed: int = 0,
              exclude_n_facts: int | str | None = None, prompt_prefix: str = "") -> list[dict]:
-    """The documents of task ``lss_<source>``: one per sampled fact, choices = the object in every language;
-    ``prompt_prefix`` goes before every prompt (a prompt baseline, ``prompt_prefix()``)."""
+    """The documents of task ``lss_<source>``: one per sampled fact, choices = the object in every language
+    (``paper_choices``: in the paper's format); ``prompt_prefix`` goes before every prompt (a prompt baseline)."""
     if source not in LSS_LANGS:
         raise UserError(f"lss source {source} is not an LSS language: use one of {' '.join(LSS_LANGS)}")
     sample = sample_facts(read_mlama(mlama_root(data_root)).facts, n_facts, seed, exclude_n_facts)
     return [{"fact_id": f.fact_id, "relation": f.relation, "source": source,
              "prompt": prompt_prefix + f.prompts[source],
              "choices": [f.continuation(source, lang) for lang in LSS_LANGS], "langs": list(LSS_LANGS),
+             "paper_choices": [f.paper_continuation(lang) for lang in LSS_LANGS],
              "source_index": LSS_LANGS.index(source)} for f in sample]

@@ -34,9 +34,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from lsn_exp import data, evaluate, metrics
+from lsn_exp import data, evaluate, lid, metrics
 from lsn_exp.data import MT_PROMPTS
 from lsn_exp.errors import UserError
+from lsn_exp.models import device_key
 from lsn_exp.patch import PatchSpec
 from lsn_exp.results import DownstreamResult, TaskScore
 from lsn_exp.settings import TASK_FAMILIES, EvalSettings, TaskFamily, eval_settings
@@ -157,10 +158,12 @@ def outputs_from_samples(ref: TaskRef, results: dict, tokenizer) -> DocOutputs:
 
 
 def mt_rows(name: str, patched: DocOutputs, unpatched: DocOutputs) -> list[list]:
-    """Every translation of an MT task, unpatched and patched, with its language label (outputs.MT_OUTPUT_FIELDS)."""
-    return [[name, key, patched.texts["references"][i], b, data.language_of(b), p, data.language_of(p)]
-            for i, (key, b, p) in enumerate(zip(patched.keys, unpatched.texts["predictions"],
-                                                patched.texts["predictions"]))]
+    """Every translation of an MT task, unpatched and patched, with its language label (outputs.MT_OUTPUT_FIELDS;
+    ``lid.identify``, restricted py3langid, as the task's lang_share)."""
+    before, after = unpatched.texts["predictions"], patched.texts["predictions"]
+    labels = lid.identify([*before, *after])
+    return [[name, key, patched.texts["references"][i], b, labels[i], p, labels[len(before) + i]]
+            for i, (key, b, p) in enumerate(zip(patched.keys, before, after))]
 
 
 # --- the cached unpatched outputs ------------------------------------------------------------------------------
@@ -207,7 +210,7 @@ def _tree_sha256(root: Path) -> str:
 def unpatched_spec(handle: ModelHandle, ref: TaskRef, root: Path | None, settings_: EvalSettings) -> dict:
     """The cache key of a task's unpatched outputs."""
     spec = {"model": handle.identity, "dtype": str(handle.model.dtype),
-            "device": getattr(handle.device, "type", str(handle.device)), "task": ref.name,
+            **device_key(handle), "task": ref.name,
             "limit": settings_.limit_for(ref.family.name), "version": DOWNSTREAM_VERSION,
             "lm_eval": version("lm_eval"), "files": _task_fingerprint(ref, root, settings_)}
     if ref.family.kind in ("mt", "ppl"):

@@ -13,6 +13,7 @@ and task runs that never reuse a response across patches.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -81,7 +82,7 @@ class LsnHFLM(HFLM):
     which would make the padding ambiguous) fall back to HFLM's plain call, with a warning.
     """
 
-    share_prompts = True  # False: always score whole rows (benchmarks compare the two)
+    share_prompts = True  # False: always score whole rows (benchmarks compare the two; ``whole_rows``)
     scoring_processes = 1  # forked workers sharing the shared-prompt batches (hflm sets the handle's)
     # Per-call state of the whole-row path: set by _loglikelihood_tokens for one call and cleared when it
     # returns. Each row HFLM will build (its ``inp`` tokens) -> the longest continuation scored in it;
@@ -306,6 +307,18 @@ class DownstreamLM(LsnHFLM):
             return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
         finally:
             self.add_bos_token = saved
+
+
+@contextmanager
+def whole_rows(lm: LsnHFLM, on: bool = True):
+    """Inside, ``lm`` scores whole rows when ``on`` (the layout a test-time statistic patch forces), patched or
+    not: a run paired with a patched run (LSS in 16 bits) then has that run's layout, not the shared prompts'."""
+    saved = lm.share_prompts
+    lm.share_prompts = saved and not on
+    try:
+        yield lm
+    finally:
+        lm.share_prompts = saved
 
 
 def hflm(handle: ModelHandle, batch_size: int | None = None, lm_class: type[LsnHFLM] = LsnHFLM) -> LsnHFLM:

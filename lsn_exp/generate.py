@@ -1,6 +1,7 @@
 """Free generation under an intervention: steering success and fluency, one definition for every method.
 
-- label: py3langid's language of the continuation (``data.language_of``)
+- label: the continuation's language by ``generate.lid`` among the recorded languages (``lid.identify``); a label
+  counts for a target under ``lid.counts_as`` (id and ms count for each other)
 - repetition: the share of repeated character n-grams in the continuation, whitespace removed, so it works
   for every script (``alıkalıkalık``, ``、、、、`` and ``แรกแรกแรก`` are one "word" each and score near 1)
 - nll: the continuation's mean negative log-likelihood per token under the *unpatched* model after the plain
@@ -14,12 +15,12 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from lsn_exp import decoding, metrics
-from lsn_exp.data import language_of
+from lsn_exp import decoding, lid, metrics
+from lsn_exp.models import device_key
 from lsn_exp.prompts import prompt_split
 
 
@@ -32,7 +33,7 @@ UNPATCHED_KIND = "generate_unpatched"
 class Generation:
     prompt: str
     text: str
-    label: str  # py3langid ISO 639-1 code of the continuation
+    label: str  # ISO 639-1 code of the continuation (lid.identify), "-" when empty
     repetition: float = 0.0  # share of repeated character n-grams (0: none repeats)
     nll: float | None = None  # mean NLL per continuation token under the unpatched model (None: not scored)
 
@@ -94,7 +95,7 @@ def continuation_nll(handle, sequences: torch.Tensor, mask: torch.Tensor, width:
 
 
 def generate_labelled(handle, prompts, max_new_tokens: int = 25, patch=None, repetition_n: int = 4,
-                      fluency: bool = True, prefix: str = "") -> list[Generation]:
+                      fluency: bool = True, prefix: str = "", identifier: str = lid.DEFAULT) -> list[Generation]:
     """Continuations under ``patch`` (any intervention context manager; None: unpatched) of ``prefix`` + each
     prompt, each labelled, with its repetition rate and (``fluency``) its NLL under the unpatched model after the
     plain prompt (without ``prefix``), as every method's."""
@@ -103,8 +104,14 @@ def generate_labelled(handle, prompts, max_new_tokens: int = 25, patch=None, rep
     if prefix:
         sequences, mask, width = after_prompts(handle, prompts, sequences[:, width:], mask[:, width:])
     nll = continuation_nll(handle, sequences, mask, width) if fluency else [None] * len(texts)
-    return [Generation(p, t, language_of(t), repetition_rate(t, repetition_n), n)
-            for p, t, n in zip(prompts, texts, nll)]
+    return [Generation(p, t, label, repetition_rate(t, repetition_n), n)
+            for p, t, label, n in zip(prompts, texts, lid.identify(texts, identifier=identifier), nll)]
+
+
+def relabelled(generations: list[Generation], identifier: str) -> list[Generation]:
+    """``generations`` labelled anew by ``identifier`` (cached ones may carry another identifier's labels)."""
+    labels = lid.identify([g.text for g in generations], identifier=identifier)
+    return [replace(g, label=label) for g, label in zip(generations, labels)]
 
 
 def after_prompts(handle, prompts, new_tokens: torch.Tensor, new_mask: torch.Tensor):
@@ -115,8 +122,10 @@ def after_prompts(handle, prompts, new_tokens: torch.Tensor, new_mask: torch.Ten
 
 
 def share_in(generations: list[Generation], code: str, max_repetition: float | None = None) -> float:
-    """The share labelled ``code``; with ``max_repetition``, only those at or under that repetition rate count."""
-    hits = [g for g in generations if g.label == code and (max_repetition is None or g.repetition <= max_repetition)]
+    """The share labelled ``code`` (or its related language, ``lid.counts_as``); with ``max_repetition``, only those
+    at or under that repetition rate count."""
+    hits = [g for g in generations
+            if lid.counts_as(g.label, code) and (max_repetition is None or g.repetition <= max_repetition)]
     return len(hits) / max(len(generations), 1)
 
 
@@ -140,11 +149,12 @@ def steering(handle, prompts: dict[str, list[str]], target: str, settings, patch
     The overall ("all") figures leave out the prompts in the target language itself (unless they are all there is).
     ``prefix`` (a prompt baseline) goes before every patched prompt (its continuation is scored after the plain
     one); ``unpatched`` (source -> generations) keeps the unpatched continuations across calls, ``store`` across
-    jobs."""
+    jobs. Labels come from ``settings.lid``, which must cover ``target``."""
+    lid.require_covered(settings.lid, target)
     summary, rows = {}, []
     unpatched = fill_unpatched(handle, prompts, settings, {} if unpatched is None else unpatched, store)
     patched = by_source(prompts, generate_labelled(handle, joined(prompts), settings.max_new_tokens, patch,
-                                                   settings.repetition_n, prefix=prefix))
+                                                   settings.repetition_n, prefix=prefix, identifier=settings.lid))
     for source in prompts:
         runs = {"unpatched": unpatched[source], "patched": patched[source]}
         summary[source] = {name: measures(gens, target, settings.max_repetition) for name, gens in runs.items()}
@@ -172,13 +182,13 @@ def fill_unpatched(handle, prompts: dict[str, list[str]], settings, unpatched: d
 
     def compute():
         return generations_entry(generate_labelled(handle, joined(missing), settings.max_new_tokens, None,
-                                                   settings.repetition_n))
+                                                   settings.repetition_n, identifier=settings.lid))
 
     if store is None:
         generations = generations_from_entry(*compute())
     else:
         entry = store.get_or_compute(UNPATCHED_KIND, unpatched_spec(handle, missing, settings), compute)
-        generations = generations_from_entry(entry.tensors, entry.meta)
+        generations = relabelled(generations_from_entry(entry.tensors, entry.meta), settings.lid)
     unpatched.update(by_source(missing, generations))
     return unpatched
 
@@ -188,9 +198,8 @@ def unpatched_spec(handle, prompts: dict[str, list[str]], settings) -> dict:
     are generated as one left-padded batch, whose width moves scores by float noise."""
     from importlib.metadata import version
 
-    return {"model": handle.identity, "dtype": str(handle.model.dtype), "device": getattr(handle.device, "type",
-            str(handle.device)), "prompts": prompts, "max_new_tokens": settings.max_new_tokens,
-            "repetition_n": settings.repetition_n, "generate_version": GENERATE_VERSION,
+    return {"model": handle.identity, "dtype": str(handle.model.dtype), **device_key(handle), "prompts": prompts,
+            "max_new_tokens": settings.max_new_tokens, "repetition_n": settings.repetition_n, "generate_version": GENERATE_VERSION,
             "transformers": version("transformers")}
 
 

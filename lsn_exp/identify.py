@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lsn_exp.errors import UserError
+from lsn_exp.models import device_key
 from lsn_exp.record import Recording
 from lsn_exp.tracking import sha256_file
 
@@ -158,8 +159,7 @@ def recording_spec(handle, settings, prefix) -> dict:
     """What a recording depends on, besides its language and corpus: the cache key's shared part."""
     from lsn_exp.record import RECORD_VERSION
 
-    device = getattr(handle.device, "type", str(handle.device))
-    return {"model": handle.identity, "dtype": str(handle.model.dtype).replace("torch.", ""), "device": device,
+    return {"model": handle.identity, "dtype": str(handle.model.dtype).replace("torch.", ""), **device_key(handle),
             "record_version": RECORD_VERSION, "split": settings.split, "max_tokens": settings.max_tokens or "all",
             "n_stat_sentences": settings.n_stat_sentences, "prefix": prefix.as_meta()}
 
@@ -184,6 +184,39 @@ class UserTexts:
     user: bool = True
 
 
+def recording_plan(settings, handle, data_root, texts: dict[str, list[str]] | None = None) -> tuple:
+    """(prefix, corpus per language, recording cache spec per language): what ``build`` records, keyed."""
+    from lsn_exp import data
+    from lsn_exp.record import prefix_token
+
+    prefix = prefix_token(handle.tokenizer, settings.prefix)
+    if texts is not None:
+        corpora = {code: UserTexts(list(sentences)) for code, sentences in texts.items()}
+    else:
+        corpora = {lang.code: data.flores(data_root, lang, settings.split)
+                   for lang in data.languages(list(settings.languages))}
+    shared = recording_spec(handle, settings, prefix)
+    return prefix, corpora, {code: {**shared, "lang": code, "corpus": corpus_id(corpus)}
+                             for code, corpus in corpora.items()}
+
+
+def selection_spec(recording_keys: list[str], settings, seed: int) -> dict:
+    """The neuron artifact's cache spec: its recordings' keys and the selection's thresholds."""
+    return {"recordings": list(recording_keys), "identify_version": IDENTIFY_VERSION, "top_rate": settings.top_rate,
+            "filter_rate": settings.filter_rate, "bar_rate": settings.bar_rate, "seed": seed}
+
+
+def artifact_key(identify_cfg, handle, data_root, seed: int) -> str:
+    """The key ``build`` gives the neuron artifact, computed without recording anything (factor=best and
+    method=best look their search up by it before a job records)."""
+    from lsn_exp.artifacts import key_of
+    from lsn_exp.settings import identify_settings
+
+    settings = identify_settings(identify_cfg)
+    _, _, specs = recording_plan(settings, handle, data_root)
+    return key_of(selection_spec([key_of(spec) for spec in specs.values()], settings, seed))
+
+
 def build(identify_cfg, handle, data_root, store, seed: int, force: bool = False,
           texts: dict[str, list[str]] | None = None) -> IdentifyResult:
     """The neuron artifact for ``handle``: each language recorded once per key, selection once per thresholds.
@@ -192,22 +225,15 @@ def build(identify_cfg, handle, data_root, store, seed: int, force: bool = False
     and adding a language records only that one. ``texts`` (language -> sentences) replaces FLORES and
     ``identify.languages``.
     """
-    from lsn_exp import data
-    from lsn_exp.record import language_stats, prefix_token, stack_languages
+    from lsn_exp.record import language_stats, stack_languages
     from lsn_exp.settings import identify_settings
 
     settings = identify_settings(identify_cfg)
-    prefix = prefix_token(handle.tokenizer, settings.prefix)
-    if texts is not None:
-        corpora = {code: UserTexts(list(sentences)) for code, sentences in texts.items()}
-    else:
-        corpora = {lang.code: data.flores(data_root, lang, settings.split)
-                   for lang in data.languages(list(settings.languages))}
-    shared = recording_spec(handle, settings, prefix)
+    prefix, corpora, specs = recording_plan(settings, handle, data_root, texts)
     batch_size = settings.batch_size or handle.batch_size
     stats, entries = {}, []
     for code, corpus in corpora.items():
-        spec = {**shared, "lang": code, "corpus": corpus_id(corpus)}
+        spec = specs[code]
         entry = store.get_or_compute(
             "recording", spec, force=force,
             compute=lambda c=corpus, k=code: (language_stats(
@@ -217,9 +243,7 @@ def build(identify_cfg, handle, data_root, store, seed: int, force: bool = False
         entries.append(entry)
     recording = stack_languages(stats)
     recorded = any(e.computed for e in entries)
-    select_spec = {"recordings": [e.path.name for e in entries], "identify_version": IDENTIFY_VERSION,
-                   "top_rate": settings.top_rate, "filter_rate": settings.filter_rate, "bar_rate": settings.bar_rate,
-                   "seed": seed}
+    select_spec = selection_spec([e.path.name for e in entries], settings, seed)
 
     def compute_artifact():
         tensors, meta = artifact_to_tensors(identify(recording, settings.top_rate, settings.filter_rate,

@@ -94,8 +94,12 @@ def identify_neurons(ctx: JobContext) -> StageOutput:
     if folder:
         ctx.artifact, card = neurons.load(folder, ctx.model_handle.identity)
         ctx.artifact_key, recorded, files = f"imported-{neurons.card_digest(folder)}", False, []
+        require_winners(ctx, ctx.artifact_key)
         neuron_dir = Path(folder).expanduser()
     else:
+        if ctx.factor.kind == "best" or ctx.cfg.get("method_name") == "best":  # before anything is recorded
+            require_winners(ctx, identify.artifact_key(ctx.cfg.identify, ctx.model_handle, ctx.data_root,
+                                                       int(ctx.cfg.seed)))
         found = identify.build(ctx.cfg.identify, ctx.model_handle, ctx.data_root, ctx.store, seed=int(ctx.cfg.seed),
                                force=bool(ctx.cfg.force))
         ctx.artifact, ctx.artifact_key, recorded, files = found.artifact, found.key, found.recorded, found.data_files
@@ -104,6 +108,25 @@ def identify_neurons(ctx: JobContext) -> StageOutput:
     summary = {**identify.summary(ctx.artifact), "recorded": recorded, "artifact_key": ctx.artifact_key,
                "from": str(folder) if folder else None}
     return StageOutput({"identify": summary}, tables, images, list(files), {"neurons": neuron_dir})
+
+
+def require_winners(ctx: JobContext, artifact_key: str) -> None:
+    """factor=best and method=best: the factor search / compare run they read must exist (looked up by the neuron
+    artifact's key), or the job stops here in one line, before identification records anything."""
+    cfg, target = ctx.cfg, ctx.cfg.lang.code
+    if cfg.stage not in ("run", "generate", "lss", "lss_matrix", "downstream") or \
+            (cfg.stage == "lss" and target not in data.LSS_LANGS):  # no intervention in this job
+        return
+    if cfg.get("method_name") == "best":
+        from lsn_exp import compare
+
+        targets = settings.lss_settings(cfg.lss).targets if cfg.stage == "lss_matrix" else (target,)
+        for each in targets:
+            compare.best_method(cfg, ctx.model_handle.identity, ctx.store, artifact_key, each)
+    elif ctx.factor.kind == "best":
+        from lsn_exp.search import resolve_best
+
+        resolve_best(ctx.model_handle.identity, ctx.store, cfg.patch, cfg.lss, artifact_key, search_command())
 
 
 def generate_demo(ctx: JobContext) -> StageOutput:

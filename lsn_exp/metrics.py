@@ -3,7 +3,8 @@ deltas of downstream metrics, intervals and paired tests of prompt shares. numpy
 torch, no lm-eval).
 
 LSS cell (source s, target t) from per-fact shifts Δ(patched toward t) − Δ(unpatched), where
-Δ = log P(obj_t | prompt_s) − log P(obj_s | prompt_s): a win is a shift above ``tol``.
+Δ = log P(obj_t | prompt_s) − log P(obj_s | prompt_s): ``lss`` counts a shift above ``tol``, ``lss_paper``
+any shift above 0 (the paper's rule, on requests in the paper's format: lsn_exp.lss).
 
 Downstream metrics are functions of per-document statistics that are summed (``metric_stats``), so a
 score never depends on batching: mean metrics (acc, lang_share, empty_share) get the analytic stderr,
@@ -29,24 +30,30 @@ from lsn_exp.results import LssCell, MetricDelta, num
 OUTCOME = {True: "1", False: "0", None: "s"}  # per fact in a cell: win, no win, skipped (same-string objects)
 
 
-def lss_cell(source: str, target: str, shift, tol: float, n_boot: int, seed: int) -> LssCell:
+def lss_cell(source: str, target: str, shift, tol: float, n_boot: int, seed: int, paper_shift=None) -> LssCell:
     """One cell from the per-fact shifts (NaN: skipped, the two objects are the same string).
 
-    ``lss``: wins / scored facts (skipped facts leave the denominator); ``lss_paper``: wins / all facts (the
-    paper's count: a same-string fact is a non-win). Each with a bootstrap 95% CI over facts.
+    ``lss`` (ours): wins (shift > tol) / scored facts; skipped facts leave the denominator. ``lss_paper``: the
+    paper's rule (tauimbz/lang-task-neuron intervention_dod.py ``eval_dod``: ``sum(diff > 0) / len(preds)``),
+    wins (shift > 0) / all facts, a same-string fact a non-win (its shift is exactly 0 there); ``paper_shift``
+    are the shifts of the paper-format requests (default: ``shift``, where both formats are the same requests).
+    Each with a bootstrap 95% CI over facts.
     """
     shift = np.asarray(shift, dtype=np.float64)
+    paper_shift = shift if paper_shift is None else np.asarray(paper_shift, dtype=np.float64)
     scored = ~np.isnan(shift)
     wins = np.where(scored, shift > tol, False)
+    paper_wins = np.nan_to_num(paper_shift, nan=0.0) > 0
     n, total = int(scored.sum()), int(shift.size)
     rng = np.random.default_rng([seed, LSS_LANGS.index(source), LSS_LANGS.index(target)])
     lss, (lo, hi) = _mean(wins[scored]), bootstrap_ci(wins[scored].astype(np.float64), n_boot, rng)
-    paper, (paper_lo, paper_hi) = _mean(wins), bootstrap_ci(wins.astype(np.float64), n_boot, rng)
+    paper, (paper_lo, paper_hi) = _mean(paper_wins), bootstrap_ci(paper_wins.astype(np.float64), n_boot, rng)
     return LssCell(source=source, target=target, n=n, skipped=total - n, wins=int(wins.sum()),
                    within_tol=int((np.abs(shift[scored]) <= tol).sum()),
                    outcomes="".join(OUTCOME[bool(w) if s else None] for w, s in zip(wins, scored)),
                    lss=lss, ci_low=lo, ci_high=hi, lss_paper=paper, lss_paper_ci_low=paper_lo,
-                   lss_paper_ci_high=paper_hi, mean_shift=float(shift[scored].mean()) if n else float("nan"))
+                   lss_paper_ci_high=paper_hi, mean_shift=float(shift[scored].mean()) if n else float("nan"),
+                   wins_paper=int(paper_wins.sum()), outcomes_paper="".join("1" if w else "0" for w in paper_wins))
 
 
 def _mean(values) -> float:
@@ -63,7 +70,7 @@ def bootstrap_ci(values, n_boot: int, rng) -> tuple[float, float]:
 
 
 def fact_bootstrap(cells, n_boot: int = 1000, seed: int = 0) -> dict[str, tuple[float, float]] | None:
-    """95% CIs of the mean LSS over ``cells`` (and of the paper count), resampling facts, not cells.
+    """95% CIs of the mean LSS over ``cells`` (and of ``lss_paper``), resampling facts, not cells.
 
     The cells of a model x factor share their facts (every source prompts the same sample, every target patches
     it), so one resample of facts recomputes every cell, and the mean over cells, from it. Needs each cell's
@@ -75,12 +82,15 @@ def fact_bootstrap(cells, n_boot: int = 1000, seed: int = 0) -> dict[str, tuple[
         return None
     wins = np.array([[ch == "1" for ch in o] for o in outcomes], dtype=np.float64)  # [C, N]
     scored = np.array([[ch != "s" for ch in o] for o in outcomes], dtype=np.float64)  # [C, N]
+    # the paper's rule has its own outcomes; results written before it (no outcomes_paper) used ours
+    paper_outcomes = [getattr(c, "outcomes_paper", "") or o for c, o in zip(cells, outcomes)]
+    paper_wins = np.array([[ch == "1" for ch in o] for o in paper_outcomes], dtype=np.float64)  # [C, N]
     draws = np.random.default_rng(seed).integers(0, n_facts, size=(n_boot, n_facts))
     counts = np.stack([np.bincount(row, minlength=n_facts) for row in draws]).T.astype(np.float64)  # [N, B]
     won, seen = wins @ counts, scored @ counts  # [C, B]
     with np.errstate(invalid="ignore", divide="ignore"):
         lss = np.nanmean(np.where(seen > 0, won / seen, np.nan), axis=0)  # [B]
-    paper = (won / n_facts).mean(axis=0)
+    paper = (paper_wins @ counts / n_facts).mean(axis=0)
     return {name: (float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5)))
             for name, v in (("lss", lss), ("lss_paper", paper))}
 

@@ -12,6 +12,7 @@ Nothing outside this module names model internals: the rest of the code goes thr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -78,6 +79,37 @@ class ModelHandle:
     batch_size: int
     device: Any = field(default=None)
     scoring_processes: int = 1  # forked workers for lm-eval scoring on a CPU (lsn_exp.forkmap; job: auto)
+    device_name: str | None = None  # the accelerator's model for 16-bit cache keys (None: asked of the device)
+
+
+def device_key(handle: ModelHandle) -> dict:
+    """The device part of every cache key. fp32: the device kind only (as ever: fp32 caches stay valid). 16-bit:
+    also the accelerator's model and the torch (CUDA, cuDNN) versions, whose kernels round differently, so a
+    paired unpatched entry written on one card is never read on another."""
+    kind = getattr(handle.device, "type", str(handle.device))
+    if handle.model.dtype.itemsize >= 4:
+        return {"device": kind}
+    import torch
+
+    kernels = {"name": handle.device_name or accelerator_name(str(handle.device)), "torch": torch.__version__}
+    if kind == "cuda":
+        kernels.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    return {"device": kind, "kernels": kernels}
+
+
+@functools.cache
+def accelerator_name(device: str) -> str:
+    """The GPU's name (torch.cuda), else the CPU's model name (/proc/cpuinfo; the platform elsewhere)."""
+    import platform
+
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return f"{device}:{names[0] if names else platform.processor() or platform.machine()}"
 
 
 def find_adapter(model) -> Adapter:

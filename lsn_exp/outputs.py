@@ -76,7 +76,7 @@ def generations_csv(path: Path, rows: list[list]) -> Path:
 # --- LSS -------------------------------------------------------------------------------------------------
 
 CELL_FIELDS = ("source", "target", "lss", "ci_low", "ci_high", "lss_paper", "lss_paper_ci_low", "lss_paper_ci_high",
-               "n", "skipped", "wins", "within_tol", "mean_shift", "outcomes")
+               "n", "skipped", "wins", "wins_paper", "within_tol", "mean_shift", "outcomes", "outcomes_paper")
 
 
 def cells_csv(cells: list[LssCell], path: Path) -> Path:
@@ -98,12 +98,12 @@ def matrix_heatmap(matrix: dict, sources: list[str], targets: list[str], title: 
 
 
 def lss_matrix_files(result: LssMatrix, out_dir: Path, title: str = "", prefix: str = "lss") -> tuple[dict, dict]:
-    """The LSS and paper-count matrices (CSV + heatmap) and the cells CSV of a matrix result."""
+    """The ``lss`` and ``lss_paper`` matrices (CSV + heatmap) and the cells CSV of a matrix result."""
     tables = {f"{prefix}/cells": cells_csv(list(result.cells), out_dir / f"{prefix}_cells.csv")}
     images = {}
     for suffix, key, mean, what in (("", "lss", result.mean_offdiag, "same-string facts skipped"),
                                     ("_paper", "lss_paper", result.mean_offdiag_paper,
-                                     "paper count: same-string facts are non-wins")):
+                                     "the paper's rule and prompt format: shift > 0 of all facts")):
         stem, matrix = f"{prefix}_matrix{suffix}", result.matrix(key)
         tables[f"{prefix}/matrix{suffix}"] = matrix_csv(out_dir / f"{stem}.csv", result.sources, result.targets,
                                                         matrix)
@@ -114,7 +114,7 @@ def lss_matrix_files(result: LssMatrix, out_dir: Path, title: str = "", prefix: 
 
 
 def sweep_lss_matrices(cells: list[LssCell], stem: str, title: str, out_dir: Path) -> list[Path]:
-    """A report's assembled LSS and paper-count matrices of one model x factor (CSV + heatmap each)."""
+    """A report's assembled ``lss`` and ``lss_paper`` matrices of one model x factor (CSV + heatmap each)."""
     sources, targets = sorted({c.source for c in cells}), sorted({c.target for c in cells})
     images = []
     for suffix, key in (("", "lss"), ("_paper", "lss_paper")):
@@ -136,7 +136,7 @@ def ranking_csv(ranked: list[dict], out_dir: Path) -> Path:
 # --- method comparison ---------------------------------------------------------------------------------------
 
 COMPARE_SHOWN = ("method", "target", "domain", "coefficient", "search_score", "final_score", "lss", "lss_paper", "n",
-                 "steering_success", "lid_ceiling", "target_share", "ppl", "degenerate_share", "xcopa_self",
+                 "steering_success", "lid_ceiling", "lid_agreement", "target_share", "ppl", "degenerate_share", "xcopa_self",
                  "xcopa_cross")
 TEST_SHOWN = ("target", "domain", "method_a", "method_b", "n", "share_a", "share_b", "only_a", "only_b", "p", "q")
 
@@ -155,7 +155,9 @@ def compare_markdown(rows: list[dict], tests: list[dict]) -> list[str]:
     shares = ("steering_success", "target_share", "degenerate_share")
     table = [[share_text(row, k) if k in shares else row.get(k) for k in COMPARE_SHOWN] for row in rows]
     lines = [*markdown_rows(list(COMPARE_SHOWN), table), "",
-             f"Shares: 95% Wilson intervals over the n prompts counted; \"wide\": half-width above {metrics.WIDE}.", ""]
+             f"Shares: 95% Wilson intervals over the n prompts counted; \"wide\": half-width above {metrics.WIDE}. "
+             "lid_ceiling: the share of real target-language text the identifier labels as the target (the best "
+             "reachable success); lid_agreement: how often py3langid and lingua label the continuations alike.", ""]
     if tests:
         lines += ["Paired tests (same prompts): exact McNemar p; q = Benjamini-Hochberg over the pairs of one target "
                   "and domain. only_a / only_b: prompts only that method steers.", "",

@@ -133,8 +133,9 @@ def _number(name: str, raw) -> float | None:
     return value
 
 
-def parse_layers(raw) -> tuple[int, ...] | None:
-    """None/"all" -> None; 3 -> (3,); "2-5" -> (2, 3, 4, 5) (inclusive); [0, 7] or "0,7" -> (0, 7)."""
+def parse_layers(raw, name: str = "patch.layers") -> tuple[int, ...] | None:
+    """None/"all" -> None; 3 -> (3,); "2-5" -> (2, 3, 4, 5) (inclusive); [0, 7] or "0,7" -> (0, 7). ``name``: the
+    setting, for messages."""
     if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("all", "")):
         return None
     try:
@@ -148,10 +149,12 @@ def parse_layers(raw) -> tuple[int, ...] | None:
         else:
             layers = [int(layer) for layer in raw]
     except (TypeError, ValueError):
-        raise UserError(f"patch.layers={raw!r} is not a layer selection: use null (all), a range like "
+        raise UserError(f"{name}={raw!r} is not a layer selection: use null (all), a range like "
                         f"2-5, or a list like [0,7]") from None
     if not layers:
-        raise UserError(f"patch.layers={raw!r} selects no layer: use null (all), a range like 2-5, or a list")
+        raise UserError(f"{name}={raw!r} selects no layer: use null (all), a range like 2-5, or a list")
+    if min(layers) < 0:
+        raise UserError(f"{name}={raw!r} has a negative layer: layers count from 0")
     return tuple(sorted(set(layers)))
 
 

@@ -73,10 +73,12 @@ class LssCell(Serializable):
     lss: float  # wins / n
     ci_low: float
     ci_high: float
-    lss_paper: float  # wins / all facts (the paper's count)
+    lss_paper: float  # the paper's rule and prompt format on our sample: shifts > 0 / all facts
     lss_paper_ci_low: float
     lss_paper_ci_high: float
     mean_shift: float
+    wins_paper: int | None = None  # facts won under the paper's rule (None: results before LSS_VERSION 4)
+    outcomes_paper: str = ""  # one character per fact: 1 win, 0 no win, under the paper's rule ("" before)
 
 
 def mean_over(cells, key: str) -> float:

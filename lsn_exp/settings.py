@@ -13,8 +13,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from lsn_exp import data
-from lsn_exp.data import LANG_ORDER, LSS_LANGS, MT_PROMPTS
+from lsn_exp import checks, data, lid
+from lsn_exp.checks import n_facts, positive_int, rate, whole
+from lsn_exp.data import LANG_ORDER, MT_PROMPTS
 from lsn_exp.errors import UserError
 from lsn_exp.prompts import DOMAINS as PROMPT_DOMAINS, check_blocks
 from lsn_exp.patch import PATCHED_VALUES, PatchSpec, check_layers
@@ -28,30 +29,6 @@ def plain(cfg) -> dict:
     if cfg is None:
         return {}
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-
-
-def positive_int(name: str, raw, allow_none: bool = False) -> int | None:
-    """``raw`` as an int >= 1 (None passes when ``allow_none``), else a one-line UserError."""
-    if raw is None and allow_none:
-        return None
-    try:
-        value = float(str(raw).strip())
-    except (TypeError, ValueError):
-        value = float("nan")
-    if not math.isfinite(value) or value < 1 or value != int(value):
-        allowed = "a whole number >= 1" + (" or null" if allow_none else "")
-        raise UserError(f"{name}={raw!r} is not allowed: use {allowed}")
-    return int(value)
-
-
-def rate(name: str, raw) -> float:
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if not 0 < value <= 1:
-        raise UserError(f"{name}={raw!r} is not allowed: use a share in (0, 1], e.g. 0.95")
-    return value
 
 
 # --- the factor ---------------------------------------------------------------------------------------------
@@ -99,8 +76,7 @@ class IdentifySettings:
 
 def identify_settings(identify_cfg) -> IdentifySettings:
     cfg = plain(identify_cfg)
-    langs = cfg.get("languages") or []
-    data.languages(list(langs))  # unknown codes: one line
+    langs = checks.lang_codes("identify.languages", cfg.get("languages"))
     if len(langs) < 2:
         raise UserError(f"identify.languages={langs} is not allowed: LAPE compares two or more languages")
     split = str(cfg.get("split", "dev"))
@@ -112,7 +88,8 @@ def identify_settings(identify_cfg) -> IdentifySettings:
     return IdentifySettings(
         languages=tuple(str(c) for c in langs), split=split, max_tokens=max_tokens,
         n_stat_sentences=positive_int("identify.n_stat_sentences", cfg.get("n_stat_sentences", 100)),
-        prefix=str(cfg.get("prefix", "auto")), top_rate=rate("identify.top_rate", cfg.get("top_rate", 0.01)),
+        prefix=checks.text("identify.prefix", cfg.get("prefix", "auto"), hint="auto, bos, eos, none or a token"),
+        top_rate=rate("identify.top_rate", cfg.get("top_rate", 0.01)),
         filter_rate=rate("identify.filter_rate", cfg.get("filter_rate", 0.95)),
         bar_rate=rate("identify.bar_rate", cfg.get("bar_rate", 0.95)),
         batch_size=positive_int("identify.batch_size", cfg.get("batch_size"), allow_none=True))
@@ -135,24 +112,15 @@ class LssSettings:
     weakest: int
 
 
-def _lss_langs(raw, name: str) -> tuple[str, ...]:
-    if raw is None or (isinstance(raw, str) and raw.strip().lower() == "all"):
-        return LSS_LANGS
-    codes = [c.strip() for c in raw.split(",")] if isinstance(raw, str) else [str(c) for c in raw]
-    unknown = [c for c in codes if c not in LSS_LANGS]
-    if unknown or not codes:
-        raise UserError(f"lss.{name}={raw!r}: use all or a list of LSS languages ({' '.join(LSS_LANGS)})")
-    return tuple(c for c in LSS_LANGS if c in codes)  # canonical order
-
-
 def default_tol(dtype) -> float:
     """The tolerance a win must pass, by model dtype (conf/lss/default.yaml says how it was measured)."""
     name = str(dtype).replace("torch.", "")
     return {"float64": 1e-6, "float32": 1e-3}.get(name, 5e-2)
 
 
-def lss_settings(lss_cfg, dtype=None) -> LssSettings:
-    """``cfg.lss`` (conf/lss/default.yaml) with ``tol: auto`` resolved for the model dtype (default fp32)."""
+def lss_settings(lss_cfg, dtype=None, key: str = "lss") -> LssSettings:
+    """``cfg.lss`` (conf/lss/default.yaml) with ``tol: auto`` resolved for the model dtype (default fp32); ``key``
+    names the settings in messages (lss.search: search_config's)."""
     cfg = plain(lss_cfg)
     tol = cfg.get("tol", "auto")
     if tol is None or str(tol).lower() == "auto":
@@ -163,13 +131,13 @@ def lss_settings(lss_cfg, dtype=None) -> LssSettings:
         raise UserError(f"lss.tol={tol!r} is not a number or auto") from None
     if not 0 <= tol < math.inf:
         raise UserError(f"lss.tol={tol} is not allowed: use auto or a small positive number of nats, e.g. 1e-3")
-    n_facts = cfg.get("n_facts", 185)
-    n_facts = "all" if n_facts is None or str(n_facts).lower() == "all" else positive_int("lss.n_facts", n_facts)
-    return LssSettings(n_facts=n_facts, seed=int(cfg.get("seed", 0)),
-                       sources=_lss_langs(cfg.get("sources", "all"), "sources"),
-                       targets=_lss_langs(cfg.get("targets", "all"), "targets"), tol=tol,
+    return LssSettings(n_facts=n_facts(f"{key}.n_facts", cfg.get("n_facts", 185)),
+                       seed=whole("lss.seed", cfg.get("seed", 0)),
+                       sources=checks.lss_langs(cfg.get("sources", "all"), f"{key}.sources"),
+                       targets=checks.lss_langs(cfg.get("targets", "all"), f"{key}.targets"), tol=tol,
                        batch_size=positive_int("lss.batch_size", cfg.get("batch_size"), allow_none=True),
-                       bootstrap=int(cfg.get("bootstrap", 1000)), weakest=int(cfg.get("weakest", 5)))
+                       bootstrap=whole("lss.bootstrap", cfg.get("bootstrap", 1000)),
+                       weakest=whole("lss.weakest", cfg.get("weakest", 5)))
 
 
 def search_config(lss_cfg) -> dict:
@@ -236,19 +204,6 @@ class EvalSettings:
         return self.limits.get(family, self.limit)
 
 
-def _doc_limit(name: str, raw) -> int | None:
-    if raw is None or raw == "all":
-        return None
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        value = -1.0
-    if not math.isfinite(value) or value < 1 or value != int(value):
-        raise UserError(f"{name}={raw!r} is not allowed: use a whole number of documents >= 1, or null for all "
-                        f"(lm-eval would read a number below 1 as a fraction)")
-    return int(value)
-
-
 def eval_settings(eval_cfg) -> EvalSettings:
     """``cfg.eval`` (conf/eval/default.yaml) -> EvalSettings, every mistake as a one-line UserError."""
     cfg = plain(eval_cfg)
@@ -257,13 +212,13 @@ def eval_settings(eval_cfg) -> EvalSettings:
         families = list(TASK_FAMILIES)
     elif isinstance(families, str):
         families = [families]
-    if not families or not all(isinstance(f, str) and f for f in families):
+    if not isinstance(families, list) or not families or not all(isinstance(f, str) and f for f in families):
         raise UserError(f"eval.tasks={families} is not allowed: use all or a list of {', '.join(TASK_FAMILIES)} "
                         f"and lm-eval task or group names")
     include_path = cfg.get("include_path")
-    if include_path is not None and not Path(include_path).expanduser().is_dir():
+    if include_path is not None and not Path(str(include_path)).expanduser().is_dir():
         raise UserError(f"eval.include_path={include_path} is not a directory of lm-eval task YAMLs")
-    task_langs = {str(k): str(v) for k, v in (cfg.get("task_langs") or {}).items()}
+    task_langs = {str(k): str(v) for k, v in checks.mapping("eval.task_langs", cfg.get("task_langs")).items()}
     unknown = sorted(set(task_langs.values()) - set(LANG_ORDER))
     if unknown:
         raise UserError(f"eval.task_langs names unknown language(s) {unknown}: use codes of {' '.join(LANG_ORDER)}")
@@ -271,12 +226,13 @@ def eval_settings(eval_cfg) -> EvalSettings:
     if langs in (None, "all"):
         langs = None
     else:
-        langs = [langs] if isinstance(langs, str) else [str(c) for c in langs]
+        langs = [str(c) for c in checks.as_list(langs)]
         unknown = [c for c in langs if c not in LANG_ORDER]
         if unknown:
             raise UserError(f"eval.langs has unknown language(s) {unknown}: use all or codes of {' '.join(LANG_ORDER)}")
         langs = tuple(langs)
-    limits = {str(k): _doc_limit(f"eval.limits.{k}", v) for k, v in (cfg.get("limits") or {}).items()}
+    limits = {str(k): checks.doc_limit(f"eval.limits.{k}", v) for k, v in checks.mapping("eval.limits",
+                                                                                             cfg.get("limits")).items()}
     bad = [f for f in limits if f not in TASK_FAMILIES and f not in families]
     if bad:
         raise UserError(f"eval.limits names unknown tasks {bad}: use {', '.join(TASK_FAMILIES)} or a task of eval.tasks")
@@ -287,10 +243,11 @@ def eval_settings(eval_cfg) -> EvalSettings:
     if split not in FLORES_SPLITS:
         raise UserError(f"eval.flores_split={split} is not allowed: use one of {', '.join(FLORES_SPLITS)}")
     return EvalSettings(families=tuple(dict.fromkeys(families)), langs=langs,
-                        limit=_doc_limit("eval.limit", cfg.get("limit")), limits=limits,
+                        limit=checks.doc_limit("eval.limit", cfg.get("limit")), limits=limits,
                         batch_size=positive_int("eval.batch_size", cfg.get("batch_size"), allow_none=True),
-                        mt_prompt=mt_prompt, flores_split=split, bootstrap=int(cfg.get("bootstrap", 1000)),
-                        seed=int(cfg.get("seed", 0)),
+                        mt_prompt=mt_prompt, flores_split=split,
+                        bootstrap=whole("eval.bootstrap", cfg.get("bootstrap", 1000)),
+                        seed=whole("eval.seed", cfg.get("seed", 0)),
                         include_path=None if include_path is None else str(Path(include_path).expanduser()),
                         task_langs=task_langs)
 
@@ -309,41 +266,27 @@ class GenerateSettings:
     max_repetition: float
     prompts: dict | None = None  # the same mapping written in the config (generate.prompts)
     domain: str = "news"  # prompt domain (lsn_exp/prompts.py): news | everyday
-
-
-def given_prompts(raw, path) -> dict[str, list[str]] | None:
-    """``generate.prompts``: {lang: [prompt, ...]} (or a plain list, read as English prompts)."""
-    if raw is None:
-        return None
-    if path is not None:
-        raise UserError("generate.prompts and generate.prompts_file are both set: give one of them")
-    prompts = {"en": raw} if isinstance(raw, list) else raw
-    if not isinstance(prompts, dict) or not prompts or not all(
-            isinstance(v, list) and v and all(isinstance(p, str) for p in v) for v in prompts.values()):
-        raise UserError("generate.prompts must be {lang: [prompt, ...]} or a list of English prompts")
-    data.languages(list(prompts))
-    return {str(k): list(v) for k, v in prompts.items()}
+    lid: str = "py3langid"  # the language identifier of every label (lsn_exp/lid.py): py3langid | lingua
 
 
 def generate_settings(generate_cfg) -> GenerateSettings:
     """``cfg.generate`` (conf/generate/default.yaml), every mistake as a one-line UserError."""
     cfg = plain(generate_cfg)
-    sources = cfg.get("sources") or ["en"]
-    data.languages(list(sources))
+    sources = checks.lang_codes("generate.sources", ["en"] if cfg.get("sources") is None else cfg["sources"])
     path = cfg.get("prompts_file")
-    if path is not None and not Path(path).expanduser().is_file():
+    if path is not None and not Path(str(path)).expanduser().is_file():
         raise UserError(f"generate.prompts_file={path} is not a file: give a YAML file {{lang: [prompt, ...]}}")
-    max_repetition = float(cfg.get("max_repetition", 0.5))
-    if not 0 <= max_repetition <= 1:
-        raise UserError(f"generate.max_repetition={max_repetition} is not allowed: use a share in [0, 1]")
+    max_repetition = checks.share("generate.max_repetition", cfg.get("max_repetition", 0.5))
     return GenerateSettings(
         sources=tuple(str(c) for c in sources), n_prompts=positive_int("generate.n_prompts", cfg.get("n_prompts", 16)),
         prompt_words=positive_int("generate.prompt_words", cfg.get("prompt_words", 6)),
-        first_sentence=int(cfg.get("first_sentence", 0)), prompts_file=None if path is None else str(path),
-        prompts=given_prompts(cfg.get("prompts"), path),
+        first_sentence=whole("generate.first_sentence", cfg.get("first_sentence", 0)),
+        prompts_file=None if path is None else str(path),
+        prompts=checks.given_prompts(cfg.get("prompts"), path),
         max_new_tokens=positive_int("generate.max_new_tokens", cfg.get("max_new_tokens", 25)),
         repetition_n=positive_int("generate.repetition_n", cfg.get("repetition_n", 4)), max_repetition=max_repetition,
-        domain=prompt_domain("generate.domain", cfg.get("domain", "news")))
+        domain=prompt_domain("generate.domain", cfg.get("domain", "news")),
+        lid=checks.choice("generate.lid", cfg.get("lid", lid.DEFAULT), lid.IDENTIFIERS))
 
 
 def prompt_domain(name: str, raw) -> str:
@@ -360,53 +303,97 @@ def threads(raw) -> int | None:
 
 
 def validate(cfg, stages) -> None:
-    """Every check a job's config can fail without loading a model (``dry_run=true`` runs it too).
+    """Every check a job's config can fail without loading a model (``dry_run=true`` runs it too): every key of
+    every group, whatever the stage; the prompt blocks, lm-eval task names and layer ranges where the stage uses them.
 
     Raises UserError (one line). Layer ranges are checked against the model's config when it is on disk.
     """
-    if cfg.stage not in stages:
-        raise UserError(f"stage={cfg.stage} is not one of {', '.join(stages)}")
-    factor = parse_factor(cfg.factor)
-    threads(cfg.get("threads"))
-    if cfg.get("scoring_processes", "auto") != "auto":
-        positive_int("scoring_processes", cfg.get("scoring_processes"))
-    identify_settings(cfg.identify)
-    lss_settings(cfg.lss)
-    lss_settings(search_config(cfg.lss))
-    evaluated = eval_settings(cfg.eval)
-    if cfg.stage == "downstream":
-        from lsn_exp.taskindex import check_lm_eval_tasks
+    stage = cfg.get("stage")
+    if not isinstance(stage, str) or stage not in stages:
+        raise UserError(f"stage={stage} is not one of {', '.join(stages)}")
+    job = plain(cfg)
+    factor = parse_factor(job.get("factor"))
+    checks.check_job(job)
+    threads(job.get("threads"))
+    if job.get("scoring_processes", "auto") != "auto":
+        positive_int("scoring_processes", job.get("scoring_processes"))
+    from lsn_exp.models import ARCHITECTURES, model_layers
 
-        check_lm_eval_tasks([n for n in evaluated.families if n not in TASK_FAMILIES], evaluated.include_path,
-                            list(TASK_FAMILIES))
-    generated = generate_settings(cfg.get("generate"))
-    if cfg.stage == "compare" or cfg.get("method_name") == "best":  # the methods, ranges and search sample
-        from lsn_exp.coefsearch import check_compare
-
-        compare_cfg = plain(cfg.compare)
-        found = check_compare(compare_cfg, PROMPT_DOMAINS)
-        check_blocks(generated, data.resolve_root(plain(cfg.get("data") or {}).get("root")), compare_cfg["domains"],
-                     found, compare_cfg)
-    if cfg.get("prompt") is not None and cfg.prompt.mode not in data.PROMPT_MODES:
-        raise UserError(f"prompt.mode={cfg.prompt.mode} is not allowed: use one of {', '.join(data.PROMPT_MODES)}")
-    if cfg.stage == "downstream" and cfg.get("prompt") is not None and cfg.prompt.mode != "none":
+    checks.check_model(job["model"], ARCHITECTURES)
+    checks.check_logger(job.get("logger") or {})
+    target = checks.check_lang(job["lang"])
+    checks.check_prompt(job.get("prompt") or {})
+    if stage == "downstream" and (job.get("prompt") or {}).get("mode", "none") != "none":
         raise UserError("prompt baselines are scored on LSS and generation, not on downstream tasks: "
                         "use prompt.mode=none with stage=downstream")
-    target = str(cfg.lang.code)
-    patch_cfg = plain(cfg.patch)
-    searched = factor.kind == "best" or cfg.stage == "factor_search"
+    _check_stage_settings(job, stage)
+    patch_cfg = dict(job["patch"])
+    if patch_cfg.get("others_langs") is not None:
+        checks.lang_codes("patch.others_langs", patch_cfg["others_langs"])
     if factor.kind == "best":  # the winner brings op/value/stat; the rest of the patch must still parse
         patch_cfg.update(op=None, value=None, stat=None)
         factor = parse_factor(1)
     spec = PatchSpec.from_config(patch_cfg, factor, target)
-    steer = SteerSpec.from_config(plain(cfg.get("steer")), target)
-    from lsn_exp.models import model_layers
-
-    n_layers = model_layers(cfg.model, cfg.get("cache_dir"))
+    steer = SteerSpec.from_config(job.get("steer"), target)
+    n_layers = model_layers(cfg.model, job.get("cache_dir"))
     for name, layers in (("patch.layers", spec.layers), ("steer.layers", steer.layers)):
         if layers is not None and n_layers is not None:
             check_layers(layers, n_layers, name)
-    if searched:  # the grid shapes the search and the key factor=best looks up
-        from lsn_exp.search import grid_specs  # search imports this module
+    _check_compare(job, stage, target)
+    from lsn_exp.search import grid_specs  # search imports this module
 
-        grid_specs(cfg.lss, cfg.patch, target)
+    checks.check_grid(job["lss"])
+    grid_specs(job["lss"], job["patch"], target)  # the factor search's grid (stage=factor_search, factor=best)
+
+
+def _check_stage_settings(job: dict, stage: str) -> None:
+    """identify, lss (and its search sample), eval and generate, each parsed as its stage parses it."""
+    identify_settings(job["identify"])
+    folder = job["identify"].get("from")
+    if folder is not None:
+        from lsn_exp.neurons import read_card
+
+        try:
+            read_card(checks.text("identify.from", folder, hint="a neuron folder (python -m lsn_exp.neurons export)"))
+        except UserError as err:
+            raise UserError(f"identify.from={folder}: {err}") from None
+    lss_settings(job["lss"])
+    lss_settings(search_config(job["lss"]), key="lss.search")
+    evaluated = eval_settings(job["eval"])
+    if stage == "downstream":
+        from lsn_exp.taskindex import check_lm_eval_tasks
+
+        check_lm_eval_tasks([n for n in evaluated.families if n not in TASK_FAMILIES], evaluated.include_path,
+                            list(TASK_FAMILIES))
+
+
+def _check_compare(job: dict, stage: str, target: str) -> None:
+    """``compare``'s settings and every method's intervention, always; its prompt blocks where a compare run (or
+    method=best, which looks one up) reads them."""
+    from lsn_exp.coefsearch import check_compare
+
+    generated = generate_settings(job.get("generate"))
+    compare_cfg = job["compare"]
+    methods = checks.check_compare_sizes(compare_cfg)
+    found = check_compare(compare_cfg, PROMPT_DOMAINS)
+    for method in methods:
+        _check_method(job, method, target)
+    if stage == "compare" or job.get("method_name") == "best":  # the methods, ranges and search sample
+        check_blocks(generated, data.resolve_root((job.get("data") or {}).get("root")), compare_cfg["domains"],
+                     found, compare_cfg)
+
+
+def _check_method(job: dict, method: dict, target: str) -> None:
+    """A compare.methods entry parses as the job's own settings would: its factor and patch / steer / prompt."""
+    try:
+        merged = {}
+        for group in ("patch", "steer", "prompt"):
+            extra = method.get(group) or {}
+            if not isinstance(extra, dict) or set(extra) - set(job[group]):
+                raise UserError(f"{group}={extra!r} is not allowed: use keys of {group} ({', '.join(job[group])})")
+            merged[group] = {**job[group], **extra}
+        PatchSpec.from_config(merged["patch"], parse_factor(method.get("factor", 1)), target)
+        SteerSpec.from_config(merged["steer"], target)
+        checks.check_prompt(merged["prompt"])
+    except UserError as err:
+        raise UserError(f"compare.methods {method.get('name')!r}: {err}") from None

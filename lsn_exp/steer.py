@@ -53,7 +53,7 @@ class SteerSpec:
             alpha = float(cfg.get("alpha", 0.0))
         except (TypeError, ValueError):
             raise UserError(f"steer.alpha={cfg.get('alpha')!r} is not a number") from None
-        return cls(target=str(target), alpha=alpha, layers=parse_layers(cfg.get("layers")),
+        return cls(target=str(target), alpha=alpha, layers=parse_layers(cfg.get("layers"), "steer.layers"),
                    scale=str(cfg.get("scale", "resid_norm")))
 
     @property
@@ -143,6 +143,11 @@ class Intervened:
         self.patch = Patch(handle, artifact, spec.patch)
         self.steer = None if spec.steer is None or spec.steer.is_noop else Steer(handle, artifact, spec.steer)
         self._stack: ExitStack | None = None
+
+    @property
+    def reads_whole_rows(self) -> bool:
+        """The neuron patch takes a test-time statistic over each scored row (``Patch.reads_whole_rows``)."""
+        return self.patch.reads_whole_rows
 
     def __enter__(self) -> Intervened:
         with ExitStack() as stack:

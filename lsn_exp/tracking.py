@@ -27,7 +27,8 @@ from lsn_exp.results import RESULTS_FILE, SCHEMA_VERSION, to_json
 log = logging.getLogger(__name__)
 
 TRACKED_PACKAGES = ("lsn_exp", "torch", "transformers", "lm_eval", "hydra-core", "omegaconf",
-                    "wandb", "safetensors", "sacrebleu", "py3langid", "numpy")
+                    "wandb", "safetensors", "sacrebleu", "py3langid",
+                    "lingua-language-detector", "numpy")
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

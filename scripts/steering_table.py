@@ -1,4 +1,5 @@
-"""Free-generation steering table: share of continuations py3langid labels as the target language.
+"""Free-generation steering table: share of continuations labelled as the target language (restricted py3langid,
+id and ms counting for each other: lsn_exp/lid.py).
 
     .venv/bin/python scripts/steering_table.py [--model gemma3_270m] [--sets lape,baseline]
         [--factors pmax,pmedian,5] [--out steering.md]
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lsn_exp import CONF_DIR, REPO_ROOT, data, generate, identify
+from lsn_exp import CONF_DIR, REPO_ROOT, data, generate, identify, lid
 from lsn_exp.patch import Patch, PatchSpec
 from lsn_exp.settings import parse_factor
 
@@ -47,12 +48,12 @@ def main() -> None:
     lines = ["| target | unpatched | " + " | ".join(f"{s} {f}" for s, f in columns) + " |",
              "|---|---|" + "---|" * len(columns)]
     for t in targets:
-        row = [str(sum(g.label == t for g in unpatched))]
-        row += [str(sum(g.label == t for g in results[col][t])) for col in columns]
+        row = [str(sum(lid.counts_as(g.label, t) for g in unpatched))]
+        row += [str(sum(lid.counts_as(g.label, t) for g in results[col][t])) for col in columns]
         lines.append(f"| {t} | " + " | ".join(row) + " |")
-    totals = [sum(sum(g.label == t for g in results[col][t]) for t in targets) for col in columns]
-    lines.append("| total /136 | " + str(sum(sum(g.label == t for g in unpatched) for t in targets)) + " | "
-                 + " | ".join(map(str, totals)) + " |")
+    totals = [sum(sum(lid.counts_as(g.label, t) for g in results[col][t]) for t in targets) for col in columns]
+    lines.append("| total /136 | " + str(sum(sum(lid.counts_as(g.label, t) for g in unpatched) for t in targets))
+                 + " | " + " | ".join(map(str, totals)) + " |")
     lines += ["", "Examples (first prompt, first column's patch):", ""]
     first = columns[0]
     lines.append(f"- unpatched: {unpatched[0].prompt!r} -> {unpatched[0].text!r} [{unpatched[0].label}]")

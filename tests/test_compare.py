@@ -112,6 +112,7 @@ def test_compare_reports_each_domain_with_intervals_and_picks_the_winner_on_the_
     for row in rows:
         lo, hi = row["steering_success_ci"]
         assert row["n"] == 4 and lo <= row["steering_success"] <= hi and len(row["outcomes"]) == 4
+        assert row["lid_ceiling"] == 1.0 and 0 <= row["lid_agreement"] <= 1  # fr: every real piece labelled fr
     assert {r["final_score"] is not None for r in rows if r["method"] != "unpatched"} == {True}
     assert len(tests) == 6  # 3 methods -> 3 pairs, in each of 2 domains
     saved = store.load(compare.BEST_METHOD_KIND, compare.winner_key(cfg, tiny.identity, "k", "fr"))

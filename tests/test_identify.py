@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -92,6 +93,17 @@ def test_artifact_cache_reuses_recomputes_on_key_change_and_recovers_from_damage
     assert identify.build(_identify_cfg(max_tokens=500), tiny, data_root, store, seed=0).recorded
     reselected = identify.build(_identify_cfg(top_rate=0.02), tiny, data_root, store, seed=0)
     assert not reselected.recorded and reselected.key != first.key
+
+
+def test_artifact_key_is_builds_key_computed_without_recording(tiny, data_root, tmp_path):
+    """factor=best / method=best look their search up by this key before a job records (lsn_exp.job)."""
+    store = ArtifactStore(tmp_path)
+    for cfg, seed in ((_identify_cfg(), 0), (_identify_cfg(languages=["en", "fr"], top_rate=0.02), 3)):
+        key = identify.artifact_key(cfg, tiny, data_root, seed)
+        assert not any(tmp_path.iterdir())
+        assert identify.build(cfg, tiny, data_root, store, seed=seed).key == key
+        for entry in list(tmp_path.iterdir()):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
 def test_cache_keys_hold_dtype_device_and_code_versions(tiny, data_root, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from lsn_exp import data, evaluate, lss, metrics, outputs, search
+from lsn_exp import data, evaluate, lss, metrics, noops, outputs, search
 from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.errors import UserError
 from lsn_exp.patch import Patch, PatchSpec
@@ -187,11 +187,36 @@ def test_cell_stats_by_hand():
     assert cell.lss == 0.5 and cell.wins == 2 and cell.n == 4 and cell.skipped == 2
     assert cell.within_tol == 1 and cell.mean_shift == pytest.approx((0.5 - 0.2 + 0.0005 + 2.0) / 4)
     assert 0.0 <= cell.ci_low <= 0.5 <= cell.ci_high <= 1.0
-    # the paper's count: a same-string fact is a non-win, so 2 wins of all 6 facts
-    assert cell.lss_paper == pytest.approx(2 / 6)
-    assert 0.0 <= cell.lss_paper_ci_low <= 2 / 6 <= cell.lss_paper_ci_high <= 1.0
-    assert cell.outcomes == "1s00s1"
+    # the paper's rule: any shift above 0 wins (0.0005 too), a same-string fact is a non-win: 3 of all 6 facts
+    assert cell.lss_paper == pytest.approx(3 / 6) and cell.wins_paper == 3
+    assert 0.0 <= cell.lss_paper_ci_low <= 3 / 6 <= cell.lss_paper_ci_high <= 1.0
+    assert cell.outcomes == "1s00s1" and cell.outcomes_paper == "100101"
 
+
+
+def test_the_paper_rule_counts_every_positive_shift_ours_only_those_above_tol():
+    """intervention_dod.py eval_dod: a win is a shift > 0 over all facts; ours needs a shift > tol."""
+    tol = 5e-2
+    cell = metrics.lss_cell("en", "fr", [tol / 2, tol, 2 * tol, 0.0, -tol / 2, np.nan], tol=tol, n_boot=0, seed=0)
+    assert (cell.wins, cell.n, cell.lss) == (1, 5, 0.2)  # ours: only 2 tol
+    assert cell.lss_paper == pytest.approx(3 / 6)  # the paper: tol / 2, tol and 2 tol of all 6 facts
+    assert cell.wins_paper == 3 and cell.outcomes_paper == "111000"
+    paper = metrics.lss_cell("en", "fr", [0.5, 0.5], tol=tol, n_boot=0, seed=0, paper_shift=[1e-3, np.nan])
+    assert (paper.lss, paper.lss_paper, paper.outcomes_paper) == (1.0, 0.5, "10")  # its own requests' shifts
+
+
+def test_paper_format_requests_put_a_space_before_the_object_where_ours_do_not(tiny, data_root):
+    """intervention_dod.py calculate_logprob scores prompt + " " + object in every language: for ja (our
+    separator is empty) the paper's requests are scored beside ours; en (already spaced) adds none."""
+    docs = data.lss_docs(data_root, "ja", 3)
+    assert all(c == " " + o.lstrip() and not o.startswith(" ") for d in docs
+               for c, o in zip(d["paper_choices"], d["choices"]))
+    evaluator = lss.LssEvaluator(tiny, {"n_facts": 3, "sources": ["en", "ja"]}, data_root, None)
+    keep, plain, _ = evaluator._requests_toward("fr")
+    facts = data.sample_facts(data.read_mlama(data_root).facts, 3, 0)
+    ours = [(facts[i].prompts[s], facts[i].continuation(s, o)) for s in ("en", "ja") for i in keep[s] for o in (s, "fr")]
+    paper = [(facts[i].prompts["ja"], " " + facts[i].objects[o]) for i in keep["ja"] for o in ("ja", "fr")]
+    assert [inst.args for inst in plain] == ours + paper
 
 # --- three hand-made facts, LSS computed by hand -----------------------------------------------------
 
@@ -237,27 +262,29 @@ def test_three_hand_made_facts_match_lss_computed_by_hand(tiny, artifact, hand_r
     mlama = data.read_mlama(hand_root)
     assert len(mlama.facts) == 3
     tol = default_tol(torch.float32)
+    def delta(f, s, t, paper):  # log P(obj_t) - log P(obj_s) after prompt_s, ours or in the paper's format
+        cont = (lambda o: " " + f.objects[o]) if paper else (lambda o: f.continuation(s, o))  # noqa: E731
+        return logprob(tiny, f.prompts[s], cont(t)) - logprob(tiny, f.prompts[s], cont(s))
+
     for target in langs:
         with Patch(tiny, artifact, spec_for(target)):
-            patched = {(s, i, o): logprob(tiny, f.prompts[s], f.continuation(s, o))
-                       for i, f in enumerate(mlama.facts) for s in langs for o in (s, target)}
+            patched = {(s, i, paper): delta(f, s, target, paper) for i, f in enumerate(mlama.facts) for s in langs
+                       for paper in (False, True)}
         for source in (s for s in langs if s != target):
-            wins = n = 0
+            wins = n = paper_wins = 0
             shifts = []
             for i, fact in enumerate(mlama.facts):
-                obj_s, obj_t = fact.continuation(source, source), fact.continuation(source, target)
-                if obj_s == obj_t:
-                    continue
+                if fact.objects[source] == fact.objects[target]:
+                    continue  # ours: skipped; the paper's: a shift of exactly 0, a non-win
                 n += 1
-                base = logprob(tiny, fact.prompts[source], obj_t) - logprob(tiny, fact.prompts[source], obj_s)
-                after = patched[(source, i, target)] - patched[(source, i, source)]
-                shifts.append(after - base)
-                wins += after - base > tol
+                shifts.append(patched[(source, i, False)] - delta(fact, source, target, False))
+                wins += shifts[-1] > tol
+                paper_wins += patched[(source, i, True)] - delta(fact, source, target, True) > 0
             cell = next(c for c in result.cells if c.source == source and c.target == target)
             assert (cell.n, cell.skipped) == (n, 3 - n)
             assert cell.wins == wins and cell.lss == pytest.approx(wins / n)
-            assert cell.lss_paper == pytest.approx(wins / 3)  # all 3 facts, same-string ones as non-wins
-            assert matrix_paper[source][target] == pytest.approx(wins / 3)
+            assert cell.wins_paper == paper_wins and cell.lss_paper == pytest.approx(paper_wins / 3)  # all 3 facts
+            assert matrix_paper[source][target] == pytest.approx(paper_wins / 3)
             assert cell.mean_shift == pytest.approx(np.mean(shifts), abs=1e-4)
             assert matrix[source][target] == pytest.approx(wins / n)
     en_fr = next(c for c in result.cells if c.source == "en" and c.target == "fr")
@@ -486,3 +513,41 @@ def test_bf16_noop_is_exactly_zero_with_the_paired_layout(data_root, tmp_path):
     patched = lss.lss_matrix(handle, art, lambda t: PatchSpec(t, op="mul", value=8.0), cfg, data_root, store,
                              evaluator=evaluator)
     assert patched.mean_offdiag > 0
+
+
+# --- bf16: every patch kind's no-op gives LSS exactly 0 (the unpatched run in the patched run's layout) -----
+
+@pytest.fixture(scope="module")
+def bf16_dead(data_root, tmp_path_factory):
+    """A tiny relu model at a trained model's logit scale, in bf16, whose lape neurons (3% of each layer, random)
+    never fire (lsn_exp.noops.dead_neurons); one evaluator with one store for every kind (a layout must never
+    reuse another layout's paired unpatched scores)."""
+    from conftest import load_tiny
+
+    handle = load_tiny("llama", hidden_act="relu")  # relu: a row's 10th percentile is exactly 0
+    with torch.no_grad():
+        handle.model.lm_head.weight.mul_(60.0)  # logits of std ~10, as in a trained model: layout noise shows
+    handle.model.to(torch.bfloat16)
+    shape = (len(data.LSS_LANGS), handle.adapter.n_layers, handle.adapter.d_ff)
+    lape = torch.rand(shape, generator=torch.Generator().manual_seed(0)) < 0.03
+    cfg = {"n_facts": 8, "sources": SOURCES, "targets": ["ja"], "bootstrap": 0}
+    evaluator = lss.LssEvaluator(handle, cfg, data_root, ArtifactStore(tmp_path_factory.mktemp("bf16_store")))
+    with noops.dead_neurons(handle, lape, data.LSS_LANGS) as art:
+        yield evaluator, art
+
+
+NOOP_KINDS = {kind.name: kind.build for kind in noops.kinds(relu=True)}  # the list scripts/gpu_check.py runs too
+
+
+@pytest.mark.parametrize("kind", list(NOOP_KINDS))
+def test_every_patch_kind_noop_gives_lss_exactly_0_in_bf16(kind, bf16_dead):
+    evaluator, art = bf16_dead
+    spec = NOOP_KINDS[kind]("ja")
+    found = evaluator.shifts(art, spec)
+    assert found.paper["th"] is not found.ours["th"]  # th: the paper's format has its own requests
+    for source, shift in [*found.ours.items(), *found.paper.items()]:
+        scored = shift[~np.isnan(shift)]
+        assert scored.size and np.all(scored == 0.0), (source, scored[scored != 0])
+    cells = [metrics.lss_cell(source, "ja", shift, evaluator.settings.tol, 0, 0, paper_shift=found.paper[source])
+             for source, shift in found.ours.items()]  # as LssEvaluator.score makes them
+    assert all(c.wins == 0 and c.lss == 0.0 and c.lss_paper == 0.0 and c.mean_shift == 0.0 for c in cells)

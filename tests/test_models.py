@@ -75,3 +75,41 @@ def test_cached_gemma_gives_the_same_logits_as_the_gguf():
         got = cached.model(**ids).logits
     assert torch.equal(expected, got)
     assert cached.identity["gguf_sha256"] == models.sha256_file(gguf)
+
+
+def _cache_keys(handle, data_root) -> dict:
+    """The key of every 16-bit-sensitive cache entry a job writes: recordings, LSS, downstream and generation."""
+    from lsn_exp import downstream, generate, identify, lss
+    from lsn_exp.artifacts import key_of
+    from lsn_exp.settings import eval_settings, generate_settings, identify_settings
+
+    settings = identify_settings(OmegaConf.merge(OmegaConf.load(CONF_DIR / "identify" / "lape.yaml"),
+                                                 {"languages": ["en", "fr"]}))
+    evaluated = eval_settings({"tasks": ["xcopa"], "limit": 2})
+    scores = lss.LssEvaluator(handle, {"n_facts": 2, "sources": ["en"]}, data_root, None).unpatched
+    return {"recording": key_of(identify.recording_plan(settings, handle, data_root)[2]["en"]),
+            "lss": key_of(scores.spec("en", "fr")),
+            "downstream": key_of(downstream.unpatched_spec(handle, downstream.plan(evaluated)[0], data_root,
+                                                           evaluated)),
+            "generate": key_of(generate.unpatched_spec(handle, {"en": ["Hello"]}, generate_settings({})))}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_16_bit_cache_keys_name_the_accelerator_and_fp32_keys_stay_as_they_were(dtype, data_root):
+    """16-bit kernels round differently on another card or library version: a 16-bit key holds the accelerator's
+    name (and torch / CUDA versions), so an entry from one GPU model is never read on another. fp32 keys keep
+    the device kind alone, so existing fp32 caches stay valid."""
+    from dataclasses import replace
+
+    handle = load_tiny()
+    handle.model.to(dtype)
+    here = models.device_key(handle)
+    one, other = replace(handle, device_name="Card A"), replace(handle, device_name="Card B")
+    keys_one, keys_other = _cache_keys(one, data_root), _cache_keys(other, data_root)
+    if dtype == torch.float32:
+        assert here == {"device": "cpu"}
+        assert keys_one == keys_other
+    else:
+        assert here["device"] == "cpu" and here["kernels"]["torch"] == torch.__version__ and here["kernels"]["name"]
+        assert models.device_key(one)["kernels"]["name"] == "Card A"
+        assert all(keys_one[k] != keys_other[k] for k in keys_one), (keys_one, keys_other)

@@ -7,7 +7,8 @@ statistics (for bootstraps and paired deltas) and checks that the two agree.
 import datasets
 from sacrebleu.metrics import BLEU, CHRF
 
-from lsn_exp.data import flores_mt_docs, language_of
+from lsn_exp.data import flores_mt_docs
+from lsn_exp.lid import counts_as, identify
 
 
 def load_flores_mt(lang: str, data_root=None, mt_prompt: str = "untargeted", flores_split: str = "devtest",
@@ -24,7 +25,7 @@ def prediction(output: str) -> str:
 def process_results(doc, results):
     text = prediction(results[0])
     item = (text, doc["target"], doc["bleu_tokenize"])
-    return {"chrf++": item, "bleu": item, "lang_share": float(language_of(text) == doc["lang"]),
+    return {"chrf++": item, "bleu": item, "lang_share": float(counts_as(identify([text])[0], doc["lang"])),
             "empty_share": float(text == "")}
 
 
