@@ -113,6 +113,17 @@ def n_facts(name: str, raw) -> int | str:
     return "all" if raw is None or str(raw).lower() == "all" else positive_int(name, raw)
 
 
+def threads(raw) -> int | None:
+    """``threads``: CPU threads for torch (null: torch's default)."""
+    return positive_int("threads", raw, allow_none=True)
+
+
+def prompt_domain(name: str, raw, domains) -> str:
+    if raw not in domains:
+        raise UserError(f"{name}={raw} is not a prompt domain: use one of {', '.join(domains)}")
+    return str(raw)
+
+
 def as_list(raw) -> list:
     """A list as is, a single value as a list of one."""
     return list(raw) if isinstance(raw, (list, tuple)) else [raw]
@@ -186,6 +197,18 @@ def writable_dir(name: str, raw, fix: str) -> None:
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"{name}={raw} cannot take files ({probe} is not a writable directory): {fix}")
+
+
+def scoring_processes(raw, device: str) -> int | None:
+    """``scoring_processes`` (auto: None) on ``device`` (model.device, or the kind it resolved to): above 1 only on
+    a CPU, since forked workers fail once CUDA has started; ``auto`` is decided on the resolved device."""
+    if raw == "auto":
+        return None
+    value = positive_int("scoring_processes", raw)
+    if value > 1 and device not in ("cpu", "auto"):
+        raise UserError(f"scoring_processes={value} forks scoring workers, which cannot use a model on "
+                        f"model.device={device} (a fork after CUDA starts fails): use scoring_processes=1 or auto")
+    return value
 
 
 # --- groups ------------------------------------------------------------------------------------------------

@@ -19,16 +19,19 @@ from typing import Callable, Sequence
 
 import torch
 
+from lsn_exp import checks
+
 PR_SET_PDEATHSIG = 1
 MIN_ITEMS_PER_PROCESS = 4  # below this a fork costs more than it saves (an 8-fact LSS run: 3 batches)
 
 
 def processes_for(setting, device) -> int:
-    """``scoring_processes``: auto (2 on a Linux CPU with at least 2 torch threads, else 1) or a number (1: off)."""
+    """``scoring_processes``: auto (2 on a Linux CPU with at least 2 torch threads, else 1) or a number (1: off; above
+    1 only on a CPU: a UserError elsewhere). The job asks before the model loads."""
+    kind = getattr(device, "type", str(device))
     if setting in (None, "auto"):
-        cpu = getattr(device, "type", str(device)) == "cpu"
-        return 2 if cpu and sys.platform.startswith("linux") and torch.get_num_threads() >= 2 else 1
-    return max(1, int(setting))
+        return 2 if kind == "cpu" and sys.platform.startswith("linux") and torch.get_num_threads() >= 2 else 1
+    return checks.scoring_processes(setting, kind)
 
 
 def forked_map(fn: Callable, items: Sequence, processes: int, on_result: Callable | None = None) -> list:

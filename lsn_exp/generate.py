@@ -199,8 +199,8 @@ def unpatched_spec(handle, prompts: dict[str, list[str]], settings) -> dict:
     from importlib.metadata import version
 
     return {"model": handle.identity, "dtype": str(handle.model.dtype), **device_key(handle), "prompts": prompts,
-            "max_new_tokens": settings.max_new_tokens, "repetition_n": settings.repetition_n, "generate_version": GENERATE_VERSION,
-            "transformers": version("transformers")}
+            "max_new_tokens": settings.max_new_tokens, "repetition_n": settings.repetition_n,
+            "generate_version": GENERATE_VERSION, "transformers": version("transformers")}
 
 
 def generations_entry(generations: list[Generation]) -> tuple[dict, dict]:

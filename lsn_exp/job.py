@@ -8,23 +8,22 @@ validation and dry runs load neither.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from filelock import FileLock
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from lsn_exp import data, models, outputs, preflight, settings
+from lsn_exp import data, models, outputs, preflight, resume, settings
 from lsn_exp.patch import PatchSpec
 from lsn_exp.settings import Factor, parse_factor
 from lsn_exp.steer import Intervention, SteerSpec
-from lsn_exp.results import RESULTS_FILE, LssResult, Skipped, StageOutput
+from lsn_exp.resume import completed, config_hash
+from lsn_exp.results import LssResult, Skipped, StageOutput
 from lsn_exp.tracking import WANDB_LOGGED, RunRecord, log_to_wandb, provenance
 
 if TYPE_CHECKING:
@@ -48,6 +47,7 @@ class JobContext:
     store: ArtifactStore | None = None
     artifact: NeuronArtifact | None = None
     artifact_key: str | None = None  # the neuron artifact's cache key (factor=best looks the search up by it)
+    winners: dict = field(default_factory=dict)  # target -> the factor / method best resolved to (resume.winner)
 
     def intervention(self, target: str | None = None) -> Intervention:
         """The neuron patch (and steering vector) toward ``target`` (default: the job's lang); factor=best reads
@@ -57,13 +57,17 @@ class JobContext:
             from lsn_exp import compare
 
             entry = compare.best_method(self.cfg, self.model_handle.identity, self.store, self.artifact_key, target)
+            self.winners[target] = resume.winner(self.store.root, compare.BEST_METHOD_KIND, compare.winner_key(
+                self.cfg, self.model_handle.identity, self.artifact_key, target), "method")
             return compare.method_intervention(self.cfg, entry, target, self.data_root)
         patch_cfg, factor = self.cfg.patch, self.factor
         if factor.kind == "best":
-            from lsn_exp.search import resolve_best
+            from lsn_exp.search import BEST_FACTOR_KIND, resolve_best, search_key
 
             patch_cfg, factor = resolve_best(self.model_handle.identity, self.store, self.cfg.patch, self.cfg.lss,
                                              self.artifact_key, search_command())
+            self.winners[target] = resume.winner(self.store.root, BEST_FACTOR_KIND, search_key(
+                self.model_handle.identity, self.artifact_key, self.cfg.patch, self.cfg.lss), "entry")
         prompt = self.cfg.prompt
         prefix = data.prompt_prefix(prompt.mode, target, self.data_root, int(prompt.sentence))
         return Intervention(PatchSpec.from_config(patch_cfg, factor, target),
@@ -80,9 +84,11 @@ def load_model(ctx: JobContext) -> StageOutput:
         import torch
 
         torch.set_num_threads(threads)  # e.g. the CPUs SLURM gave this task
+    # model.device=auto resolves here: forked scoring on a GPU fails before the load, not after it
+    processes = processes_for(ctx.cfg.get("scoring_processes"), models.resolve_device(ctx.cfg.model.device))
     ctx.model_handle = models.load(ctx.cfg.model, ctx.cfg.cache_dir)
-    ctx.model_handle.scoring_processes = processes_for(ctx.cfg.get("scoring_processes"), ctx.model_handle.device)
-    ctx.store = ArtifactStore(models.cache_root(ctx.cfg.cache_dir) / "artifacts" / ctx.cfg.model.name)
+    ctx.model_handle.scoring_processes = processes
+    ctx.store = ArtifactStore(resume.store_root(ctx.cfg))
     return StageOutput()
 
 
@@ -138,8 +144,9 @@ def generate_demo(ctx: JobContext) -> StageOutput:
     target, spec = ctx.cfg.lang.code, ctx.intervention()
     gen_settings = settings.generate_settings(ctx.cfg.generate)
     prompts = generate.prompt_sets(gen_settings, ctx.data_root)
-    summary, rows = generate.steering(ctx.model_handle, prompts, target, gen_settings,
-                                      intervene(ctx.model_handle, ctx.artifact, spec), spec.prefix, store=ctx.store)
+    active = intervene(ctx.model_handle, ctx.artifact, spec)
+    summary, rows = generate.steering(ctx.model_handle, prompts, target, gen_settings, active, spec.prefix,
+                                      store=ctx.store)
     for row in rows[:: max(1, len(rows) // 6)]:  # a few examples in the log
         print(f"[{row[0]}] {row[1]!r}\n  unpatched [{row[3]}] {row[2]!r}\n  {spec.describe()} [{row[6]}] {row[5]!r}")
     table = outputs.generations_csv(ctx.run_dir / "generations.csv", rows)
@@ -148,7 +155,7 @@ def generate_demo(ctx: JobContext) -> StageOutput:
               "target_share_patched": summary["all"]["patched"]["target_share"],
               "steering_success": summary["all"]["patched"]["steering_success"],
               "steering_success_ci": summary["all"]["patched"]["steering_success_ci"], "domain": gen_settings.domain,
-              "by_source": summary,
+              "by_source": summary, "steer_norm_ratio": active.summary().steer_norm_ratio,
               "generation_config": generate.greedy_config_dict(ctx.model_handle, gen_settings.max_new_tokens)}
     return StageOutput({"generate": result}, {"generate/continuations": table})
 
@@ -258,12 +265,12 @@ def run_job(cfg: DictConfig) -> RunRecord | None:
 def _run_cell(cfg: DictConfig, record: RunRecord, factor: Factor, method: str, summary: str,
               digest: str) -> RunRecord | None:
     run_dir = record.run_dir
-    if not cfg.force and completed(run_dir, digest):
+    if not cfg.force and completed(run_dir, digest, resume.store_root(cfg)):
         note_attempt(run_dir, "skipped: complete results exist for this config")
         log.info("%s | complete results exist (config %s): skipped; force=true recomputes", summary, digest)
         if cfg.logger.name == "wandb" and not (run_dir / WANDB_LOGGED).exists():  # killed while it logged
             log.info("%s | the W&B run was never completed: logging the saved results", summary)
-            log_cell(RunRecord.load(run_dir), cfg, factor, method, digest)
+            log_cell(RunRecord.load(run_dir), cfg, factor, method)
         return None
     for stale in run_dir.glob(".*.tmp"):  # a temp file of a writer killed mid-write (we hold the cell lock)
         stale.unlink(missing_ok=True)
@@ -282,7 +289,8 @@ def _run_cell(cfg: DictConfig, record: RunRecord, factor: Factor, method: str, s
         record.artifacts.update(out.artifacts)
         data_files += out.data_files
     record.results.update(stages_done=[step.__name__ for step in steps], wall_time_s=round(time.time() - started, 2),
-                          step_times_s=step_times, config_hash=digest)
+                          step_times_s=step_times, config_hash=digest, code_version=resume.code_version(),
+                          **({"winners": ctx.winners} if ctx.winners else {}))
     log.info("step write_results")
     record.provenance = provenance(ctx.model_handle.identity, data_files)
     record.provenance["data_root"] = str(ctx.data_root) if ctx.data_root else "hf-hub"
@@ -290,37 +298,17 @@ def _run_cell(cfg: DictConfig, record: RunRecord, factor: Factor, method: str, s
     note_attempt(run_dir, "completed")
     log.info("%s | %s | wrote %s | %s", summary, headline(record.results), path,
              " ".join(f"{name} {sec:.1f}s" for name, sec in step_times.items()))
-    log_cell(record, cfg, factor, method, digest)
+    log_cell(record, cfg, factor, method)
     return record
 
 
-def log_cell(record: RunRecord, cfg: DictConfig, factor: Factor, method: str, digest: str) -> None:
-    """The cell's W&B run: id from the config hash, the grouping keys at the top of its config."""
+def log_cell(record: RunRecord, cfg: DictConfig, factor: Factor, method: str) -> None:
+    """The cell's W&B run: id from the config hash and winners (resume.run_id), the grouping keys at the top."""
     name = f"{cfg.model.name}-{cfg.lang.code}-{factor}" + ("" if method == "neurons" else f"-{method}")
     keys = {"model": cfg.model.name, "lang": cfg.lang.code, "factor": str(factor), "method": method,
             "stage": cfg.stage}
-    log_to_wandb(record, cfg.logger, group=sweep_group(), name=name, job_type=cfg.stage, run_id=f"lsn-{digest}",
-                 keys=keys)
-
-
-# Settings that cannot change a cell's results: a cell finished on one machine is not recomputed on another.
-IGNORED_FOR_RESUME = ("force", "dry_run", "logger", "threads", "scoring_processes", "cache_dir")
-
-
-def config_hash(cfg: DictConfig) -> str:
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    kept = {k: v for k, v in resolved.items() if k not in IGNORED_FOR_RESUME}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def completed(run_dir: Path, digest: str) -> bool:
-    path = run_dir / RESULTS_FILE
-    if not path.exists():
-        return False
-    try:
-        return json.loads(path.read_text())["results"].get("config_hash") == digest
-    except (ValueError, KeyError):
-        return False
+    log_to_wandb(record, cfg.logger, group=sweep_group(), name=name, job_type=cfg.stage,
+                 run_id=resume.run_id(record.results), keys=keys)
 
 
 def note_attempt(run_dir: Path, what: str) -> None:

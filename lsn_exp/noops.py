@@ -7,7 +7,7 @@ A kind builds its spec toward a target. What makes it a no-op (``needs``) decide
 - ``dead``: the identity on neurons that never fire when p_max = p_median = 0 (set 0, set pmax, multiply, the
   grid's entries as they are, an empty set). ``dead_neurons`` builds such an artifact on any model;
 - ``relu``: the same, and a row's low percentiles are exactly 0 (relu activations). On another activation
-  (``kinds(relu=False)``) these kinds run in their ``mul`` form ("<name>(as mul)": 0 x the row's percentile),
+  (``kinds(relu=False)``) these kinds run in their ``mul`` form ("<name>_as_mul": 0 x the row's percentile),
   which goes through the same statistic and hook.
 """
 
@@ -98,7 +98,7 @@ def kinds(relu: bool = True, lss_cfg=None) -> list[NoopKind]:
     for name, build in {**_fixed(), **_grid(lss_cfg)}.items():
         kind = needs(build("en"))
         if kind == RELU and not relu:
-            name, build, kind = f"{name}(as mul)", (lambda t, b=build: as_mul(b(t))), DEAD
+            name, build, kind = f"{name}_as_mul", (lambda t, b=build: as_mul(b(t))), DEAD
         out.append(NoopKind(name, build, kind))
     return out
 

@@ -51,6 +51,7 @@ class PatchSummary(Serializable):
     weight_edit_layers: int
     hook_layers: int
     steer: str | None = None  # the steering vector added with the patch (lsn_exp.steer), if any
+    steer_norm_ratio: dict | None = None  # layer -> the mean share of the vector's norm the model dtype kept
 
 
 def _patch(data: dict | None) -> PatchSummary | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lsn_exp import checks, data, lid
-from lsn_exp.checks import n_facts, positive_int, rate, whole
+from lsn_exp.checks import n_facts, positive_int, rate, threads, whole
 from lsn_exp.data import LANG_ORDER, MT_PROMPTS
 from lsn_exp.errors import UserError
 from lsn_exp.prompts import DOMAINS as PROMPT_DOMAINS, check_blocks
@@ -285,22 +285,11 @@ def generate_settings(generate_cfg) -> GenerateSettings:
         prompts=checks.given_prompts(cfg.get("prompts"), path),
         max_new_tokens=positive_int("generate.max_new_tokens", cfg.get("max_new_tokens", 25)),
         repetition_n=positive_int("generate.repetition_n", cfg.get("repetition_n", 4)), max_repetition=max_repetition,
-        domain=prompt_domain("generate.domain", cfg.get("domain", "news")),
+        domain=checks.prompt_domain("generate.domain", cfg.get("domain", "news"), PROMPT_DOMAINS),
         lid=checks.choice("generate.lid", cfg.get("lid", lid.DEFAULT), lid.IDENTIFIERS))
 
 
-def prompt_domain(name: str, raw) -> str:
-    if raw not in PROMPT_DOMAINS:
-        raise UserError(f"{name}={raw} is not a prompt domain: use one of {', '.join(PROMPT_DOMAINS)}")
-    return str(raw)
-
-
 # --- the job ---------------------------------------------------------------------------------------------
-
-def threads(raw) -> int | None:
-    """``threads``: CPU threads for torch (null: torch's default)."""
-    return positive_int("threads", raw, allow_none=True)
-
 
 def validate(cfg, stages) -> None:
     """Every check a job's config can fail without loading a model (``dry_run=true`` runs it too): every key of
@@ -315,8 +304,7 @@ def validate(cfg, stages) -> None:
     factor = parse_factor(job.get("factor"))
     checks.check_job(job)
     threads(job.get("threads"))
-    if job.get("scoring_processes", "auto") != "auto":
-        positive_int("scoring_processes", job.get("scoring_processes"))
+    checks.scoring_processes(job.get("scoring_processes", "auto"), str((job.get("model") or {}).get("device", "auto")))
     from lsn_exp.models import ARCHITECTURES, model_layers
 
     checks.check_model(job["model"], ARCHITECTURES)

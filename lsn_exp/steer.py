@@ -13,6 +13,7 @@ this module to validate a config).
 
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -25,6 +26,8 @@ from lsn_exp.results import PatchSummary
 if TYPE_CHECKING:
     from lsn_exp.identify import NeuronArtifact
     from lsn_exp.models import ModelHandle
+
+log = logging.getLogger(__name__)
 
 # none: alpha multiplies the raw difference of means; unit: v / |v| (alpha in residual units, as CLaS-Bench);
 # resid_norm: v / |v| x the layer's mean token residual norm (averaged over languages): alpha is a share of it
@@ -105,32 +108,69 @@ def steering_vectors(artifact: NeuronArtifact, spec: SteerSpec, n_layers: int) -
 
 
 class Steer:
-    """``with Steer(handle, artifact, spec): ...`` adds the vectors inside the block, removes every hook on exit."""
+    """``with Steer(handle, artifact, spec): ...`` adds the vectors inside the block, removes every hook on exit.
+
+    ``norm_ratio``: per layer, the mean over steered positions of ||(h + αv) − h|| / ||αv||, h + αv as the model's
+    dtype computed it: in bf16 a vector far smaller than the residual partly rounds away (one warning per block)."""
 
     def __init__(self, handle: ModelHandle, artifact: NeuronArtifact, spec: SteerSpec):
         self.handle, self.spec = handle, spec
         self.vectors = {} if spec.is_noop else steering_vectors(artifact, spec, handle.adapter.n_layers)
         self._hooks: list = []
+        self._tally = {layer: [0.0, 0] for layer, v in self.vectors.items() if v.norm() > 0}  # [ratio sum, positions]
+        self._start: dict = {}
 
     def __enter__(self) -> Steer:
         sites = self.handle.adapter.site("resid_post")
         weight = self.handle.adapter.site("mlp.down")[0].weight
+        self._start = {layer: list(tally) for layer, tally in self._tally.items()}
         for layer, vector in self.vectors.items():
             added = vector.to(device=weight.device, dtype=weight.dtype)
-            self._hooks.append(sites[layer].register_forward_hook(_adder(added)))
+            self._hooks.append(sites[layer].register_forward_hook(
+                _adder(added, float(vector.norm()), self._tally.get(layer))))
         return self
 
     def __exit__(self, *exc) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        ratios = _ratios(self._tally, self._start)  # this block's positions only
+        if ratios and min(ratios.values()) < MIN_NORM_RATIO:
+            layer = min(ratios, key=ratios.get)
+            log.warning("steer %s: layer %d adds %.2f of the vector's norm in %s (||(h + αv) − h|| / ||αv||; %d of %d "
+                        "layers below %.1f): α is too small for the residual's precision; search α on the device "
+                        "and dtype that steer, or steer in float32 (model.dtype=float32)", self.spec.describe(),
+                        layer, ratios[layer], str(self.handle.model.dtype).replace("torch.", ""),
+                        sum(r < MIN_NORM_RATIO for r in ratios.values()), len(ratios), MIN_NORM_RATIO)
+
+    @property
+    def norm_ratio(self) -> dict[int, float]:
+        """Layer -> mean realised / requested norm of the added vector over every position steered so far."""
+        return _ratios(self._tally, {})
 
 
-def _adder(vector):
+MIN_NORM_RATIO = 0.9  # below it a layer's vector has lost more than a tenth of its norm to rounding: warned
+
+
+def _ratios(tally: dict, start: dict) -> dict[int, float]:
+    """Layer -> mean ratio over the positions counted since ``start`` (one host sync per layer)."""
+    begun = {layer: start.get(layer, [0.0, 0]) for layer in tally}
+    return {layer: float(total - begun[layer][0]) / (n - begun[layer][1])
+            for layer, (total, n) in tally.items() if n > begun[layer][1]}
+
+
+def _adder(vector, requested: float, tally: list | None):
+    """The hook adding ``vector``; it adds ||(h + v) − h|| / ``requested`` over the call's positions to ``tally``
+    (a device tensor sum: no host sync)."""
+    import torch
+
     def hook(module, args, output):  # output: resid_post [B, T, d_model] (or a tuple whose first item it is)
-        if isinstance(output, tuple):
-            return (output[0] + vector, *output[1:])
-        return output + vector
+        h = output[0] if isinstance(output, tuple) else output
+        steered = h + vector
+        if tally is not None:
+            realised = torch.linalg.vector_norm((steered - h).detach(), dim=-1, dtype=torch.float32)  # [B, T]
+            tally[0], tally[1] = tally[0] + realised.sum() / requested, tally[1] + realised.numel()
+        return (steered, *output[1:]) if isinstance(output, tuple) else steered
 
     return hook
 
@@ -163,8 +203,9 @@ class Intervened:
             self._stack = None
 
     def summary(self) -> PatchSummary:
+        ratio = None if self.steer is None else {str(k): round(v, 4) for k, v in self.steer.norm_ratio.items()}
         return replace(self.patch.summary(), patch=self.spec.describe(),
-                       steer=None if self.steer is None else self.spec.steer.describe())
+                       steer=None if self.steer is None else self.spec.steer.describe(), steer_norm_ratio=ratio)
 
 
 def intervene(handle: ModelHandle, artifact: NeuronArtifact, spec: PatchSpec | Intervention):

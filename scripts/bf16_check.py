@@ -3,9 +3,9 @@
     .venv/bin/python scripts/bf16_check.py [--model gemma3_270m] [--targets id,ja] [--n-facts 185]
 
 Loads the model twice (fp32, bf16) on the CPU, takes the fp32 neuron artifact (default identification, cached)
-for both, and scores the 15-source x len(targets) LSS matrix with a no-op patch (x1) and with pmax. In fp32
-the unpatched scores come from the shared unpatched columns (batched with all targets' objects per prompt,
-not 2); in bf16 from an unpatched run in the patched run's own layout (LssEvaluator.paired_layout).
+for both, and scores the 15-source x len(targets) LSS matrix with a no-op patch (x1) and with pmax. Both dtypes
+take the unpatched scores from a run in the patched run's own layout (LssEvaluator.paired_layout, every dtype
+since LSS_VERSION 4); the 1.63-nat bf16 figure in conf/lss/default.yaml is from the earlier shared columns.
 Prints the no-op shift distribution per dtype, facts within the tolerance, and the bf16 - fp32 gaps.
 ``--fp32-specs pmax`` skips the fp32 no-op.
 """

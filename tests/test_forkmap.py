@@ -97,6 +97,32 @@ def test_auto_uses_two_processes_on_a_multi_threaded_cpu_only():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", "mps"])
+def test_scoring_processes_above_one_on_an_accelerator_is_a_one_line_error_before_the_model_loads(device):
+    """Forked workers cannot use a model once CUDA has started: model.device=cuda with scoring_processes=2 fails in
+    settings validation (no torch there); with device=auto the job checks the resolved device before it loads."""
+    from hydra import compose, initialize_config_dir
+
+    from lsn_exp import CONF_DIR, settings
+    from lsn_exp.errors import UserError
+    from lsn_exp.job import STAGES
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        def composed(where: str, processes: str):
+            return compose(config_name="config",
+                           overrides=["model=tiny", f"model.device={where}", f"scoring_processes={processes}"])
+
+        bad, fine, auto = composed(device, "2"), [composed(device, n) for n in ("1", "auto")], composed("auto", "2")
+    with pytest.raises(UserError, match=f"scoring_processes=2 .*model.device={device}.*scoring_processes=1") as err:
+        settings.validate(bad, STAGES)
+    assert "\n" not in str(err.value)
+    for cfg in (*fine, auto):  # auto: decided once torch has resolved the device
+        settings.validate(cfg, STAGES)
+    with pytest.raises(UserError, match=f"scoring_processes=2 .*model.device={device.split(':')[0]}"):
+        forkmap.processes_for(2, torch.device(device.split(":")[0]))
+    assert forkmap.processes_for("auto", torch.device("cuda")) == forkmap.processes_for(1, torch.device("cuda")) == 1
+
+
 def _requests(instances):
     from lm_eval.api.instance import Instance
 

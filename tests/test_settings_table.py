@@ -17,6 +17,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
 from conftest import run_cli
@@ -262,6 +263,29 @@ def test_every_leaf_key_has_an_invalid_value():
         ", ".join(f"{k} (from {' '.join(v) or 'the default config'})" for k, v in missing.items())
     stale = sorted((covered | set(ACCEPTS_ANYTHING)) - set(keys))
     assert not stale, f"TABLE / ACCEPTS_ANYTHING name keys no config has: {stale}"
+
+
+WRONG_TYPES = ("5", "[xx]", "{a: 1}")  # a number, a list, a mapping: each key refuses some of them in one line
+
+
+def test_no_value_of_a_wrong_type_escapes_as_a_traceback():
+    """Every leaf key of the default config set to each of WRONG_TYPES: validation passes or says one line, it never
+    fails with a TypeError, AttributeError or the like (which the CLI would print as a traceback)."""
+    escaped = []
+    for key in leaf_keys(OmegaConf.to_container(composed(BASE), resolve=False)):
+        for value in WRONG_TYPES:
+            try:
+                cfg = with_overrides([*BASE, f"{key}={value}"])
+            except ConfigCompositionException:  # Hydra refuses it itself (a mapping onto a list): its own message
+                continue
+            try:
+                settings.validate(cfg, STAGES)
+            except UserError as err:
+                if "\n" in str(err):
+                    escaped.append(f"{key}={value}: a message of several lines")
+            except Exception as err:  # noqa: BLE001 - what this test looks for
+                escaped.append(f"{key}={value}: {type(err).__name__}: {err}")
+    assert not escaped, "\n".join(escaped)
 
 
 @pytest.mark.parametrize("overrides", PRESETS, ids=[" ".join(o) or "default" for o in PRESETS])

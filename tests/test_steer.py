@@ -136,6 +136,47 @@ def test_bad_steer_settings_are_one_line_errors(artifact):
         old.diffmean("ja")
 
 
+def _loud_model(dtype):
+    """A tiny model whose residual stream is large (embeddings x 1000), with residual means to steer by."""
+    from dataclasses import replace
+
+    from conftest import synthetic_artifact
+
+    loud = load_tiny("llama")
+    with torch.no_grad():
+        loud.model.model.embed_tokens.weight.mul_(1000)
+    loud.model.to(dtype)
+    shape = (len(LANGS), loud.adapter.n_layers)
+    means = torch.randn(*shape, loud.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    return loud, replace(synthetic_artifact(loud, LANGS), resid_mean=means, resid_norm=torch.ones(shape))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_small_vector_lost_in_bf16_is_measured_per_layer_and_warned_once(dtype, caplog):
+    """||(h + αv) − h|| / ||αv|| as applied: in bf16 a small vector on a large residual mostly rounds away (one
+    warning per steer context, naming the layer and the fix); in fp32 it arrives whole and nothing is logged."""
+    import logging
+
+    loud, means = _loud_model(dtype)
+    batch = encode(loud, ["The weather today is", "Le temps"])
+    spec = Intervention(PatchSpec("fr", op="mul", value=1.0), SteerSpec("fr", alpha=0.1, scale="unit"))
+    with caplog.at_level(logging.WARNING, logger="lsn_exp.steer"):
+        with intervene(loud, means, spec) as active:
+            logits(loud, batch)
+            logits(loud, batch)
+            ratios = active.summary().steer_norm_ratio
+    assert sorted(ratios) == [str(layer) for layer in range(loud.adapter.n_layers)]
+    warned = [r.getMessage() for r in caplog.records if "steer" in r.getMessage()]
+    if dtype == torch.float32:
+        assert all(abs(r - 1) < 1e-3 for r in ratios.values()), ratios
+        assert warned == []
+        return
+    worst = min(ratios, key=ratios.get)
+    assert ratios[worst] < 0.9, ratios
+    assert len(warned) == 1 and f"layer {worst}" in warned[0] and f"{ratios[worst]:.2f}" in warned[0]
+    assert "float32" in warned[0] and "device" in warned[0]
+
+
 # --- prompt baselines ---------------------------------------------------------------------------------------
 
 def test_prompt_baselines_build_the_documented_prefixes(data_root):
