@@ -100,9 +100,13 @@ class Comparison:
                                                            self.search.n_prompts, self.n_final)
         self.unpatched: dict = {}  # (domain, block) -> source -> unpatched generations
         self.lss = LssEvaluator(handle, {**settings.plain(cfg.lss), "n_facts": opts["lss_n_facts"]}, root, store)
-        self.search_lss = None if self.search.objective != "lss" else LssEvaluator(
-            handle, {**settings.plain(cfg.lss), "n_facts": self.search.n_facts}, root, store,
-            exclude_n_facts=reported_facts(opts["lss_n_facts"], cfg.lss.n_facts))
+        self.search_lss = self.final_lss = None
+        if self.search.objective == "lss":  # search facts, then as many fresh final facts, outside the reported
+            held, sample = reported_facts(opts["lss_n_facts"], cfg.lss.n_facts), {**settings.plain(cfg.lss),
+                                                                                   "n_facts": self.search.n_facts}
+            self.search_lss = LssEvaluator(handle, sample, root, store, exclude_n_facts=held)
+            self.final_lss = LssEvaluator(handle, sample, root, store, exclude_n_facts=held,
+                                          skip_n_facts=self.search.n_facts)
         self.xcopa = None if not opts["xcopa_limit"] else DownstreamEvaluator(
             handle, {"tasks": ["xcopa"], "limit": int(opts["xcopa_limit"]), "bootstrap": 0}, root, store)
 
@@ -128,9 +132,7 @@ class Comparison:
         """The search score of ``method`` toward ``target`` on the search (or the final) sample."""
         spec = method_intervention(self.cfg, method, target, self.root)
         if self.search_lss is not None:
-            if block == "final":
-                raise UserError("compare.search.objective=lss has no final fact sample yet: use objective=steering")
-            lss = self.search_lss.score(self.artifact, spec).mean
+            lss = (self.final_lss if block == "final" else self.search_lss).score(self.artifact, spec).mean
             return {"score": lss, "lss": lss, "steering_success": None, "ppl": None}
         found, _ = self.steering(spec, target, self.search_domain, block)
         patched, base = found["patched"], found["unpatched"]

@@ -385,12 +385,12 @@ def sample_facts(facts: list[Fact], n_facts: int | str | None, seed: int,
 
 
 def lss_docs(data_root, source: str, n_facts: int | str | None = 185, seed: int = 0,
-             exclude_n_facts: int | str | None = None, prompt_prefix: str = "") -> list[dict]:
+             exclude_n_facts: int | str | None = None, prompt_prefix: str = "", skip_n_facts: int = 0) -> list[dict]:
     """The documents of task ``lss_<source>``: one per sampled fact, choices = the object in every language
     (``paper_choices``: in the paper's format); ``prompt_prefix`` goes before every prompt (a prompt baseline)."""
     if source not in LSS_LANGS:
         raise UserError(f"lss source {source} is not an LSS language: use one of {' '.join(LSS_LANGS)}")
-    sample = sample_facts(read_mlama(mlama_root(data_root)).facts, n_facts, seed, exclude_n_facts)
+    sample = sample_facts(read_mlama(mlama_root(data_root)).facts, n_facts, seed, exclude_n_facts, int(skip_n_facts))
     return [{"fact_id": f.fact_id, "relation": f.relation, "source": source,
              "prompt": prompt_prefix + f.prompts[source],
              "choices": [f.continuation(source, lang) for lang in LSS_LANGS], "langs": list(LSS_LANGS),

@@ -76,10 +76,10 @@ class LssRequests:
 
     @classmethod
     def build(cls, settings: LssSettings, sources: tuple[str, ...], root, exclude_n_facts=None,
-              prompt_prefix: str = "") -> LssRequests:
+              prompt_prefix: str = "", skip_n_facts: int = 0) -> LssRequests:
         manager = evaluate.task_manager(metadata={"data_root": str(root), "n_facts": settings.n_facts,
                                                   "seed": settings.seed, "exclude_n_facts": exclude_n_facts,
-                                                  "prompt_prefix": prompt_prefix})
+                                                  "prompt_prefix": prompt_prefix, "skip_n_facts": skip_n_facts})
         tasks = manager.load([f"lss_{s}" for s in sources])["tasks"]
         instances, continuations, hashes, fact_ids = {}, {}, {}, None
         paper: tuple[dict, dict, dict] = ({}, {}, {})  # the paper-format instances, continuations, hashes
@@ -200,11 +200,13 @@ class LssEvaluator:
     """One model load, one HFLM, the requests built once, each target's unpatched run shared by every patch.
 
     ``score(artifact, spec)`` patches toward ``spec.target`` and returns LSS(s→t) for every source s ≠ t.
-    ``exclude_n_facts`` holds out the reporting sample of that size (a factor search's sample).
+    ``exclude_n_facts`` holds out the reporting sample of that size (a factor search's sample); ``skip_n_facts``
+    leaves out the first facts of the draw (a compare search's, so its final sample is fresh).
     """
 
     def __init__(self, handle: ModelHandle, lss_cfg, data_root, store: ArtifactStore | None,
-                 sources: tuple[str, ...] | None = None, exclude_n_facts: int | str | None = None):
+                 sources: tuple[str, ...] | None = None, exclude_n_facts: int | str | None = None,
+                 skip_n_facts: int = 0):
         self.handle = handle
         self.settings = lss_settings(lss_cfg, handle.model.dtype)
         self.batch_size = self.settings.batch_size or handle.batch_size
@@ -213,8 +215,8 @@ class LssEvaluator:
         mlama = data.read_mlama(root)
         self.mlama_summary, self.data_files = mlama.summary(), list(mlama.files)
         self.lm = evaluate.hflm(handle, self.batch_size)
-        self.root, self.exclude_n_facts = root, exclude_n_facts
-        self.requests = LssRequests.build(self.settings, self.sources, root, exclude_n_facts)
+        self.root, self.exclude_n_facts, self.skip_n_facts = root, exclude_n_facts, skip_n_facts
+        self.requests = LssRequests.build(self.settings, self.sources, root, exclude_n_facts, skip_n_facts=skip_n_facts)
         self._prefixed: dict[str, LssRequests] = {}  # prompt prefix -> the same sample with prefixed prompts
         self.fact_ids, self.n = self.requests.fact_ids, len(self.requests.fact_ids)
         self.unpatched = UnpatchedScores(handle, self.lm, self.requests, self.settings, self.batch_size, store,
@@ -233,7 +235,7 @@ class LssEvaluator:
         ``prefix`` before every prompt (a prompt baseline; the same requests when it is empty)."""
         if prefix and prefix not in self._prefixed:
             self._prefixed[prefix] = LssRequests.build(self.settings, self.sources, self.root, self.exclude_n_facts,
-                                                       prefix)
+                                                       prefix, self.skip_n_facts)
         t = LSS_LANGS.index(target)
         keep = {source: [i for i, row in enumerate(self.requests.continuations[source])
                          if row[t] != row[LSS_LANGS.index(source)]] for source in self.sources if source != target}

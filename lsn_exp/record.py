@@ -226,6 +226,9 @@ def record_language(handle: ModelHandle, sentences: list[str], max_tokens: int |
     n_prefix = 0 if prefix.token_id is None else 1
     lengths = [len(row) - n_prefix for row in ids]
     n_kept = len(ids) if max_tokens is None else select_under_cap(lengths, max_tokens)
+    if n_kept == 0:
+        raise UserError(f"identify.max_tokens={max_tokens} is below the first {desc.split()[-1]} sentence "
+                        f"({lengths[0]} tokens): raise it, or leave it null to record every sentence")
     ids = ids[:n_kept]
     n_stat = min(n_stat, n_kept)
     recorder = ActivationRecorder(handle, n_stat)

@@ -139,3 +139,11 @@ def artifact_with_vectors(handle, artifact):
     return NeuronArtifact(languages=artifact.languages, masks=artifact.masks, p_max=artifact.p_max,
                           p_median=artifact.p_median, activation_prob=artifact.activation_prob,
                           meta=artifact.meta, resid_mean=means, resid_norm=means.norm(dim=-1))
+
+
+def test_the_lss_objectives_final_facts_are_fresh(data_root):
+    held = compare.reported_facts(20, 20)
+    search = {d["fact_id"] for d in data.lss_docs(data_root, "en", 10, 0, exclude_n_facts=held)}
+    final = {d["fact_id"] for d in data.lss_docs(data_root, "en", 10, 0, exclude_n_facts=held, skip_n_facts=10)}
+    reported = {d["fact_id"] for d in data.lss_docs(data_root, "en", 20, 0)}
+    assert len(final) == 10 and not final & search and not final & reported

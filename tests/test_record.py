@@ -153,3 +153,12 @@ def test_residual_means_equal_a_hand_computed_mean_over_real_tokens(flores_dev):
         assert found.resid_mean.dtype == torch.float32
         torch.testing.assert_close(found.resid_mean[:-1].double(), want[:-1], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(found.resid_norm[:-1].double(), want_norm[:-1], atol=1e-4, rtol=1e-4)
+
+
+def test_a_cap_below_the_first_sentence_is_a_one_line_error(tiny):
+    from lsn_exp.errors import UserError
+    from lsn_exp.record import Prefix, record_language
+
+    with pytest.raises(UserError, match="identify.max_tokens=2 is below the first"):
+        record_language(tiny, ["A sentence with more than two tokens."], 2, 1, Prefix(tiny.tokenizer.bos_token_id, None, "bos"),
+                        4, "record fr")
