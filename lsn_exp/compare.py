@@ -124,9 +124,12 @@ class Comparison:
         """A row's steering measures on a domain's reported prompts, with the target's LID ceiling and how often
         the two identifiers agree on the patched continuations (lsn_exp.lid)."""
         found, texts = self.steering(spec, target, domain, "report")
-        ceiling = lid.ceilings(self.root, [target], self.gen_settings.lid)[target]["ceiling"]
-        return {"domain": domain, **shown(found["patched"]), "lid_ceiling": ceiling,
+        return {"domain": domain, **shown(found["patched"]), "lid_ceiling": self.ceiling(target),
                 "lid_agreement": lid.agreement(texts)}
+
+    def ceiling(self, target: str) -> float | None:
+        """The share of real ``target`` text the chosen identifier labels as the target (lsn_exp.lid, cached)."""
+        return lid.ceiling(self.root, target, self.gen_settings.lid)
 
     def objective(self, method: dict, target: str, block: str = "search") -> dict:
         """The search score of ``method`` toward ``target`` on the search (or the final) sample."""
@@ -190,7 +193,7 @@ class Comparison:
             texts = [g.text for g in generate.counted(done, target)]
             rows.append({"method": "unpatched", "target": target, "domain": domain, "intervention": "none",
                          "lss": 0.0, "lss_paper": 0.0, **shown(measures), "xcopa_self": 0.0, "xcopa_cross": 0.0,
-                         "lid_ceiling": lid.ceilings(self.root, [target], self.gen_settings.lid)[target]["ceiling"],
+                         "lid_ceiling": self.ceiling(target),
                          "lid_agreement": lid.agreement(texts), "seconds": 0})
         return rows
 
@@ -204,7 +207,7 @@ def shown(measures: dict) -> dict:
 def reported_facts(compare_n, lss_n) -> int | str | None:
     """The facts a compare run reports on: the larger of ``compare.lss_n_facts`` and ``lss.n_facts`` (samples of
     one seed are nested), so a search sample drawn outside them overlaps neither."""
-    sizes = [n for n in (compare_n, lss_n)]
+    sizes = (compare_n, lss_n)
     if any(n is None or str(n).lower() == "all" for n in sizes):
         raise UserError("compare.search.objective=lss needs facts outside the reported ones: set compare.lss_n_facts "
                         "and lss.n_facts to numbers, not all")
