@@ -196,7 +196,7 @@ def writable_dir(name: str, raw, fix: str) -> None:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"{name}={raw} cannot take files ({probe} is not a writable directory): {fix}")
+        raise UserError(f"{name}={raw} is not writable ({probe} cannot take files): {fix}")
 
 
 def scoring_processes(raw, device: str) -> int | None:

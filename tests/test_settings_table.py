@@ -44,7 +44,7 @@ TABLE = [
     ("threads", ["threads=0"], "threads=0 is not allowed"),
     ("threads", ["threads=abc"], "threads='abc' is not allowed"),
     ("scoring_processes", ["scoring_processes=0"], "scoring_processes=0 is not allowed"),
-    ("cache_dir", ["cache_dir=/dev/null/cache"], "cache_dir=/dev/null/cache cannot take files"),
+    ("cache_dir", ["cache_dir=/dev/null/cache"], "cache_dir=/dev/null/cache is not writable"),
     ("data.root", ["data.root=/nonexistent/data"], "does not exist: set data.root=DIR"),
     ("method_name", ["method_name=a b"], "method_name='a b' is not allowed"),
     ("layer", ["+experiment=per_layer", "layer=abc"], "patch.layers='abc' is not a layer selection"),
