@@ -32,14 +32,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from roofline import ScoringWork
 
 from lsn_exp import CONF_DIR, data, lss, models
 from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.forkmap import processes_for
 from lsn_exp.identify import NeuronArtifact
-from lsn_exp.patch import Patch, PatchSpec
-from lsn_exp.settings import lss_settings, parse_factor
-from roofline import ScoringWork
+from lsn_exp.patch import Patch
+from lsn_exp.settings import lss_settings
+from lsn_exp.specs import PatchSpec, parse_factor
 
 
 def synthetic_artifact(handle, per_lang: float, seed: int = 0) -> NeuronArtifact:

@@ -24,7 +24,8 @@ from omegaconf import OmegaConf
 
 from lsn_exp.identify import NeuronArtifact
 from lsn_exp.models import ModelHandle, load
-from lsn_exp.patch import Patch, PatchSpec
+from lsn_exp.patch import Patch
+from lsn_exp.specs import PatchSpec
 
 REPO = Path(__file__).resolve().parents[1]
 LANGS = ["en", "id"]

@@ -20,16 +20,15 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
-
 from bench_lss import synthetic_artifact
+from omegaconf import OmegaConf
 from roofline import bench_parser
+
 from lsn_exp import CONF_DIR, data, lss, models
 from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.forkmap import processes_for
-from lsn_exp.patch import PatchSpec
 from lsn_exp.record import language_stats, prefix_token
-from lsn_exp.settings import parse_factor
+from lsn_exp.specs import PatchSpec, parse_factor
 
 
 def exponent(points: list[tuple[float, float]]) -> float:

@@ -72,9 +72,7 @@ def identify(model, tokenizer, texts: str | dict[str, list[str]] = "flores", *, 
 def intervention(neurons, lang: str, factor="pmax", *, alpha: float = 0.0, steer_layers=None,
                  scale: str = "resid_norm", prompt: str = "none", data_root=None, **patch):
     """The Intervention (neuron patch, DiffMean vector, prompt baseline) toward ``lang``, as the CLI builds it."""
-    from lsn_exp.patch import PatchSpec
-    from lsn_exp.settings import parse_factor
-    from lsn_exp.steer import Intervention, SteerSpec
+    from lsn_exp.specs import Intervention, PatchSpec, SteerSpec, parse_factor
 
     if lang not in neurons.languages:
         raise UserError(f"lang={lang} has no neurons here: the artifact covers {' '.join(neurons.languages)}")

@@ -16,14 +16,20 @@ import time
 
 from omegaconf import OmegaConf
 
-from lsn_exp import data, generate, lid, metrics, outputs, settings
-from lsn_exp.prompts import GIVEN, prompt_split
-from lsn_exp.coefsearch import CoefficientRange, SearchSettings, best_point, golden_section, with_coefficient
+from lsn_exp import data, generate, lid, metrics, outputs, settings, specs
+from lsn_exp.coefsearch import (
+    CoefficientRange,
+    SearchSettings,
+    best_point,
+    golden_section,
+    with_coefficient,
+)
 from lsn_exp.downstream import DownstreamEvaluator
 from lsn_exp.errors import UserError
 from lsn_exp.lss import LssEvaluator
-from lsn_exp.patch import PatchSpec
-from lsn_exp.steer import Intervention, SteerSpec, intervene
+from lsn_exp.prompts import GIVEN, prompt_split
+from lsn_exp.specs import Intervention, PatchSpec, SteerSpec
+from lsn_exp.steer import intervene
 
 log = logging.getLogger(__name__)
 
@@ -45,23 +51,23 @@ def method_intervention(cfg, method: dict, target: str, root) -> Intervention:
     """A method entry (name, factor, patch, steer, prompt) over the job's config, toward ``target``."""
     merged = {key: OmegaConf.merge(cfg[key], method.get(key) or {}) for key in ("patch", "steer", "prompt")}
     prompt = merged["prompt"]
-    return Intervention(PatchSpec.from_config(merged["patch"], settings.parse_factor(method.get("factor", 1)), target),
+    return Intervention(PatchSpec.from_config(merged["patch"], specs.parse_factor(method.get("factor", 1)), target),
                         SteerSpec.from_config(OmegaConf.to_container(merged["steer"]), target), str(prompt.mode),
                         data.prompt_prefix(prompt.mode, target, root, int(prompt.sentence)))
 
 
 def winner_key(cfg, identity: dict, artifact_key: str | None, target: str) -> dict:
     """Everything that chose the best method toward ``target``; ``method=best`` recomputes it from its config."""
-    search = settings.plain(cfg.compare.search)
+    search = specs.plain(cfg.compare.search)
     key = {"version": WINNER_VERSION, "model": identity, "neurons": artifact_key, "target": target,
            "methods": OmegaConf.to_container(cfg.compare.methods, resolve=True), "search": search,
-           "final": settings.plain(cfg.compare.final),
-           "generate": {k: settings.plain(cfg.generate).get(k) for k in GENERATE_KEYS},
-           "base": {k: settings.plain(cfg[k]) for k in ("patch", "steer", "prompt")}}
-    if settings.plain(cfg.generate).get("prompts") is not None:  # prompts written in the config
-        key["generate"]["prompts"] = settings.plain(cfg.generate)["prompts"]
+           "final": specs.plain(cfg.compare.final),
+           "generate": {k: specs.plain(cfg.generate).get(k) for k in GENERATE_KEYS},
+           "base": {k: specs.plain(cfg[k]) for k in ("patch", "steer", "prompt")}}
+    if specs.plain(cfg.generate).get("prompts") is not None:  # prompts written in the config
+        key["generate"]["prompts"] = specs.plain(cfg.generate)["prompts"]
     if search.get("objective") == "lss":
-        key["lss"] = {k: settings.plain(cfg.lss).get(k) for k in ("seed", "n_facts", "sources", "tol")}
+        key["lss"] = {k: specs.plain(cfg.lss).get(k) for k in ("seed", "n_facts", "sources", "tol")}
     return key
 
 
@@ -86,10 +92,10 @@ class Comparison:
 
     def __init__(self, cfg, handle, artifact, root, store):
         self.cfg, self.handle, self.artifact, self.root, self.store = cfg, handle, artifact, root, store
-        opts = settings.plain(cfg.compare)
+        opts = specs.plain(cfg.compare)
         self.search = SearchSettings.of(opts["search"])
         self.n_final = settings.positive_int("compare.final.n_prompts", (opts.get("final") or {}).get("n_prompts", 8))
-        self.gen_settings = settings.generate_settings({**settings.plain(cfg.generate), "n_prompts": opts["n_prompts"]})
+        self.gen_settings = settings.generate_settings({**specs.plain(cfg.generate), "n_prompts": opts["n_prompts"]})
         given = self.gen_settings.prompts is not None or self.gen_settings.prompts_file is not None
         self.domains = [GIVEN] if given else list(opts.get("domains") or [self.gen_settings.domain])
         self.search_domain = GIVEN if given else self.search.domain
@@ -99,10 +105,10 @@ class Comparison:
             self.splits[self.search_domain] = prompt_split(self.gen_settings, root, self.search_domain, None,
                                                            self.search.n_prompts, self.n_final)
         self.unpatched: dict = {}  # (domain, block) -> source -> unpatched generations
-        self.lss = LssEvaluator(handle, {**settings.plain(cfg.lss), "n_facts": opts["lss_n_facts"]}, root, store)
+        self.lss = LssEvaluator(handle, {**specs.plain(cfg.lss), "n_facts": opts["lss_n_facts"]}, root, store)
         self.search_lss = self.final_lss = None
         if self.search.objective == "lss":  # search facts, then as many fresh final facts, outside the reported
-            held, sample = reported_facts(opts["lss_n_facts"], cfg.lss.n_facts), {**settings.plain(cfg.lss),
+            held, sample = reported_facts(opts["lss_n_facts"], cfg.lss.n_facts), {**specs.plain(cfg.lss),
                                                                                    "n_facts": self.search.n_facts}
             self.search_lss = LssEvaluator(handle, sample, root, store, exclude_n_facts=held)
             self.final_lss = LssEvaluator(handle, sample, root, store, exclude_n_facts=held,

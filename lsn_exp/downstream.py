@@ -38,10 +38,10 @@ from lsn_exp import data, evaluate, lid, metrics
 from lsn_exp.data import MT_PROMPTS
 from lsn_exp.errors import UserError
 from lsn_exp.models import device_key
-from lsn_exp.patch import PatchSpec
 from lsn_exp.results import DownstreamResult, TaskScore
 from lsn_exp.settings import TASK_FAMILIES, EvalSettings, TaskFamily, eval_settings
-from lsn_exp.steer import Intervention, intervene
+from lsn_exp.specs import Intervention, PatchSpec
+from lsn_exp.steer import intervene
 from lsn_exp.tracking import provenance, sha256_file
 
 if TYPE_CHECKING:

@@ -19,11 +19,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lsn_exp import data, models, outputs, preflight, resume, settings
-from lsn_exp.patch import PatchSpec
-from lsn_exp.settings import Factor, parse_factor
-from lsn_exp.steer import Intervention, SteerSpec
-from lsn_exp.resume import completed, config_hash
 from lsn_exp.results import LssResult, Skipped, StageOutput
+from lsn_exp.resume import completed, config_hash
+from lsn_exp.specs import Factor, Intervention, PatchSpec, SteerSpec, parse_factor
 from lsn_exp.tracking import WANDB_LOGGED, RunRecord, log_to_wandb, provenance
 
 if TYPE_CHECKING:

@@ -47,10 +47,10 @@ from lsn_exp import data, evaluate, metrics
 from lsn_exp.data import LSS_LANGS
 from lsn_exp.errors import UserError
 from lsn_exp.models import device_key
-from lsn_exp.patch import PatchSpec
 from lsn_exp.results import LssMatrix, LssResult, PatchSummary
 from lsn_exp.settings import LssSettings, lss_settings
-from lsn_exp.steer import Intervention, intervene
+from lsn_exp.specs import Intervention, PatchSpec
+from lsn_exp.steer import intervene
 from lsn_exp.tracking import provenance
 
 if TYPE_CHECKING:

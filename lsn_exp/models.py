@@ -309,7 +309,7 @@ def _weights_fingerprint(path: Path) -> str:
 
 def model_layers(model_cfg, cache_dir=None) -> int | None:
     """The model's decoder layer count read from its config alone (no weights), or None when unknown here."""
-    from lsn_exp.settings import plain
+    from lsn_exp.specs import plain
 
     cfg = plain(model_cfg)
     source = cfg.get("source")

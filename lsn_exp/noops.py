@@ -17,8 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from lsn_exp.patch import PatchSpec
-from lsn_exp.steer import Intervention, SteerSpec
+from lsn_exp.specs import Intervention, PatchSpec, SteerSpec
 
 ANY, DEAD, RELU = "any", "dead", "relu"
 ZERO_STATS = ("mean", "std", "iqr", "mad", "median", "max")  # coef x stat: coef 0 adds exactly 0

@@ -12,155 +12,24 @@ position and for every row, in scoring and in generation (KV-cache decode steps 
                      pmedian) for the target, as precomputed index and value tensors; no host sync.
   stat (test time)   v = coef * statistic of the sample's own real tokens x all d_ff neurons of the layer
                      (percentile: the coef-th percentile; lsn_exp.teststat), computed in the same hook.
-torch is imported lazily: settings.py imports this module to validate a config before anything loads.
+The spec (what to do) is ``lsn_exp.specs.PatchSpec``; this module is the runtime that does it.
 """
 
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from lsn_exp.errors import UserError
 from lsn_exp.results import PatchSummary
+from lsn_exp.specs import PatchSpec, check_layers
 
 if TYPE_CHECKING:
     import torch
 
     from lsn_exp.identify import NeuronArtifact
     from lsn_exp.models import ModelHandle
-    from lsn_exp.settings import Factor
-
-PATCHED_VALUES = ("pmax", "pmedian")
-OPS = ("mul", "set", "add")
-STATS = ("mean", "std", "iqr", "mad", "median", "max", "percentile")  # test-time statistics (lsn_exp.teststat)
-NEURON_SETS = ("lape", "baseline", "random")  # LAPE, the language-activated baseline, a random control
-
-
-# --- the spec: what to do, validated without the model ---------------------------------------------
-
-@dataclass(frozen=True)
-class PatchSpec:
-    """What a patch does to the target language's neurons (and optionally to the other languages')."""
-
-    target: str  # language code, e.g. "id"
-    neuron_set: str = "lape"  # lape | baseline | random
-    op: str = "mul"  # mul | set | add
-    value: float | None = None  # the number for op, when neither source nor stat is given
-    source: str | None = None  # pmax | pmedian: each neuron's stored value for the target
-    stat: str | None = None  # test time: mean | std | iqr | mad | median | max | percentile
-    coef: float = 1.0  # value = coef * stat; for percentile, coef is the percentile (0..100)
-    layers: tuple[int, ...] | None = None  # None: all layers
-    others_op: str | None = None  # None: leave the other languages' neurons alone; else mul | set | add
-    others_value: float | None = None
-    others_langs: tuple[str, ...] | None = None  # None: every other recorded language; e.g. ("en",)
-
-    def __post_init__(self) -> None:
-        if self.layers is not None:  # any iterable of ints -> sorted unique tuple
-            object.__setattr__(self, "layers", parse_layers(list(self.layers)))
-        _check_choice("patch.neuron_set", self.neuron_set, NEURON_SETS)
-        _check_choice("patch.op", self.op, OPS)
-        if self.stat is not None:
-            _check_choice("patch.stat", self.stat, STATS)
-        if self.source is not None:
-            _check_choice("patch source (factor)", self.source, PATCHED_VALUES)
-        given = [name for name in ("value", "source", "stat") if getattr(self, name) is not None]
-        if len(given) != 1:
-            raise UserError(f"a patch needs exactly one of value, source, stat (got {', '.join(given) or 'none'}):"
-                            f" e.g. factor=5, factor=pmax, patch.op=set patch.value=0 or patch.stat=max")
-        if self.stat == "percentile" and not 0 <= self.coef <= 100:
-            raise UserError(f"patch.coef={self.coef:g} is not a percentile: use 0..100 with patch.stat=percentile")
-        if self.others_op is not None:
-            _check_choice("patch.others_op", self.others_op, OPS)
-            if self.others_value is None:
-                raise UserError(f"patch.others_op={self.others_op} needs a number: patch.others_value=0, say")
-        if self.others_langs is not None:
-            from lsn_exp.data import languages
-
-            languages(self.others_langs)  # unknown codes: one line
-
-    @classmethod
-    def from_config(cls, patch_cfg, factor: Factor, target: str) -> PatchSpec:  # Factor: lsn_exp.settings
-        """``cfg.patch`` + ``factor``: a number multiplies, pmax|pmedian sets; patch.op/value/stat override."""
-        op, value, stat = patch_cfg.get("op"), patch_cfg.get("value"), patch_cfg.get("stat")
-        if op is None and value is not None:
-            raise UserError(f"patch.value={value} needs an op: add patch.op=set, patch.op=mul or patch.op=add")
-        if op is None:
-            op = "set" if stat is not None or factor.kind != "mul" else "mul"
-        source = None
-        if value is None and stat is None:  # the value comes from the factor
-            value, source = (factor.value, None) if factor.kind == "mul" else (None, factor.kind)
-        others_value = patch_cfg.get("others_value")
-        return cls(target=str(target), neuron_set=str(patch_cfg.get("neuron_set", "lape")), op=str(op),
-                   value=_number("patch.value", value), source=source,
-                   stat=None if stat is None else str(stat), coef=_number("patch.coef", patch_cfg.get("coef", 1.0)),
-                   layers=parse_layers(patch_cfg.get("layers")), others_op=patch_cfg.get("others_op"),
-                   others_value=_number("patch.others_value", others_value),
-                   others_langs=None if patch_cfg.get("others_langs") is None else tuple(patch_cfg.get("others_langs")))
-
-    def describe(self) -> str:
-        """Short label, e.g. ``id:lape:set=pmax``, ``id:lape:mul=5@L2-5``, ``id:lape:add=max*2:others:set=0``."""
-        if self.stat == "percentile":
-            amount = f"p{self.coef:g}"
-        elif self.stat is not None:
-            amount = self.stat if self.coef == 1 else f"{self.stat}*{self.coef:g}"
-        else:
-            amount = self.source or f"{self.value:g}"
-        label = f"{self.target}:{self.neuron_set}:{self.op}={amount}"
-        if self.layers is not None:
-            label += f"@L{_layers_label(self.layers)}"
-        if self.others_op is not None:
-            langs = "" if self.others_langs is None else f"({','.join(self.others_langs)})"
-            label += f":others{langs}:{self.others_op}={self.others_value:g}"
-        return label
-
-
-def _check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise UserError(f"{name}={value} is not allowed: use one of {', '.join(allowed)}")
-
-
-def _number(name: str, raw) -> float | None:
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        value = math.nan
-    if not math.isfinite(value):
-        raise UserError(f"{name}={raw!r} is not a finite number")
-    return value
-
-
-def parse_layers(raw, name: str = "patch.layers") -> tuple[int, ...] | None:
-    """None/"all" -> None; 3 -> (3,); "2-5" -> (2, 3, 4, 5) (inclusive); [0, 7] or "0,7" -> (0, 7). ``name``: the
-    setting, for messages."""
-    if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("all", "")):
-        return None
-    try:
-        if isinstance(raw, str) and "-" in raw.strip().lstrip("-"):
-            first, last = raw.split("-", 1)
-            layers = range(int(first), int(last) + 1)
-        elif isinstance(raw, str):
-            layers = [int(part) for part in raw.split(",")]
-        elif isinstance(raw, int) and not isinstance(raw, bool):
-            layers = [raw]
-        else:
-            layers = [int(layer) for layer in raw]
-    except (TypeError, ValueError):
-        raise UserError(f"{name}={raw!r} is not a layer selection: use null (all), a range like "
-                        f"2-5, or a list like [0,7]") from None
-    if not layers:
-        raise UserError(f"{name}={raw!r} selects no layer: use null (all), a range like 2-5, or a list")
-    if min(layers) < 0:
-        raise UserError(f"{name}={raw!r} has a negative layer: layers count from 0")
-    return tuple(sorted(set(layers)))
-
-
-def _layers_label(layers: tuple[int, ...]) -> str:
-    contiguous = len(layers) > 1 and layers == tuple(range(layers[0], layers[-1] + 1))
-    return f"{layers[0]}-{layers[-1]}" if contiguous else ",".join(map(str, layers))
 
 
 # --- the plan: what each layer does, computed once on the host ------------------------------------------
@@ -375,12 +244,3 @@ def _apply(gate: torch.Tensor, action: _Action, stat: torch.Tensor | None) -> No
 def _is_identity(op: str, value: float | None, source: str | None, stat: str | None) -> bool:
     """mul 1 and add 0 leave every activation as it is: install nothing, stay bit-identical."""
     return source is None and stat is None and ((op == "mul" and value == 1) or (op == "add" and value == 0))
-
-
-def check_layers(layers: tuple[int, ...] | None, n_layers: int, name: str = "patch.layers") -> tuple[int, ...]:
-    """The selected layers (None: all), each checked against the model's layer count."""
-    bad = [layer for layer in layers or () if not 0 <= layer < n_layers]
-    if bad:
-        raise UserError(f"{name} has layer {bad[0]} out of range: this model has {n_layers} layers, "
-                        f"use 0..{n_layers - 1}")
-    return tuple(range(n_layers)) if layers is None else layers

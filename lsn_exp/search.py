@@ -14,9 +14,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from lsn_exp.errors import UserError
-from lsn_exp.patch import PatchSpec, parse_layers
 from lsn_exp.results import FactorSearchResult
-from lsn_exp.settings import lss_settings, parse_factor, plain, search_config
+from lsn_exp.settings import lss_settings, search_config
+from lsn_exp.specs import PatchSpec, parse_factor, parse_layers, plain
 
 if TYPE_CHECKING:
     from lsn_exp.artifacts import ArtifactStore
@@ -93,7 +93,9 @@ def factor_search(handle: ModelHandle, artifact: NeuronArtifact, patch_cfg, lss_
     """Score every grid entry on mean off-diagonal LSS, rank them and save the winner for ``factor=best``.
 
     Returns the ranking and each entry's LssMatrix (name -> matrix) for the job to write."""
-    from lsn_exp import lss  # torch and lm-eval: only when a search runs (validation imports this module)
+    from lsn_exp import (
+        lss,  # torch and lm-eval: only when a search runs (validation imports this module)
+    )
 
     entries = grid(lss_cfg)
     for entry in entries:

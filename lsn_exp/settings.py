@@ -11,52 +11,15 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-
 from lsn_exp import checks, data, lid
 from lsn_exp.checks import n_facts, positive_int, rate, threads, whole
 from lsn_exp.data import LANG_ORDER, MT_PROMPTS
 from lsn_exp.errors import UserError
-from lsn_exp.prompts import DOMAINS as PROMPT_DOMAINS, check_blocks
-from lsn_exp.patch import PATCHED_VALUES, PatchSpec, check_layers
-from lsn_exp.steer import SteerSpec
+from lsn_exp.prompts import DOMAINS as PROMPT_DOMAINS
+from lsn_exp.prompts import check_blocks
+from lsn_exp.specs import PatchSpec, SteerSpec, check_layers, parse_factor, plain
 
 MAX_TOKENS_ALL = ("all", "none", "null")
-
-
-def plain(cfg) -> dict:
-    """A config node (DictConfig or mapping) as a plain dict."""
-    if cfg is None:
-        return {}
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-
-
-# --- the factor ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Factor:
-    """``factor=`` parsed: multiply by ``value``, or set to the patched value ``kind``."""
-
-    kind: str  # "mul" | "pmax" | "pmedian" | "best" (the factor search's winner, resolved by the job)
-    value: float | None = None
-
-    def __str__(self) -> str:
-        return f"{self.value:g}" if self.kind == "mul" else self.kind
-
-
-def parse_factor(raw) -> Factor:
-    text = str(raw).strip().lower()
-    if text in PATCHED_VALUES or text == "best":
-        return Factor(text)
-    try:
-        value = float(text) if not isinstance(raw, bool) else math.nan
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):  # nan, inf and words other than the names above
-        raise UserError(f"factor={str(raw)!r} is not allowed: use a finite number (multiply, e.g. factor=5 or "
-                        f"factor=0.5), one of {', '.join(PATCHED_VALUES)} (set to the patched value) or best "
-                        f"(the factor search's winner)")
-    return Factor("mul", value)
 
 
 # --- stage 1: identification -----------------------------------------------------------------------------

@@ -7,87 +7,25 @@ neuron statistics, padding and prefix excluded). A steer adds alpha * v_l (scale
 nothing, so it is bit-identical to no intervention.
 
 ``Intervention`` pairs a PatchSpec (neurons) with an optional SteerSpec (vector); ``intervene`` applies both as
-one context manager that restores the model bit for bit on exit. torch is imported lazily (settings.py imports
-this module to validate a config).
+one context manager that restores the model bit for bit on exit. The specs themselves live in ``lsn_exp.specs``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from lsn_exp.errors import UserError
-from lsn_exp.patch import Patch, PatchSpec, check_layers, parse_layers
+from lsn_exp.patch import Patch
 from lsn_exp.results import PatchSummary
+from lsn_exp.specs import Intervention, PatchSpec, SteerSpec, check_layers
 
 if TYPE_CHECKING:
     from lsn_exp.identify import NeuronArtifact
     from lsn_exp.models import ModelHandle
 
 log = logging.getLogger(__name__)
-
-# none: alpha multiplies the raw difference of means; unit: v / |v| (alpha in residual units, as CLaS-Bench);
-# resid_norm: v / |v| x the layer's mean token residual norm (averaged over languages): alpha is a share of it
-SCALES = ("none", "unit", "resid_norm")
-
-
-@dataclass(frozen=True)
-class SteerSpec:
-    """Add alpha x the target's DiffMean vector to the residual stream after each chosen layer."""
-
-    target: str
-    alpha: float = 0.0
-    layers: tuple[int, ...] | None = None  # None: all layers
-    scale: str = "resid_norm"
-
-    def __post_init__(self) -> None:
-        if not math.isfinite(self.alpha):
-            raise UserError(f"steer.alpha={self.alpha} is not a finite number")
-        if self.scale not in SCALES:
-            raise UserError(f"steer.scale={self.scale} is not allowed: use one of {', '.join(SCALES)}")
-
-    @classmethod
-    def from_config(cls, steer_cfg, target: str) -> SteerSpec:
-        cfg = dict(steer_cfg or {})
-        try:
-            alpha = float(cfg.get("alpha", 0.0))
-        except (TypeError, ValueError):
-            raise UserError(f"steer.alpha={cfg.get('alpha')!r} is not a number") from None
-        return cls(target=str(target), alpha=alpha, layers=parse_layers(cfg.get("layers"), "steer.layers"),
-                   scale=str(cfg.get("scale", "resid_norm")))
-
-    @property
-    def is_noop(self) -> bool:
-        return self.alpha == 0
-
-    def describe(self) -> str:
-        label = f"diffmean*{self.alpha:g}" + ("" if self.scale == "none" else f"({self.scale})")
-        return label + ("" if self.layers is None else f"@L{','.join(map(str, self.layers))}")
-
-
-@dataclass(frozen=True)
-class Intervention:
-    """A neuron patch, an optional steering vector and an optional prompt prefix toward one target language.
-    The prefix (a prompt baseline, ``data.prompt_prefix``) changes only the prompts: LSS and generation score
-    prefixed prompts against the plain unpatched ones."""
-
-    patch: PatchSpec
-    steer: SteerSpec | None = None
-    prompt: str = "none"  # the prompt baseline's mode (data.PROMPT_MODES)
-    prefix: str = ""  # its text, put before every prompt
-
-    @property
-    def target(self) -> str:
-        return self.patch.target
-
-    def describe(self) -> str:
-        label = self.patch.describe()
-        if self.steer is not None and not self.steer.is_noop:
-            label += f"+{self.steer.describe()}"
-        return label + ("" if self.prompt == "none" else f"+prompt:{self.prompt}")
 
 
 def steering_vectors(artifact: NeuronArtifact, spec: SteerSpec, n_layers: int) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lsn_exp.patch import STATS
+from lsn_exp.specs import STATS
 
 
 def sample_statistic(gate: torch.Tensor, real: torch.Tensor, stat: str, coef: float) -> torch.Tensor:

@@ -20,9 +20,9 @@ from omegaconf import OmegaConf
 
 from lsn_exp import CONF_DIR, identify, lss, metrics, models
 from lsn_exp.artifacts import ArtifactStore
-from lsn_exp.patch import PatchSpec
 from lsn_exp.results import mean_over
 from lsn_exp.settings import default_tol
+from lsn_exp.specs import PatchSpec
 
 SPECS = {"noop": lambda t: PatchSpec(t, op="mul", value=1.0), "pmax": lambda t: PatchSpec(t, op="set", source="pmax")}
 

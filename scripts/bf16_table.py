@@ -26,14 +26,14 @@ import time
 import traceback
 from pathlib import Path
 
+import checklib  # scripts/ is on sys.path when this file runs
 import numpy as np
 from omegaconf import OmegaConf
 
-import checklib  # scripts/ is on sys.path when this file runs
 from lsn_exp import generate, identify, job, lss
-from lsn_exp.patch import PatchSpec
 from lsn_exp.prompts import prompt_split
-from lsn_exp.settings import generate_settings, parse_factor
+from lsn_exp.settings import generate_settings
+from lsn_exp.specs import PatchSpec, parse_factor
 from lsn_exp.steer import intervene
 
 DTYPES = ("float32", "bfloat16")

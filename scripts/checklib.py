@@ -19,7 +19,7 @@ for _key, _value in (("HF_HUB_OFFLINE", "1"), ("WANDB_MODE", "disabled"), ("TOKE
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from lsn_exp import CONF_DIR, REPO_ROOT, data, job, metrics, models, settings  # noqa: E402
+from lsn_exp import CONF_DIR, REPO_ROOT, data, job, metrics, models, settings, specs  # noqa: E402
 from lsn_exp.results import mean_over  # noqa: E402
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # roofline.py, bench_record.py
@@ -48,7 +48,7 @@ def fresh_cache(root: Path) -> Path:
 def load_job(cfg, run_dir: Path) -> job.JobContext:
     """A job's context after its load_model step (the model on cfg.model.device in cfg.model.dtype)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    ctx = job.JobContext(cfg=cfg, factor=settings.parse_factor(cfg.factor), run_dir=run_dir,
+    ctx = job.JobContext(cfg=cfg, factor=specs.parse_factor(cfg.factor), run_dir=run_dir,
                          data_root=data.resolve_root(cfg.data.root))
     job.load_model(ctx)
     return ctx

@@ -32,14 +32,20 @@ import time
 import traceback
 from pathlib import Path
 
+import checklib  # scripts/ is on sys.path when this file runs
 import numpy as np
 import torch
 
-import checklib  # scripts/ is on sys.path when this file runs
 from lsn_exp import compare, data, evaluate, lss, noops
 from lsn_exp.artifacts import ArtifactStore
-from lsn_exp.patch import PatchSpec
-from lsn_exp.record import ActivationRecorder, Batch, make_batches, prefix_token, tokenize
+from lsn_exp.record import (
+    ActivationRecorder,
+    Batch,
+    make_batches,
+    prefix_token,
+    tokenize,
+)
+from lsn_exp.specs import PatchSpec
 from lsn_exp.steer import intervene
 
 FULL = {"languages": "all", "max_tokens": 20000, "n_facts": 20, "targets": "id,ja,th", "sources": "all",

@@ -17,8 +17,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lsn_exp import CONF_DIR, REPO_ROOT, data, generate, identify, lid
-from lsn_exp.patch import Patch, PatchSpec
-from lsn_exp.settings import parse_factor
+from lsn_exp.patch import Patch
+from lsn_exp.specs import PatchSpec, parse_factor
 
 NEUTRAL = data.prompts_from_file(REPO_ROOT / "scripts" / "neutral_prompts.yaml")["en"]
 

@@ -7,15 +7,14 @@ import sys
 
 import pytest
 import torch
+from conftest import load_tiny
 from omegaconf import OmegaConf
 
 from lsn_exp import CONF_DIR, REPO_ROOT, api, identify, lss
 from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.errors import UserError
-from lsn_exp.patch import PatchSpec
-from lsn_exp.settings import parse_factor
+from lsn_exp.specs import PatchSpec, parse_factor
 from lsn_exp.steer import intervene
-from conftest import load_tiny
 
 LANGS = ["en", "fr", "ja"]
 

@@ -13,15 +13,14 @@ import numpy as np
 import pytest
 import sacrebleu
 import torch
+from conftest import synthetic_artifact
 
 from lsn_exp import data, downstream, evaluate, metrics, outputs
 from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.errors import UserError
-from lsn_exp.patch import PatchSpec
-from lsn_exp.settings import parse_factor
 from lsn_exp.results import DownstreamResult, MetricDelta, TaskScore
 from lsn_exp.settings import TASK_FAMILIES
-from conftest import synthetic_artifact
+from lsn_exp.specs import PatchSpec, parse_factor
 
 LOCAL = ["xcopa", "xwinograd", "flores_mt", "flores_ppl"]
 
@@ -39,9 +38,9 @@ def requests(data_root, task: str, n: int = 1, **metadata) -> list[list[tuple]]:
 # --- request formats, worked out by hand ------------------------------------------------------------------
 
 def test_connectives_are_lm_evals():
-    import lm_eval
-
     from pathlib import Path
+
+    import lm_eval
 
     path = Path(lm_eval.__file__).parent / "tasks" / "xcopa" / "utils.py"
     spec = importlib.util.spec_from_file_location("lm_eval_xcopa_utils", path)
@@ -137,9 +136,9 @@ def test_group_outputs_merge_subtasks_like_include():
 
 
 def test_include_task_names_exist_in_lm_eval():
-    import lm_eval
-
     from pathlib import Path
+
+    import lm_eval
 
     root = Path(lm_eval.__file__).parent / "tasks" / "include" / "default"
     groups = {p.stem.lstrip("_") for p in root.glob("*/_include_base_44_*.yaml")}

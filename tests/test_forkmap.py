@@ -10,11 +10,12 @@ import sys
 import psutil
 import pytest
 import torch
-
-from lsn_exp import data, evaluate, forkmap
-from lsn_exp.patch import Patch, PatchSpec
 from conftest import synthetic_artifact
 from test_lss import _lss_instances
+
+from lsn_exp import data, evaluate, forkmap
+from lsn_exp.patch import Patch
+from lsn_exp.specs import PatchSpec
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked scoring runs on Linux only")
 

@@ -11,14 +11,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import synthetic_artifact
 
 from lsn_exp import data, evaluate, lss, metrics, noops, outputs, search
 from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.errors import UserError
-from lsn_exp.patch import Patch, PatchSpec
+from lsn_exp.patch import Patch
 from lsn_exp.results import FactorSearchResult, LssCell, LssMatrix, LssResult
 from lsn_exp.settings import default_tol, lss_settings
-from conftest import synthetic_artifact
+from lsn_exp.specs import PatchSpec
 
 SOURCES = ["en", "ja", "th"]  # a spaced language and two written without spaces before the object
 

@@ -7,8 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lsn_exp import CONF_DIR, data, noops, search
-from lsn_exp.patch import PatchSpec
-from lsn_exp.steer import Intervention, SteerSpec
+from lsn_exp.specs import Intervention, PatchSpec, SteerSpec
 
 
 def test_every_grid_entry_and_every_op_has_a_noop_kind_that_says_what_makes_it_one():

@@ -16,8 +16,8 @@ from lsn_exp import identify
 from lsn_exp.errors import UserError
 from lsn_exp.identify import NeuronArtifact
 from lsn_exp.models import ModelHandle, load
-from lsn_exp.patch import NEURON_SETS, STATS, Patch, PatchSpec, parse_layers
-from lsn_exp.settings import parse_factor
+from lsn_exp.patch import Patch
+from lsn_exp.specs import NEURON_SETS, STATS, PatchSpec, parse_factor, parse_layers
 from lsn_exp.teststat import sample_statistic
 
 REPO = Path(__file__).resolve().parents[1]

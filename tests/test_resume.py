@@ -75,7 +75,7 @@ def test_a_best_cell_reruns_when_a_new_winner_is_stored(tmp_path):
 
 def test_the_job_records_the_winner_factor_best_resolved_to(tmp_path, tiny):
     from lsn_exp.job import JobContext
-    from lsn_exp.settings import parse_factor
+    from lsn_exp.specs import parse_factor
 
     cfg = composed("lang=fr", "factor=best", hydra=True)
     HydraConfig.instance().set_config(cfg)

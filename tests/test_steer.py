@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import load_tiny
 
 from lsn_exp import identify
 from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.errors import UserError
-from lsn_exp.patch import PatchSpec
-from lsn_exp.steer import Intervention, SteerSpec, intervene, steering_vectors
-from conftest import load_tiny
+from lsn_exp.specs import Intervention, PatchSpec, SteerSpec
+from lsn_exp.steer import intervene, steering_vectors
 
 LANGS = ["en", "fr", "ja"]
 

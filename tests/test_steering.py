@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lsn_exp import REPO_ROOT, data, generate, identify
-from lsn_exp.patch import Patch, PatchSpec
+from lsn_exp.patch import Patch
+from lsn_exp.specs import PatchSpec
 
 NEUTRAL = data.prompts_from_file(REPO_ROOT / "scripts" / "neutral_prompts.yaml")["en"]
 
