@@ -17,13 +17,7 @@ import time
 from omegaconf import OmegaConf
 
 from lsn_exp import data, generate, lid, metrics, outputs, settings, specs
-from lsn_exp.coefsearch import (
-    CoefficientRange,
-    SearchSettings,
-    best_point,
-    golden_section,
-    with_coefficient,
-)
+from lsn_exp.coefsearch import CoefficientRange, SearchSettings, best_point, golden_section, with_coefficient
 from lsn_exp.downstream import DownstreamEvaluator
 from lsn_exp.errors import UserError
 from lsn_exp.lss import LssEvaluator

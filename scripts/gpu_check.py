@@ -38,13 +38,7 @@ import torch
 
 from lsn_exp import compare, data, evaluate, lss, noops
 from lsn_exp.artifacts import ArtifactStore
-from lsn_exp.record import (
-    ActivationRecorder,
-    Batch,
-    make_batches,
-    prefix_token,
-    tokenize,
-)
+from lsn_exp.record import ActivationRecorder, Batch, make_batches, prefix_token, tokenize
 from lsn_exp.specs import PatchSpec
 from lsn_exp.steer import intervene
 
