@@ -25,10 +25,10 @@ import os
 from dataclasses import dataclass
 
 from omegaconf import OmegaConf
+from roofline import ScoringWork
 
 from lsn_exp import CONF_DIR, data, evaluate, lss, models
-from lsn_exp.settings import TASK_FAMILIES
-from roofline import ScoringWork
+from lsn_exp.taskindex import TASK_FAMILIES
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import safetensors.torch
 import torch
 from filelock import FileLock
 
-from lsn_exp.tracking import write_text_atomic
+from lsn_exp.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 

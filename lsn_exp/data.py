@@ -141,9 +141,7 @@ MT_PROMPTS = {
 
 
 def flores_mt_docs(data_root, lang: str, split: str = "devtest", prompt: str = "untargeted") -> list[dict]:
-    """English -> ``lang`` documents: source, target, the rendered prompt and the BLEU tokenizer for ``lang``."""
-    from lsn_exp.metrics import bleu_tokenizer
-
+    """English -> ``lang`` documents: source, target and the rendered prompt."""
     if lang == "en" or lang not in LANG_ORDER:
         raise UserError(f"flores_mt translates English into one of {' '.join(LANG_ORDER[1:])}, not {lang}")
     if prompt not in MT_PROMPTS:
@@ -152,7 +150,7 @@ def flores_mt_docs(data_root, lang: str, split: str = "devtest", prompt: str = "
     sources = flores(root, languages(["en"])[0], split).sentences
     targets = flores(root, target, split).sentences
     assert len(sources) == len(targets), "FLORES files must be line-aligned"
-    return [{"id": i, "source": s, "target": t, "lang": lang, "bleu_tokenize": bleu_tokenizer(lang),
+    return [{"id": i, "source": s, "target": t, "lang": lang,
              "prompt": MT_PROMPTS[prompt].format(source=s, target_name=target.name)}
             for i, (s, t) in enumerate(zip(sources, targets))]
 

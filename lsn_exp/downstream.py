@@ -1,7 +1,7 @@
 """Downstream evaluation: does amplifying language t's neurons help or hurt tasks in t (self-language) and
 in the other languages (cross-language)?
 
-Task families (``settings.TASK_FAMILIES``; every family runs for every language it covers):
+Task families (``taskindex.TASK_FAMILIES``; every family runs for every language it covers):
   xcopa       xcopa_local_<l>      11 langs   acc        lm-eval's xcopa format on the local copy
   xwinograd   xwinograd_local_<l>   6 langs   acc        lm-eval's partial scoring on the local copy
   include     include_base_44_<n>  13 langs   acc        lm-eval's own tasks; HF hub only (skipped offline)
@@ -37,12 +37,14 @@ import torch
 from lsn_exp import data, evaluate, lid, metrics
 from lsn_exp.data import MT_PROMPTS
 from lsn_exp.errors import UserError
+from lsn_exp.files import sha256_file
 from lsn_exp.models import device_key
 from lsn_exp.results import DownstreamResult, TaskScore
-from lsn_exp.settings import TASK_FAMILIES, EvalSettings, TaskFamily, eval_settings
+from lsn_exp.settings import EvalSettings, eval_settings
 from lsn_exp.specs import Intervention, PatchSpec
 from lsn_exp.steer import intervene
-from lsn_exp.tracking import provenance, sha256_file
+from lsn_exp.taskindex import TASK_FAMILIES, TaskFamily
+from lsn_exp.tracking import provenance
 
 if TYPE_CHECKING:
     from lsn_exp.artifacts import ArtifactStore

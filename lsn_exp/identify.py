@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import torch
 
 from lsn_exp.errors import UserError
+from lsn_exp.files import sha256_file
 from lsn_exp.models import device_key
 from lsn_exp.record import Recording
-from lsn_exp.tracking import sha256_file
 
 
 @dataclass

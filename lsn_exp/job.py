@@ -241,7 +241,7 @@ STAGES: dict[str, list[Callable[[JobContext], StageOutput]]] = {
 
 
 def run_job(cfg: DictConfig) -> RunRecord | None:
-    settings.validate(cfg, STAGES)  # every config mistake, before anything loads (dry runs too)
+    preflight.validate(cfg, STAGES)  # every config mistake, before anything loads (dry runs too)
     factor = parse_factor(cfg.factor)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     method = cfg.get("method_name", "neurons")

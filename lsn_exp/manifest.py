@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lsn_exp.tracking import sha256_file, write_text_atomic
+from lsn_exp.files import sha256_file, write_text_atomic
 
 MANIFEST = "lsn_manifest.json"
 _passed: set[tuple[str, int, int]] = set()

@@ -27,7 +27,7 @@ from typing import Any
 
 from lsn_exp import manifest
 from lsn_exp.errors import UserError
-from lsn_exp.tracking import sha256_file
+from lsn_exp.files import sha256_file
 
 log = logging.getLogger(__name__)
 

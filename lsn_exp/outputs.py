@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lsn_exp import metrics, plots
 from lsn_exp.results import DownstreamResult, LssCell, LssMatrix, cell_matrix
-from lsn_exp.settings import TASK_FAMILIES
+from lsn_exp.taskindex import TASK_FAMILIES
 
 
 def write_csv(path: Path, header: list[str], rows) -> Path:

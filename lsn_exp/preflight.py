@@ -1,4 +1,10 @@
-"""Before anything loads: are the places a job writes to writable? One line if not, never a traceback.
+"""Before anything loads: is the config valid, and are the places a job writes to writable? One line if not,
+never a traceback.
+
+``validate(cfg, stages)`` runs every check a job's config can fail (a dry run included), so a sweep is checked
+before it goes to SLURM: each stage's settings parser (lsn_exp.settings) and each stage's own checks (layer
+ranges against the model's config, the factor search's grid, a neuron folder's card, lm-eval task names). Only
+light imports here (no torch, no lm-eval at import): a bad override fails in well under a second.
 
 Hydra creates the run (or sweep) dir before our code runs, so its check is a Hydra callback
 (``hydra.callbacks.preflight`` in conf/config.yaml) that runs first; the cache dir is checked by the
@@ -15,7 +21,17 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from lsn_exp import checks, data
+from lsn_exp.coefsearch import check_compare
 from lsn_exp.errors import UserError, exit_with
+from lsn_exp.models import ARCHITECTURES, model_layers
+from lsn_exp.neurons import read_card
+from lsn_exp.prompts import DOMAINS as PROMPT_DOMAINS
+from lsn_exp.prompts import check_blocks
+from lsn_exp.search import grid_specs
+from lsn_exp.settings import eval_settings, generate_settings, identify_settings, lss_settings, search_config
+from lsn_exp.specs import PatchSpec, SteerSpec, check_layers, parse_factor, plain
+from lsn_exp.taskindex import TASK_FAMILIES, check_lm_eval_tasks
 
 PROBE = ".lsn_write_probe"
 
@@ -58,3 +74,91 @@ def _exit_if_unwritable(path: Path, what: str, fix: str) -> None:
         require_writable(path, what, fix)
     except UserError as err:
         exit_with(str(err))
+
+
+# --- the whole job ---------------------------------------------------------------------------------------------
+
+def validate(cfg, stages) -> None:
+    """Every check a job's config can fail without loading a model (``dry_run=true`` runs it too): every key of
+    every group, whatever the stage; the prompt blocks, lm-eval task names and layer ranges where the stage uses them.
+
+    Raises UserError (one line). Layer ranges are checked against the model's config when it is on disk.
+    """
+    stage = cfg.get("stage")
+    if not isinstance(stage, str) or stage not in stages:
+        raise UserError(f"stage={stage} is not one of {', '.join(stages)}")
+    job = plain(cfg)
+    factor = parse_factor(job.get("factor"))
+    checks.check_job(job)
+    checks.threads(job.get("threads"))
+    checks.scoring_processes(job.get("scoring_processes", "auto"), str((job.get("model") or {}).get("device", "auto")))
+    checks.check_model(job["model"], ARCHITECTURES)
+    checks.check_logger(job.get("logger") or {})
+    target = checks.check_lang(job["lang"])
+    checks.check_prompt(job.get("prompt") or {})
+    if stage == "downstream" and (job.get("prompt") or {}).get("mode", "none") != "none":
+        raise UserError("prompt baselines are scored on LSS and generation, not on downstream tasks: "
+                        "use prompt.mode=none with stage=downstream")
+    _check_stage_settings(job, stage)
+    patch_cfg = dict(job["patch"])
+    if patch_cfg.get("others_langs") is not None:
+        checks.lang_codes("patch.others_langs", patch_cfg["others_langs"])
+    if factor.kind == "best":  # the winner brings op/value/stat; the rest of the patch must still parse
+        patch_cfg.update(op=None, value=None, stat=None)
+        factor = parse_factor(1)
+    spec = PatchSpec.from_config(patch_cfg, factor, target)
+    steer = SteerSpec.from_config(job.get("steer"), target)
+    n_layers = model_layers(cfg.model, job.get("cache_dir"))
+    for name, layers in (("patch.layers", spec.layers), ("steer.layers", steer.layers)):
+        if layers is not None and n_layers is not None:
+            check_layers(layers, n_layers, name)
+    _check_compare(job, stage, target)
+    checks.check_grid(job["lss"])
+    grid_specs(job["lss"], job["patch"], target)  # the factor search's grid (stage=factor_search, factor=best)
+
+
+def _check_stage_settings(job: dict, stage: str) -> None:
+    """identify, lss (and its search sample), eval and generate, each parsed as its stage parses it."""
+    identify_settings(job["identify"])
+    folder = job["identify"].get("from")
+    if folder is not None:
+        try:
+            read_card(checks.text("identify.from", folder, hint="a neuron folder (python -m lsn_exp.neurons export)"))
+        except UserError as err:
+            raise UserError(f"identify.from={folder}: {err}") from None
+    lss_settings(job["lss"])
+    lss_settings(search_config(job["lss"]), key="lss.search")
+    evaluated = eval_settings(job["eval"])
+    if stage == "downstream":
+        check_lm_eval_tasks([n for n in evaluated.families if n not in TASK_FAMILIES], evaluated.include_path,
+                            list(TASK_FAMILIES))
+
+
+def _check_compare(job: dict, stage: str, target: str) -> None:
+    """``compare``'s settings and every method's intervention, always; its prompt blocks where a compare run (or
+    method=best, which looks one up) reads them."""
+    generated = generate_settings(job.get("generate"))
+    compare_cfg = job["compare"]
+    methods = checks.check_compare_sizes(compare_cfg)
+    found = check_compare(compare_cfg, PROMPT_DOMAINS)
+    for method in methods:
+        _check_method(job, method, target)
+    if stage == "compare" or job.get("method_name") == "best":  # the methods, ranges and search sample
+        check_blocks(generated, data.resolve_root((job.get("data") or {}).get("root")), compare_cfg["domains"],
+                     found, compare_cfg)
+
+
+def _check_method(job: dict, method: dict, target: str) -> None:
+    """A compare.methods entry parses as the job's own settings would: its factor and patch / steer / prompt."""
+    try:
+        merged = {}
+        for group in ("patch", "steer", "prompt"):
+            extra = method.get(group) or {}
+            if not isinstance(extra, dict) or set(extra) - set(job[group]):
+                raise UserError(f"{group}={extra!r} is not allowed: use keys of {group} ({', '.join(job[group])})")
+            merged[group] = {**job[group], **extra}
+        PatchSpec.from_config(merged["patch"], parse_factor(method.get("factor", 1)), target)
+        SteerSpec.from_config(merged["steer"], target)
+        checks.check_prompt(merged["prompt"])
+    except UserError as err:
+        raise UserError(f"compare.methods {method.get('name')!r}: {err}") from None

@@ -1,8 +1,7 @@
-"""Typed settings of each stage, parsed from the Hydra config and validated before any model loads.
+"""Typed settings of each stage, parsed from the Hydra config.
 
-``validate(cfg, stages)`` runs every check a job's config can fail (a dry run included), so a sweep is checked
-before it goes to SLURM. Each mistake is a ``UserError``: one line naming the fix. Only light imports here
-(no torch, no lm-eval): a bad override must fail in well under a second after Hydra composes the config.
+Each mistake is a ``UserError``: one line naming the fix. This module imports no stage and no torch or lm-eval;
+``lsn_exp.preflight.validate`` composes these parsers with each stage's own checks before any model loads.
 """
 
 from __future__ import annotations
@@ -11,13 +10,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lsn_exp import checks, data, lid
-from lsn_exp.checks import n_facts, positive_int, rate, threads, whole
+from lsn_exp import checks, lid
+from lsn_exp.checks import n_facts, positive_int, rate, whole
 from lsn_exp.data import LANG_ORDER, MT_PROMPTS
 from lsn_exp.errors import UserError
 from lsn_exp.prompts import DOMAINS as PROMPT_DOMAINS
-from lsn_exp.prompts import check_blocks
-from lsn_exp.specs import PatchSpec, SteerSpec, check_layers, parse_factor, plain
+from lsn_exp.specs import plain
+from lsn_exp.taskindex import TASK_FAMILIES
 
 MAX_TOKENS_ALL = ("all", "none", "null")
 
@@ -114,39 +113,6 @@ def search_config(lss_cfg) -> dict:
 # --- stage 4: downstream ---------------------------------------------------------------------------------
 
 FLORES_SPLITS = ("dev", "devtest")
-
-
-@dataclass(frozen=True)
-class TaskFamily:
-    """A downstream task family (eval.tasks): one lm-eval task per language it covers; or (kind ``lm_eval``)
-    one lm-eval task or group by name, every per-document metric it logs."""
-
-    name: str
-    kind: str  # mc | mt | ppl
-    metrics: tuple[str, ...]
-    task_pattern: str  # {code}: our language code, {dataset}: the dataset's code for it
-    lang_field: str | None  # Language attribute naming the dataset's code; None: every language
-    exclude: tuple[str, ...] = ()
-    local: bool = True  # our task dir (offline); False: lm-eval's tasks from the HF hub
-
-    def langs(self) -> list[str]:
-        """Our codes of the languages it covers, in the paper's order."""
-        covered = data.LANG_ORDER if self.lang_field is None else data.covered(self.lang_field)
-        return [code for code in covered if code not in self.exclude]
-
-    def task(self, code: str) -> str:
-        lang = data.language_registry()[code]
-        return self.task_pattern.format(code=code, dataset=getattr(lang, self.lang_field) if self.lang_field else code)
-
-
-TASK_FAMILIES = {
-    "xcopa": TaskFamily("xcopa", "mc", ("acc",), "xcopa_local_{code}", "xcopa"),
-    "xwinograd": TaskFamily("xwinograd", "mc", ("acc",), "xwinograd_local_{code}", "xwinograd"),
-    "include": TaskFamily("include", "mc", ("acc",), "include_base_44_{dataset}", "include", local=False),
-    "flores_mt": TaskFamily("flores_mt", "mt", ("chrf++", "bleu", "lang_share", "empty_share"), "flores_mt_{code}",
-                        None, exclude=("en",)),
-    "flores_ppl": TaskFamily("flores_ppl", "ppl", ("ll_per_token", "ppl", "bits_per_byte"), "flores_ppl_{code}", None),
-}
 
 
 @dataclass(frozen=True)
@@ -250,101 +216,3 @@ def generate_settings(generate_cfg) -> GenerateSettings:
         repetition_n=positive_int("generate.repetition_n", cfg.get("repetition_n", 4)), max_repetition=max_repetition,
         domain=checks.prompt_domain("generate.domain", cfg.get("domain", "news"), PROMPT_DOMAINS),
         lid=checks.choice("generate.lid", cfg.get("lid", lid.DEFAULT), lid.IDENTIFIERS))
-
-
-# --- the job ---------------------------------------------------------------------------------------------
-
-def validate(cfg, stages) -> None:
-    """Every check a job's config can fail without loading a model (``dry_run=true`` runs it too): every key of
-    every group, whatever the stage; the prompt blocks, lm-eval task names and layer ranges where the stage uses them.
-
-    Raises UserError (one line). Layer ranges are checked against the model's config when it is on disk.
-    """
-    stage = cfg.get("stage")
-    if not isinstance(stage, str) or stage not in stages:
-        raise UserError(f"stage={stage} is not one of {', '.join(stages)}")
-    job = plain(cfg)
-    factor = parse_factor(job.get("factor"))
-    checks.check_job(job)
-    threads(job.get("threads"))
-    checks.scoring_processes(job.get("scoring_processes", "auto"), str((job.get("model") or {}).get("device", "auto")))
-    from lsn_exp.models import ARCHITECTURES, model_layers
-
-    checks.check_model(job["model"], ARCHITECTURES)
-    checks.check_logger(job.get("logger") or {})
-    target = checks.check_lang(job["lang"])
-    checks.check_prompt(job.get("prompt") or {})
-    if stage == "downstream" and (job.get("prompt") or {}).get("mode", "none") != "none":
-        raise UserError("prompt baselines are scored on LSS and generation, not on downstream tasks: "
-                        "use prompt.mode=none with stage=downstream")
-    _check_stage_settings(job, stage)
-    patch_cfg = dict(job["patch"])
-    if patch_cfg.get("others_langs") is not None:
-        checks.lang_codes("patch.others_langs", patch_cfg["others_langs"])
-    if factor.kind == "best":  # the winner brings op/value/stat; the rest of the patch must still parse
-        patch_cfg.update(op=None, value=None, stat=None)
-        factor = parse_factor(1)
-    spec = PatchSpec.from_config(patch_cfg, factor, target)
-    steer = SteerSpec.from_config(job.get("steer"), target)
-    n_layers = model_layers(cfg.model, job.get("cache_dir"))
-    for name, layers in (("patch.layers", spec.layers), ("steer.layers", steer.layers)):
-        if layers is not None and n_layers is not None:
-            check_layers(layers, n_layers, name)
-    _check_compare(job, stage, target)
-    from lsn_exp.search import grid_specs  # search imports this module
-
-    checks.check_grid(job["lss"])
-    grid_specs(job["lss"], job["patch"], target)  # the factor search's grid (stage=factor_search, factor=best)
-
-
-def _check_stage_settings(job: dict, stage: str) -> None:
-    """identify, lss (and its search sample), eval and generate, each parsed as its stage parses it."""
-    identify_settings(job["identify"])
-    folder = job["identify"].get("from")
-    if folder is not None:
-        from lsn_exp.neurons import read_card
-
-        try:
-            read_card(checks.text("identify.from", folder, hint="a neuron folder (python -m lsn_exp.neurons export)"))
-        except UserError as err:
-            raise UserError(f"identify.from={folder}: {err}") from None
-    lss_settings(job["lss"])
-    lss_settings(search_config(job["lss"]), key="lss.search")
-    evaluated = eval_settings(job["eval"])
-    if stage == "downstream":
-        from lsn_exp.taskindex import check_lm_eval_tasks
-
-        check_lm_eval_tasks([n for n in evaluated.families if n not in TASK_FAMILIES], evaluated.include_path,
-                            list(TASK_FAMILIES))
-
-
-def _check_compare(job: dict, stage: str, target: str) -> None:
-    """``compare``'s settings and every method's intervention, always; its prompt blocks where a compare run (or
-    method=best, which looks one up) reads them."""
-    from lsn_exp.coefsearch import check_compare
-
-    generated = generate_settings(job.get("generate"))
-    compare_cfg = job["compare"]
-    methods = checks.check_compare_sizes(compare_cfg)
-    found = check_compare(compare_cfg, PROMPT_DOMAINS)
-    for method in methods:
-        _check_method(job, method, target)
-    if stage == "compare" or job.get("method_name") == "best":  # the methods, ranges and search sample
-        check_blocks(generated, data.resolve_root((job.get("data") or {}).get("root")), compare_cfg["domains"],
-                     found, compare_cfg)
-
-
-def _check_method(job: dict, method: dict, target: str) -> None:
-    """A compare.methods entry parses as the job's own settings would: its factor and patch / steer / prompt."""
-    try:
-        merged = {}
-        for group in ("patch", "steer", "prompt"):
-            extra = method.get(group) or {}
-            if not isinstance(extra, dict) or set(extra) - set(job[group]):
-                raise UserError(f"{group}={extra!r} is not allowed: use keys of {group} ({', '.join(job[group])})")
-            merged[group] = {**job[group], **extra}
-        PatchSpec.from_config(merged["patch"], parse_factor(method.get("factor", 1)), target)
-        SteerSpec.from_config(merged["steer"], target)
-        checks.check_prompt(merged["prompt"])
-    except UserError as err:
-        raise UserError(f"compare.methods {method.get('name')!r}: {err}") from None

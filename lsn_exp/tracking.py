@@ -8,11 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import platform
 import subprocess
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -22,6 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lsn_exp import REPO_ROOT
+from lsn_exp.files import sha256_file, write_json_atomic, write_text_atomic
 from lsn_exp.results import RESULTS_FILE, SCHEMA_VERSION, to_json
 
 log = logging.getLogger(__name__)
@@ -29,35 +28,6 @@ log = logging.getLogger(__name__)
 TRACKED_PACKAGES = ("lsn_exp", "torch", "transformers", "lm_eval", "hydra-core", "omegaconf",
                     "wandb", "safetensors", "sacrebleu", "py3langid",
                     "lingua-language-detector", "numpy")
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temp file in the same dir, then rename: readers never see half a file."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temp file in the same dir, fsync, then rename: readers see the old file or the new one.
-    A failed write (a full disk) removes the temp file and leaves the old file as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def git_state() -> dict:

@@ -89,7 +89,7 @@ def test_lss_search_facts_never_overlap_the_compare_facts_even_when_compare_repo
 
 def test_validation_refuses_blocks_that_cannot_be_disjoint_before_any_load(data_root):
     from lsn_exp.job import STAGES
-    from lsn_exp.settings import validate
+    from lsn_exp.preflight import validate
 
     validate(composed(), STAGES)
     with pytest.raises(UserError, match="cannot give"):

@@ -19,8 +19,8 @@ from lsn_exp import data, downstream, evaluate, metrics, outputs
 from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.errors import UserError
 from lsn_exp.results import DownstreamResult, MetricDelta, TaskScore
-from lsn_exp.settings import TASK_FAMILIES
 from lsn_exp.specs import PatchSpec, parse_factor
+from lsn_exp.taskindex import TASK_FAMILIES
 
 LOCAL = ["xcopa", "xwinograd", "flores_mt", "flores_ppl"]
 

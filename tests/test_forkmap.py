@@ -13,7 +13,7 @@ import torch
 from conftest import synthetic_artifact
 from test_lss import _lss_instances
 
-from lsn_exp import data, evaluate, forkmap
+from lsn_exp import data, evaluate, forkmap, preflight
 from lsn_exp.patch import Patch
 from lsn_exp.specs import PatchSpec
 
@@ -104,7 +104,7 @@ def test_scoring_processes_above_one_on_an_accelerator_is_a_one_line_error_befor
     settings validation (no torch there); with device=auto the job checks the resolved device before it loads."""
     from hydra import compose, initialize_config_dir
 
-    from lsn_exp import CONF_DIR, settings
+    from lsn_exp import CONF_DIR
     from lsn_exp.errors import UserError
     from lsn_exp.job import STAGES
 
@@ -115,10 +115,10 @@ def test_scoring_processes_above_one_on_an_accelerator_is_a_one_line_error_befor
 
         bad, fine, auto = composed(device, "2"), [composed(device, n) for n in ("1", "auto")], composed("auto", "2")
     with pytest.raises(UserError, match=f"scoring_processes=2 .*model.device={device}.*scoring_processes=1") as err:
-        settings.validate(bad, STAGES)
+        preflight.validate(bad, STAGES)
     assert "\n" not in str(err.value)
     for cfg in (*fine, auto):  # auto: decided once torch has resolved the device
-        settings.validate(cfg, STAGES)
+        preflight.validate(cfg, STAGES)
     with pytest.raises(UserError, match=f"scoring_processes=2 .*model.device={device.split(':')[0]}"):
         forkmap.processes_for(2, torch.device(device.split(":")[0]))
     assert forkmap.processes_for("auto", torch.device("cuda")) == forkmap.processes_for(1, torch.device("cuda")) == 1

@@ -1,10 +1,8 @@
-"""The shape of the code: presets that compose, a report without torch, task utils that import only the data module, size limits."""
+"""The shape of the code: presets that compose, size limits (the import layers: test_imports.py)."""
 
 from __future__ import annotations
 
 import ast
-import subprocess
-import sys
 
 import yaml
 
@@ -37,42 +35,6 @@ def test_every_experiment_preset_dry_runs(tmp_path):
         assert not {o.split("=", 1)[0] for o in ovr} & grid_keys, ovr
         presets[preset] = presets.get(preset, 0) + 1
     assert presets == dict.fromkeys(PRESETS, 1)
-
-
-def test_report_imports_neither_torch_nor_lm_eval():
-    """`lsn_exp.report` stays light: reading run dirs pulls in no torch, lm_eval or transformers."""
-    code = ("import sys, lsn_exp.report; print(sorted(m for m in sys.modules "
-            "if m.split('.')[0] in ('torch','lm_eval','transformers')))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    heavy = ast.literal_eval(out.stdout.strip().splitlines()[-1])
-    assert heavy == [], f"lsn_exp.report imports {sorted({m.split('.')[0] for m in heavy})}: {heavy[:10]}"
-
-
-def _lsn_imports(tree: ast.AST) -> list[str]:
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found += [a.name for a in node.names if a.name.split(".")[0] == "lsn_exp"]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:  # a relative import inside lsn_exp/tasks reaches into the package too
-                found.append("." * node.level + (node.module or ""))
-            elif node.module == "lsn_exp":
-                found += [f"lsn_exp.{a.name}" for a in node.names]
-            elif node.module.split(".")[0] == "lsn_exp":
-                found.append(node.module)
-    return found
-
-
-def test_task_utils_import_only_the_data_module():
-    """lm_eval task utils (loaded by path, outside the package) depend on `lsn_exp.data` alone, and on
-    `lsn_exp.lid` (language labels: data and two identifiers, no torch)."""
-    utils = sorted(PACKAGE.glob("tasks/*/utils.py"))
-    assert utils
-    bad = [f"{p.relative_to(REPO_ROOT)} imports {m}" for p in utils
-           for m in _lsn_imports(ast.parse(p.read_text())) if m not in ("lsn_exp.data", "lsn_exp.lid")]
-    assert not bad, "\n".join(bad)
 
 
 def _sized_defs(tree: ast.AST):

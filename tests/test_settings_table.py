@@ -1,7 +1,7 @@
 """Every setting checked before anything loads: one invalid value per leaf key of every config, table-driven.
 
 Each row composes the config in-process (as Hydra does for the CLI) and runs the check the CLI runs first
-(``settings.validate(cfg, job.STAGES)``, before any model load and before a dry run writes anything): it must
+(``preflight.validate(cfg, job.STAGES)``, before any model load and before a dry run writes anything): it must
 end in a one-line UserError. A few rows also run through ``python -m lsn_exp ... dry_run=true`` to show that the
 CLI prints exactly that line (exit 2, no traceback). The leaf keys of the default config and of every preset
 are walked, so a new key fails ``test_every_leaf_key_has_an_invalid_value`` until it gets a row here.
@@ -21,7 +21,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
 from conftest import run_cli
-from lsn_exp import CONF_DIR, settings
+from lsn_exp import CONF_DIR, preflight
 from lsn_exp.errors import UserError
 from lsn_exp.job import STAGES
 
@@ -228,10 +228,10 @@ def with_overrides(overrides) -> DictConfig:
 
 
 def failure(overrides) -> str:
-    """The one-line message the CLI's first check (settings.validate) gives for ``overrides``."""
+    """The one-line message the CLI's first check (preflight.validate) gives for ``overrides``."""
     cfg = with_overrides([*BASE, *overrides])
     with pytest.raises(UserError) as err:
-        settings.validate(cfg, STAGES)
+        preflight.validate(cfg, STAGES)
     return str(err.value)
 
 
@@ -279,7 +279,7 @@ def test_no_value_of_a_wrong_type_escapes_as_a_traceback():
             except ConfigCompositionException:  # Hydra refuses it itself (a mapping onto a list): its own message
                 continue
             try:
-                settings.validate(cfg, STAGES)
+                preflight.validate(cfg, STAGES)
             except UserError as err:
                 if "\n" in str(err):
                     escaped.append(f"{key}={value}: a message of several lines")
@@ -291,7 +291,7 @@ def test_no_value_of_a_wrong_type_escapes_as_a_traceback():
 @pytest.mark.parametrize("overrides", PRESETS, ids=[" ".join(o) or "default" for o in PRESETS])
 def test_every_preset_passes_the_checks(overrides):
     """The checks are not stricter than the shipped configs."""
-    settings.validate(composed(tuple(overrides)), STAGES)
+    preflight.validate(composed(tuple(overrides)), STAGES)
 
 
 def test_the_table_runs_in_seconds():

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from lsn_exp.tracking import RunRecord, flatten, log_to_wandb, provenance, write_json_atomic
+from lsn_exp.files import write_json_atomic
+from lsn_exp.tracking import RunRecord, flatten, log_to_wandb, provenance
 
 
 def test_atomic_write_leaves_the_old_file_when_serialisation_fails(tmp_path):

@@ -9,12 +9,16 @@ from sacrebleu.metrics import BLEU, CHRF
 
 from lsn_exp.data import flores_mt_docs
 from lsn_exp.lid import counts_as, identify
+from lsn_exp.metrics import bleu_tokenizer
 
 
 def load_flores_mt(lang: str, data_root=None, mt_prompt: str = "untargeted", flores_split: str = "devtest",
                    **_metadata):
-    """``custom_dataset``: one document per sentence: source (English), target (<lang>), rendered prompt."""
-    return {"test": datasets.Dataset.from_list(flores_mt_docs(data_root, lang, flores_split, mt_prompt))}
+    """``custom_dataset``: one document per sentence: source (English), target (<lang>), rendered prompt, and the
+    BLEU tokenizer this task scores <lang> with."""
+    tokenizer = bleu_tokenizer(lang)
+    docs = [{**doc, "bleu_tokenize": tokenizer} for doc in flores_mt_docs(data_root, lang, flores_split, mt_prompt)]
+    return {"test": datasets.Dataset.from_list(docs)}
 
 
 def prediction(output: str) -> str:
