@@ -44,10 +44,9 @@ def handle(model, tokenizer=None, name: str | None = None):
 
 
 def store(model_handle, cache_dir: str | None = None):
-    from lsn_exp import models
     from lsn_exp.artifacts import ArtifactStore
 
-    return ArtifactStore(models.cache_root(cache_dir) / "artifacts" / model_handle.name)
+    return ArtifactStore.for_model(model_handle.name, cache_dir)
 
 
 def identify(model, tokenizer, texts: str | dict[str, list[str]] = "flores", *, languages: list[str] | None = None,
@@ -72,14 +71,14 @@ def identify(model, tokenizer, texts: str | dict[str, list[str]] = "flores", *, 
 def intervention(neurons, lang: str, factor="pmax", *, alpha: float = 0.0, steer_layers=None,
                  scale: str = "resid_norm", prompt: str = "none", data_root=None, **patch):
     """The Intervention (neuron patch, DiffMean vector, prompt baseline) toward ``lang``, as the CLI builds it."""
-    from lsn_exp.specs import Intervention, PatchSpec, SteerSpec, parse_factor
+    from lsn_exp.specs import Intervention, parse_factor
 
     if lang not in neurons.languages:
         raise UserError(f"lang={lang} has no neurons here: the artifact covers {' '.join(neurons.languages)}")
     patch_cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "patch" / "default.yaml"), patch)
-    steer = SteerSpec.from_config({"alpha": alpha, "layers": steer_layers, "scale": scale}, lang)
-    prefix = data.prompt_prefix(prompt, lang, data.resolve_root(data_root) if prompt != "none" else None, 0)
-    return Intervention(PatchSpec.from_config(patch_cfg, parse_factor(factor), lang), steer, prompt, prefix)
+    steer = {"alpha": alpha, "layers": steer_layers, "scale": scale}
+    root = data.resolve_root(data_root) if prompt != "none" else None
+    return Intervention.from_settings(lang, parse_factor(factor), patch_cfg, steer, {"mode": prompt}, root)
 
 
 @contextmanager

@@ -26,7 +26,8 @@ import safetensors.torch
 import torch
 from filelock import FileLock
 
-from lsn_exp.files import write_text_atomic
+from lsn_exp.errors import UserError
+from lsn_exp.files import store_dir, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,37 @@ class DamagedEntry(ValueError):
 
 
 class ArtifactStore:
+    """One model's cache: ``root``/<kind>/<key>/ (tensors + meta) and the ledger."""
+
     def __init__(self, root: Path):
         self.root = Path(root)
+
+    @classmethod
+    def for_model(cls, model_name: str, cache_dir: str | None = None) -> ArtifactStore:
+        """The store of the model named ``model_name`` (conf/model/<name>.yaml) under the cache root."""
+        return cls(store_dir(model_name, cache_dir))
+
+    def keys(self, kind: str) -> list[str]:
+        """The keys of every complete entry of ``kind``, oldest first."""
+        entries = [p for p in (self.root / kind).glob("*") if (p / META_FILE).is_file()]
+        return [p.name for p in sorted(entries, key=lambda p: p.stat().st_mtime)]
+
+    def read(self, kind: str, key: str) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Entry ``key`` of ``kind`` as (its stored record: key, kind, spec, meta; its tensors), checksum checked."""
+        path = self.root / kind / key
+        if not (path / META_FILE).is_file():
+            raise UserError(f"no {kind} entry {key} under {self.root}")
+        try:
+            return self.read_entry(path, key)
+        except DamagedEntry as err:
+            raise UserError(f"{kind} entry {path} is damaged ({err}): delete it and recompute") from None
+
+    def record(self, kind: str, key: str) -> dict:
+        """Entry ``key`` of ``kind``'s stored record without its tensors (key, kind, spec, meta)."""
+        path = self.root / kind / key / META_FILE
+        if not path.is_file():
+            raise UserError(f"no {kind} entry {key} under {self.root}")
+        return json.loads(path.read_text())
 
     def entry_dir(self, kind: str, spec: dict) -> Path:
         return self.root / kind / key_of(spec)

@@ -1,6 +1,6 @@
 """Checks of single settings, and of the groups no stage parses: the job's own keys, model, logger, lang, prompt.
 
-``settings.validate`` runs them on a job's config before anything loads (dry runs too). Each failure is a
+``preflight.validate`` runs them on a job's config before anything loads (dry runs too). Each failure is a
 ``UserError``: one line naming the key, the value and the fix. Light imports only: no torch, no stage module.
 """
 
@@ -311,7 +311,7 @@ METHOD_KEYS = ("name", "factor", "patch", "steer", "prompt", "search")
 
 def check_compare_sizes(cfg: dict) -> list[dict]:
     """``compare``'s targets and sample sizes, and the shape of ``compare.methods`` (the search settings:
-    coefsearch.check_compare; each method's intervention: settings.validate). The method entries."""
+    coefsearch.check_compare; each method's intervention: preflight.validate). The method entries."""
     lang_codes("compare.targets", cfg.get("targets"))
     n_facts("compare.lss_n_facts", cfg.get("lss_n_facts", 20))
     positive_int("compare.n_prompts", cfg.get("n_prompts", 32))

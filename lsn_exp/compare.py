@@ -16,13 +16,13 @@ import time
 
 from omegaconf import OmegaConf
 
-from lsn_exp import data, generate, lid, metrics, outputs, settings, specs
+from lsn_exp import checks, data, generate, lid, metrics, outputs, settings, specs
 from lsn_exp.coefsearch import CoefficientRange, SearchSettings, best_point, golden_section, with_coefficient
 from lsn_exp.downstream import DownstreamEvaluator
 from lsn_exp.errors import UserError
 from lsn_exp.lss import LssEvaluator
 from lsn_exp.prompts import GIVEN, prompt_split
-from lsn_exp.specs import Intervention, PatchSpec, SteerSpec
+from lsn_exp.specs import Intervention
 from lsn_exp.steer import intervene
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,8 @@ GENERATE_KEYS = ("sources", "prompt_words", "prompts_file", "max_new_tokens", "r
 def method_intervention(cfg, method: dict, target: str, root) -> Intervention:
     """A method entry (name, factor, patch, steer, prompt) over the job's config, toward ``target``."""
     merged = {key: OmegaConf.merge(cfg[key], method.get(key) or {}) for key in ("patch", "steer", "prompt")}
-    prompt = merged["prompt"]
-    return Intervention(PatchSpec.from_config(merged["patch"], specs.parse_factor(method.get("factor", 1)), target),
-                        SteerSpec.from_config(OmegaConf.to_container(merged["steer"]), target), str(prompt.mode),
-                        data.prompt_prefix(prompt.mode, target, root, int(prompt.sentence)))
+    return Intervention.from_settings(target, specs.parse_factor(method.get("factor", 1)), merged["patch"],
+                                      merged["steer"], merged["prompt"], root)
 
 
 def winner_key(cfg, identity: dict, artifact_key: str | None, target: str) -> dict:
@@ -88,7 +86,7 @@ class Comparison:
         self.cfg, self.handle, self.artifact, self.root, self.store = cfg, handle, artifact, root, store
         opts = specs.plain(cfg.compare)
         self.search = SearchSettings.of(opts["search"])
-        self.n_final = settings.positive_int("compare.final.n_prompts", (opts.get("final") or {}).get("n_prompts", 8))
+        self.n_final = checks.positive_int("compare.final.n_prompts", (opts.get("final") or {}).get("n_prompts", 8))
         self.gen_settings = settings.generate_settings({**specs.plain(cfg.generate), "n_prompts": opts["n_prompts"]})
         given = self.gen_settings.prompts is not None or self.gen_settings.prompts_file is not None
         self.domains = [GIVEN] if given else list(opts.get("domains") or [self.gen_settings.domain])

@@ -84,6 +84,7 @@ class LsnHFLM(HFLM):
 
     share_prompts = True  # False: always score whole rows (benchmarks compare the two; ``whole_rows``)
     scoring_processes = 1  # forked workers sharing the shared-prompt batches (hflm sets the handle's)
+    handle: ModelHandle | None = None  # the model's handle (hflm sets it): what is hooked on the model now
     # Per-call state of the whole-row path: set by _loglikelihood_tokens for one call and cleared when it
     # returns. Each row HFLM will build (its ``inp`` tokens) -> the longest continuation scored in it;
     # _model_call reads it to rebuild the row's attention mask and the positions whose logits are read.
@@ -166,12 +167,9 @@ class LsnHFLM(HFLM):
         return out
 
     def _can_share_prompts(self, requests) -> bool:
-        from lsn_exp.patch import active_patch
-
         if not self.share_prompts or self.backend != "causal" or not requests:
             return False
-        patch = active_patch(self.model)
-        if patch is not None and patch.reads_whole_rows:
+        if self.handle is not None and self.handle.reads_whole_rows:
             return False
         return all(len(ctx) and len(cont) and len(ctx) + len(cont) <= self.max_length + 1
                    for _, ctx, cont in requests)
@@ -327,7 +325,7 @@ def hflm(handle: ModelHandle, batch_size: int | None = None, lm_class: type[LsnH
     logging.getLogger("lm_eval.models.huggingface").addFilter(_quiet)
     lm = lm_class(pretrained=handle.model, tokenizer=handle.tokenizer, batch_size=int(batch_size or handle.batch_size),
                   logits_cache=True, softmax_dtype=torch.float32)
-    lm.scoring_processes = handle.scoring_processes
+    lm.scoring_processes, lm.handle = handle.scoring_processes, handle
     return lm
 
 

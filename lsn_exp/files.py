@@ -1,5 +1,5 @@
-"""Files that readers can trust: atomic writes (a reader sees the old file or the new one, never half) and
-content hashes."""
+"""Files that readers can trust: atomic writes (a reader sees the old file or the new one, never half), content
+hashes, and where the cache lives."""
 
 from __future__ import annotations
 
@@ -38,3 +38,14 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    """The cache of converted models and artifacts: ``cache_dir``, else $LSN_CACHE, else ~/.cache/lsn_exp."""
+    root = cache_dir or os.environ.get("LSN_CACHE") or Path.home() / ".cache" / "lsn_exp"
+    return Path(root).expanduser()
+
+
+def store_dir(model_name: str, cache_dir: str | None = None) -> Path:
+    """Where the artifact store of the model named ``model_name`` (conf/model/<name>.yaml) lives."""
+    return cache_root(cache_dir) / "artifacts" / model_name

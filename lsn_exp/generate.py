@@ -23,7 +23,6 @@ from lsn_exp import decoding, lid, metrics
 from lsn_exp.models import device_key
 from lsn_exp.prompts import prompt_split
 
-
 NLL_ROWS = 16  # continuations scored per forward in continuation_nll
 GENERATE_VERSION = 2  # bump when the cached unpatched continuations would be generated or scored differently
 UNPATCHED_KIND = "generate_unpatched"

@@ -303,5 +303,5 @@ def load_with_artifact(model_name: str, identify_overrides: dict | None = None, 
 
     handle = models.load(OmegaConf.load(CONF_DIR / "model" / f"{model_name}.yaml"))
     cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "identify" / "lape.yaml"), identify_overrides or {})
-    store = ArtifactStore(models.cache_root() / "artifacts" / model_name)
+    store = ArtifactStore.for_model(model_name)
     return handle, build(cfg, handle, data.resolve_root(None), store, seed=seed).artifact

@@ -18,10 +18,11 @@ from filelock import FileLock
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lsn_exp import data, models, outputs, preflight, resume, settings
+from lsn_exp import checks, data, models, outputs, preflight, resume, settings
+from lsn_exp.files import cache_root
 from lsn_exp.results import LssResult, Skipped, StageOutput
 from lsn_exp.resume import completed, config_hash
-from lsn_exp.specs import Factor, Intervention, PatchSpec, SteerSpec, parse_factor
+from lsn_exp.specs import Factor, Intervention, parse_factor
 from lsn_exp.tracking import WANDB_LOGGED, RunRecord, log_to_wandb, provenance
 
 if TYPE_CHECKING:
@@ -66,18 +67,14 @@ class JobContext:
                                              self.artifact_key, search_command())
             self.winners[target] = resume.winner(self.store.root, BEST_FACTOR_KIND, search_key(
                 self.model_handle.identity, self.artifact_key, self.cfg.patch, self.cfg.lss), "entry")
-        prompt = self.cfg.prompt
-        prefix = data.prompt_prefix(prompt.mode, target, self.data_root, int(prompt.sentence))
-        return Intervention(PatchSpec.from_config(patch_cfg, factor, target),
-                            SteerSpec.from_config(self.cfg.steer, target), str(prompt.mode), prefix)
+        return Intervention.from_settings(target, factor, patch_cfg, self.cfg.steer, self.cfg.prompt, self.data_root)
 
 
 def load_model(ctx: JobContext) -> StageOutput:
-    from lsn_exp import models
     from lsn_exp.artifacts import ArtifactStore
     from lsn_exp.forkmap import processes_for
 
-    threads = settings.threads(ctx.cfg.threads)
+    threads = checks.threads(ctx.cfg.threads)
     if threads:
         import torch
 
@@ -86,7 +83,7 @@ def load_model(ctx: JobContext) -> StageOutput:
     processes = processes_for(ctx.cfg.get("scoring_processes"), models.resolve_device(ctx.cfg.model.device))
     ctx.model_handle = models.load(ctx.cfg.model, ctx.cfg.cache_dir)
     ctx.model_handle.scoring_processes = processes
-    ctx.store = ArtifactStore(resume.store_root(ctx.cfg))
+    ctx.store = ArtifactStore.for_model(ctx.cfg.model.name, ctx.cfg.cache_dir)
     return StageOutput()
 
 
@@ -254,7 +251,7 @@ def run_job(cfg: DictConfig) -> RunRecord | None:
         return None
 
     digest = config_hash(cfg)
-    preflight.require_writable(models.cache_root(cfg.cache_dir), "cache dir",
+    preflight.require_writable(cache_root(cfg.cache_dir), "cache dir",
                                "set cache_dir=<a writable dir> or LSN_CACHE")
     with FileLock(str(run_dir / CELL_LOCK)):  # a second process on this cell waits, then finds it complete
         return _run_cell(cfg, record, factor, method, summary, digest)

@@ -27,7 +27,7 @@ from typing import Any
 
 from lsn_exp import manifest
 from lsn_exp.errors import UserError
-from lsn_exp.files import sha256_file
+from lsn_exp.files import cache_root, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,12 @@ class ModelHandle:
     device: Any = field(default=None)
     scoring_processes: int = 1  # forked workers for lm-eval scoring on a CPU (lsn_exp.forkmap; job: auto)
     device_name: str | None = None  # the accelerator's model for 16-bit cache keys (None: asked of the device)
+    hooked: list = field(default_factory=list)  # the interventions installed on the model now, innermost last
+
+    @property
+    def reads_whole_rows(self) -> bool:
+        """Whether an installed intervention needs each scored row whole (a test-time statistic patch)."""
+        return any(getattr(hook, "reads_whole_rows", False) for hook in self.hooked)
 
 
 def device_key(handle: ModelHandle) -> dict:
@@ -139,11 +145,6 @@ def resolve_dtype(name: str, device):
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
-
-
-def cache_root(cache_dir: str | None = None) -> Path:
-    root = cache_dir or os.environ.get("LSN_CACHE") or Path.home() / ".cache" / "lsn_exp"
-    return Path(root).expanduser()
 
 
 def load(cfg, cache_dir: str | None = None) -> ModelHandle:

@@ -32,31 +32,32 @@ IMPORTED_KIND = "neurons_imported"
 
 def card(store, key: str) -> dict:
     """The card of the store's neuron artifact ``key``: read from its entry and its recordings' entries."""
-    entry = store.root / "neurons" / key
-    meta = json.loads((entry / "meta.json").read_text())
-    recordings = [json.loads((store.root / "recording" / name / "meta.json").read_text())["spec"]
-                  for name in meta["spec"]["recordings"]]
-    from safetensors.torch import load_file
+    return _card(store, key, *store.read("neurons", key))
 
-    tensors = load_file(entry / "tensors.safetensors")
-    languages = meta["meta"]["languages"]
+
+def _card(store, key: str, stored: dict, tensors: dict) -> dict:
+    recordings = [store.record("recording", name)["spec"] for name in stored["spec"]["recordings"]]
+    languages = stored["meta"]["languages"]
     counts = {name.split(".", 1)[1]: {code: [int(n) for n in tensors[name][i].sum(-1).tolist()]
                                       for i, code in enumerate(languages)}
               for name in sorted(tensors) if name.startswith("mask.")}
     first = recordings[0]
     return {"format": FORMAT, "model": first["model"], "dtype": first["dtype"], "languages": languages,
             "corpus": {spec["lang"]: spec["corpus"] for spec in recordings},
-            "tokens": dict(zip(languages, meta["meta"].get("tokens", []))),
-            "selection": {k: v for k, v in meta["spec"].items() if k != "recordings"},
+            "tokens": dict(zip(languages, stored["meta"].get("tokens", []))),
+            "selection": {k: v for k, v in stored["spec"].items() if k != "recordings"},
             "recording": {k: first[k] for k in ("record_version", "split", "max_tokens", "n_stat_sentences", "prefix")},
-            "counts_per_layer": counts, "artifact_meta": meta["meta"], "source_key": key}
+            "counts_per_layer": counts, "artifact_meta": stored["meta"], "source_key": key}
 
 
 def export(store, key: str, out: Path) -> Path:
-    """``out``/neurons.safetensors + card.json for the store's artifact ``key``."""
+    """``out``/neurons.safetensors + card.json for the store's artifact ``key`` (read and checked by the store)."""
+    import safetensors.torch
+
+    stored, tensors = store.read("neurons", key)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(store.root / "neurons" / key / "tensors.safetensors", out / TENSORS_FILE)
-    (out / CARD_FILE).write_text(json.dumps(card(store, key), indent=2, ensure_ascii=False))
+    (out / TENSORS_FILE).write_bytes(safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()}))
+    (out / CARD_FILE).write_text(json.dumps(_card(store, key, stored, tensors), indent=2, ensure_ascii=False))
     return out
 
 
@@ -129,11 +130,10 @@ def import_folder(folder: Path, store) -> Path:
 
 
 def newest_key(store) -> str:
-    entries = sorted((p for p in (store.root / "neurons").glob("*") if (p / "meta.json").is_file()),
-                     key=lambda p: p.stat().st_mtime)
-    if not entries:
+    keys = store.keys("neurons")
+    if not keys:
         raise UserError(f"no neuron artifact under {store.root}: run `python -m lsn_exp stage=identify` first")
-    return entries[-1].name
+    return keys[-1]
 
 
 def describe(found: dict) -> str:
@@ -144,13 +144,6 @@ def describe(found: dict) -> str:
     lines += [f"  {code}: {sum(per_layer)} LAPE neurons, {found['tokens'].get(code)} tokens, corpus "
               f"{found['corpus'].get(code, '?')[:19]}" for code, per_layer in lape.items()]
     return "\n".join(lines)
-
-
-def _store(model_name: str, cache_dir: str | None):
-    from lsn_exp import models
-    from lsn_exp.artifacts import ArtifactStore
-
-    return ArtifactStore(models.cache_root(cache_dir) / "artifacts" / model_name)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -179,12 +172,14 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args) -> None:
+    from lsn_exp.artifacts import ArtifactStore
+
     if args.command == "export":
-        store = _store(args.model, args.cache_dir)
+        store = ArtifactStore.for_model(args.model, args.cache_dir)
         out = export(store, args.key or newest_key(store), args.folder)
         print(f"exported to {out}\n{describe(read_card(out))}")
     elif args.command == "import":
-        print(f"imported into {import_folder(args.folder, _store(args.model, args.cache_dir))}")
+        print(f"imported into {import_folder(args.folder, ArtifactStore.for_model(args.model, args.cache_dir))}")
     elif args.command == "show":
         print(describe(read_card(args.folder)))
     else:

@@ -17,7 +17,6 @@ The spec (what to do) is ``lsn_exp.specs.PatchSpec``; this module is the runtime
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -116,14 +115,6 @@ def check_artifact(handle: ModelHandle, artifact: NeuronArtifact, spec: PatchSpe
 
 # --- the patch: a context manager ------------------------------------------------------------------------
 
-_ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the Patch active on it
-
-
-def active_patch(model) -> Patch | None:
-    """The Patch currently installed on ``model`` (None when the model is unpatched)."""
-    return _ACTIVE.get(model)
-
-
 class Patch:
     """``with Patch(handle, artifact, spec): ...`` patches the model inside the block, restores it on exit.
 
@@ -197,13 +188,13 @@ class Patch:
                     weight[:, plan.edit_idx] = (original.float() * plan.edit_scale).to(weight.dtype)
             if plan.actions:
                 self._hooks.append(adapter.site("mlp.gate")[plan.layer].register_forward_hook(self._make_hook(plan)))
-        _ACTIVE[self.handle.model] = self
+        self.handle.hooked.append(self)
 
     def _remove(self) -> None:
         import torch
 
-        if _ACTIVE.get(self.handle.model) is self:
-            del _ACTIVE[self.handle.model]
+        if self in self.handle.hooked:
+            self.handle.hooked.remove(self)
         for hook in self._hooks:
             hook.remove()
         self._hooks = []

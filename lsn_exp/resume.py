@@ -18,7 +18,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 import lsn_exp
-from lsn_exp.models import cache_root
+from lsn_exp.files import store_dir
 from lsn_exp.results import RESULTS_FILE
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def config_hash(cfg: DictConfig, code: str | None = None) -> str:
 
 def store_root(cfg: DictConfig) -> Path:
     """The model's artifact cache (recordings, neuron sets, scores, winners)."""
-    return cache_root(cfg.cache_dir) / "artifacts" / cfg.model.name
+    return store_dir(cfg.model.name, cfg.cache_dir)
 
 
 def winner(root: Path, kind: str, spec: dict, field: str) -> dict:

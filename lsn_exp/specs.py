@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from lsn_exp.data import prompt_prefix
 from lsn_exp.errors import UserError
 
 PATCHED_VALUES = ("pmax", "pmedian")
@@ -238,6 +240,18 @@ class Intervention:
     steer: SteerSpec | None = None
     prompt: str = "none"  # the prompt baseline's mode (data.PROMPT_MODES)
     prefix: str = ""  # its text, put before every prompt
+
+    @classmethod
+    def from_settings(cls, target: str, factor: Factor, patch, steer=None, prompt=None,
+                      data_root: Path | None = None) -> Intervention:
+        """The one way to build an intervention: the ``patch`` / ``steer`` / ``prompt`` settings (config nodes
+        or dicts shaped as conf/patch, conf/steer, conf/prompt) and ``factor``, toward ``target``; a priming
+        prompt's sentence is read from ``data_root``."""
+        prompt = plain(prompt)
+        mode = str(prompt.get("mode", "none"))
+        prefix = prompt_prefix(mode, target, data_root, int(prompt.get("sentence", 0)))
+        return cls(PatchSpec.from_config(plain(patch), factor, target), SteerSpec.from_config(plain(steer), target),
+                   mode, prefix)
 
     @property
     def target(self) -> str:

@@ -58,7 +58,7 @@ def main() -> None:
     fp32, artifact = identify.load_with_artifact(args.model)
     bf16 = models.load(OmegaConf.merge(model_cfg, {"dtype": "bfloat16", "device": "cpu"}))
     cfg = {"n_facts": args.n_facts, "targets": args.targets.split(","), "bootstrap": 0}
-    store = ArtifactStore(models.cache_root() / "artifacts" / args.model)
+    store = ArtifactStore.for_model(args.model)
     results = {}
     for name, handle, names in (("float32", fp32, args.fp32_specs.split(",")), ("bfloat16", bf16, list(SPECS))):
         print(f"{name}:")

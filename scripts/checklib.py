@@ -19,7 +19,7 @@ for _key, _value in (("HF_HUB_OFFLINE", "1"), ("WANDB_MODE", "disabled"), ("TOKE
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from lsn_exp import CONF_DIR, REPO_ROOT, data, job, metrics, models, settings, specs  # noqa: E402
+from lsn_exp import CONF_DIR, REPO_ROOT, data, files, job, metrics, preflight, specs  # noqa: E402
 from lsn_exp.results import mean_over  # noqa: E402
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # roofline.py, bench_record.py
@@ -29,7 +29,7 @@ def composed(*overrides: str):
     """The job's config for ``overrides`` (as ``python -m lsn_exp ...`` composes it), validated."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose(config_name="config", overrides=["logger=none", *overrides])
-    settings.validate(cfg, job.STAGES)
+    preflight.validate(cfg, job.STAGES)
     return cfg
 
 
@@ -38,7 +38,7 @@ def fresh_cache(root: Path) -> Path:
     models (and GGUF downloads) are the usual cache's: nothing cached before is reused but the weights."""
     cache = Path(root) / f"cache-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     cache.mkdir(parents=True)
-    usual = models.cache_root(None)
+    usual = files.cache_root(None)
     for name in ("models", "gguf"):
         (usual / name).mkdir(parents=True, exist_ok=True)
         (cache / name).symlink_to(usual / name)
