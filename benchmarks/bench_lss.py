@@ -37,7 +37,7 @@ from roofline import ScoringWork
 from lsn_exp import CONF_DIR, data, lss, models
 from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.forkmap import processes_for
-from lsn_exp.identify import NeuronArtifact
+from lsn_exp.neuronset import NeuronArtifact
 from lsn_exp.patch import Patch
 from lsn_exp.settings import lss_settings
 from lsn_exp.specs import PatchSpec, parse_factor

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from lsn_exp.identify import NeuronArtifact
 from lsn_exp.models import ModelHandle, load
+from lsn_exp.neuronset import NeuronArtifact
 from lsn_exp.patch import Patch
 from lsn_exp.specs import PatchSpec
 

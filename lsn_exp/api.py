@@ -87,13 +87,13 @@ def amplify(model, neurons, lang: str, factor="pmax", **options):
 
     ``factor``: pmax | pmedian (set the neurons to that value) | a number (multiply them); ``options`` as
     ``intervention`` (op, value, stat, layers, others_op, alpha, ...). A prompt baseline has nothing to patch."""
-    from lsn_exp.steer import intervene
+    from lsn_exp.engine import engine_of
 
     spec = intervention(neurons, lang, factor, **options)
     if spec.prefix:
         raise UserError("amplify changes the model, not the prompt: put the prompt baseline's prefix before your "
                         "prompt yourself (api.intervention(...).prefix)")
-    with intervene(handle(model), neurons, spec):
+    with engine_of(handle(model)).intervene(neurons, spec):
         yield spec
 
 

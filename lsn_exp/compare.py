@@ -19,11 +19,11 @@ from omegaconf import OmegaConf
 from lsn_exp import checks, data, generate, lid, metrics, outputs, settings, specs
 from lsn_exp.coefsearch import CoefficientRange, SearchSettings, best_point, golden_section, with_coefficient
 from lsn_exp.downstream import DownstreamEvaluator
+from lsn_exp.engine import engine_of
 from lsn_exp.errors import UserError
 from lsn_exp.lss import LssEvaluator
 from lsn_exp.prompts import GIVEN, prompt_split
 from lsn_exp.specs import Intervention
-from lsn_exp.steer import intervene
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class Comparison:
         patched continuations it counts."""
         prompts = getattr(self.splits[domain], block)
         summary, rows = generate.steering(self.handle, prompts, target, self.gen_settings,
-                                          intervene(self.handle, self.artifact, spec), spec.prefix,
+                                          engine_of(self.handle).intervene(self.artifact, spec), spec.prefix,
                                           self.unpatched.setdefault((domain, block), {}), self.store)
         counted = [row[5] for row in rows if row[0] != target] or [row[5] for row in rows]
         return summary["all"], counted

@@ -36,20 +36,20 @@ import torch
 
 from lsn_exp import data, evaluate, lid, metrics
 from lsn_exp.data import MT_PROMPTS
+from lsn_exp.engine import engine_of
 from lsn_exp.errors import UserError
 from lsn_exp.files import sha256_file
 from lsn_exp.models import device_key
 from lsn_exp.results import DownstreamResult, TaskScore
 from lsn_exp.settings import EvalSettings, eval_settings
 from lsn_exp.specs import Intervention, PatchSpec
-from lsn_exp.steer import intervene
 from lsn_exp.taskindex import TASK_FAMILIES, TaskFamily
 from lsn_exp.tracking import provenance
 
 if TYPE_CHECKING:
     from lsn_exp.artifacts import ArtifactStore
-    from lsn_exp.identify import NeuronArtifact
     from lsn_exp.models import ModelHandle
+    from lsn_exp.neuronset import NeuronArtifact
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +96,6 @@ def task_language(name: str, settings_: EvalSettings) -> str:
             if code:
                 return code
     return ""
-
-
-def downstream_lm(handle: ModelHandle, batch_size: int | None = None):
-    """``evaluate.DownstreamLM`` on ``handle.model``: rolling log-likelihoods given one BOS."""
-    return evaluate.hflm(handle, batch_size, evaluate.DownstreamLM)
 
 
 def scored_tokens(tokenizer, text: str) -> int:
@@ -244,7 +239,7 @@ class DownstreamEvaluator:
             self._skip_include("it loads from the HF hub only ({hub}) and the hub is offline (HF_HUB_OFFLINE / "
                                "HF_DATASETS_OFFLINE); run online to score it")
             self.refs = [r for r in self.refs if r.family.name != "include"]
-        self.lm = downstream_lm(handle, self.settings.batch_size)
+        self.lm = engine_of(handle).lm(self.settings.batch_size, rolling=True)
         self.manager = evaluate.task_manager(metadata={
             "data_root": str(self.root) if self.root else None, "mt_prompt": self.settings.mt_prompt,
             "flores_split": self.settings.flores_split})
@@ -319,7 +314,7 @@ class DownstreamEvaluator:
 
     def score(self, artifact: NeuronArtifact | None,
               spec: PatchSpec | Intervention | None) -> tuple[DownstreamResult, list]:
-        """Every selected task under ``intervene(handle, artifact, spec)`` (spec None: unpatched) vs the unpatched
+        """Every selected task under the engine's ``intervene(artifact, spec)`` (spec None: unpatched) vs the unpatched
         outputs; also the MT output rows (outputs.MT_OUTPUT_FIELDS)."""
         if getattr(spec, "prefix", ""):
             raise UserError("prompt baselines are scored on LSS and generation, not on downstream tasks")
@@ -327,7 +322,7 @@ class DownstreamEvaluator:
         if spec is None:
             patched, patch_summary = self.run(self.refs), None
         else:
-            with intervene(self.handle, artifact, spec) as patch:
+            with engine_of(self.handle).intervene(artifact, spec) as patch:
                 patched, patch_summary = self.run(self.refs), patch.summary()
         seconds = time.time() - start
         target = spec.target if spec is not None else None

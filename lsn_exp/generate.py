@@ -6,7 +6,8 @@
   for every script (``alıkalıkalık``, ``、、、、`` and ``แรกแรกแรก`` are one "word" each and score near 1)
 - nll: the continuation's mean negative log-likelihood per token under the *unpatched* model after the plain
   prompt (a prompt baseline's prefix left out; its exp is the perplexity): a method that babbles pays here
-- decoding: greedy, one explicit config for every method (``decoding.greedy_config``), ended at any stop id
+- decoding: greedy, one explicit config for every method (``decoding.greedy_config``), ended at any stop id;
+  the model runs through its engine (``lsn_exp.engine``)
 - steering success: the share of continuations labelled as the target *and* not degenerate (repetition at most
   ``max_repetition``); the raw share is reported beside it.
 """
@@ -19,11 +20,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from lsn_exp import decoding, lid, metrics
+from lsn_exp import lid, metrics
+from lsn_exp.engine import engine_of
 from lsn_exp.models import device_key
 from lsn_exp.prompts import prompt_split
 
-NLL_ROWS = 16  # continuations scored per forward in continuation_nll
 GENERATE_VERSION = 2  # bump when the cached unpatched continuations would be generated or scored differently
 UNPATCHED_KIND = "generate_unpatched"
 
@@ -44,65 +45,16 @@ def repetition_rate(text: str, n: int = 4) -> float:
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
-@torch.inference_mode()
-def continuations(handle, prompts, max_new_tokens: int = 25) -> tuple[list[str], torch.Tensor, torch.Tensor, int]:
-    """Greedy continuations (``decoding.greedy_config``) of a batch of prompts (left-padded, so every row decodes
-    in step): the texts, the full sequences [B, T], their attention mask (padding, each row's first stop id and
-    everything after it masked out) and the prompt width (continuations start there)."""
-    tokenizer = handle.tokenizer
-    batch = left_padded(handle, prompts)
-    config = decoding.greedy_config(handle.model, tokenizer, max_new_tokens)
-    out = decoding.greedy_generate(handle.model, config, **batch)
-    width = batch["input_ids"].shape[1]
-    new_tokens = out[:, width:]
-    kept = (~decoding.ended(new_tokens, config.eos_token_id)).long()
-    mask = torch.cat([batch["attention_mask"], kept], dim=1)  # [B, T]
-    texts = [tokenizer.decode(row[:n], skip_special_tokens=True).strip()
-             for row, n in zip(new_tokens.tolist(), kept.sum(dim=1).tolist())]
-    return texts, out, mask, width
-
-
-def left_padded(handle, prompts) -> dict:
-    """The tokenized batch of ``prompts``, left-padded, on the model's device."""
-    tokenizer = handle.tokenizer
-    tokenizer.padding_side = "left"
-    try:
-        return tokenizer(list(prompts), return_tensors="pt", padding=True).to(handle.device)
-    finally:
-        tokenizer.padding_side = "right"
-
-
-def greedy_config_dict(handle, max_new_tokens: int) -> dict:
-    """The decoding settings of every continuation (results.json records them)."""
-    return decoding.greedy_config_dict(handle.model, handle.tokenizer, max_new_tokens)
-
-
-@torch.inference_mode()
-def continuation_nll(handle, sequences: torch.Tensor, mask: torch.Tensor, width: int) -> list[float | None]:
-    """Mean NLL per token of each row's continuation (positions >= ``width``) under the model as it is now."""
-    if len(sequences) > NLL_ROWS:  # [rows, new, vocab] log-probs: a 262k vocabulary makes 1 GB at 48 rows
-        return [nll for start in range(0, len(sequences), NLL_ROWS) for nll in continuation_nll(
-            handle, sequences[start: start + NLL_ROWS], mask[start: start + NLL_ROWS], width)]
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = handle.model(input_ids=sequences, attention_mask=mask, position_ids=positions).logits[:, width - 1:-1]
-    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [B, new, V]
-    token_lp = logprobs.gather(-1, sequences[:, width:, None])[..., 0]  # [B, new]
-    real = mask[:, width:].bool()
-    counts = real.sum(dim=1)
-    sums = torch.where(real, -token_lp, 0.0).sum(dim=1)
-    return [float(s / c) if c > 0 else None for s, c in zip(sums.tolist(), counts.tolist())]
-
-
 def generate_labelled(handle, prompts, max_new_tokens: int = 25, patch=None, repetition_n: int = 4,
                       fluency: bool = True, prefix: str = "", identifier: str = lid.DEFAULT) -> list[Generation]:
     """Continuations under ``patch`` (any intervention context manager; None: unpatched) of ``prefix`` + each
     prompt, each labelled, with its repetition rate and (``fluency``) its NLL under the unpatched model after the
     plain prompt (without ``prefix``), as every method's."""
+    engine = engine_of(handle)
     with patch if patch is not None else nullcontext():
-        texts, sequences, mask, width = continuations(handle, [prefix + p for p in prompts], max_new_tokens)
-    if prefix:
-        sequences, mask, width = after_prompts(handle, prompts, sequences[:, width:], mask[:, width:])
-    nll = continuation_nll(handle, sequences, mask, width) if fluency else [None] * len(texts)
+        generated = engine.generate([prefix + p for p in prompts], max_new_tokens)
+    texts = generated.texts
+    nll = engine.continuation_nll(list(prompts), generated) if fluency else [None] * len(texts)
     return [Generation(p, t, label, repetition_rate(t, repetition_n), n)
             for p, t, label, n in zip(prompts, texts, lid.identify(texts, identifier=identifier), nll)]
 
@@ -111,13 +63,6 @@ def relabelled(generations: list[Generation], identifier: str) -> list[Generatio
     """``generations`` labelled anew by ``identifier`` (cached ones may carry another identifier's labels)."""
     labels = lid.identify([g.text for g in generations], identifier=identifier)
     return [replace(g, label=label) for g, label in zip(generations, labels)]
-
-
-def after_prompts(handle, prompts, new_tokens: torch.Tensor, new_mask: torch.Tensor):
-    """(sequences, mask, width) of continuation tokens [B, N] (and their mask) after the left-padded ``prompts``."""
-    batch = left_padded(handle, prompts)
-    return (torch.cat([batch["input_ids"], new_tokens], dim=1), torch.cat([batch["attention_mask"], new_mask], dim=1),
-            batch["input_ids"].shape[1])
 
 
 def share_in(generations: list[Generation], code: str, max_repetition: float | None = None) -> float:

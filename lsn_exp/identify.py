@@ -9,63 +9,20 @@ exceeds the ``bar_rate`` quantile.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
-from lsn_exp.errors import UserError
+from lsn_exp import CONF_DIR, data, models, outputs
+from lsn_exp.artifacts import ArtifactStore, key_of
+from lsn_exp.engine import engine_of
 from lsn_exp.files import sha256_file
 from lsn_exp.models import device_key
-from lsn_exp.record import Recording
-
-
-@dataclass
-class NeuronArtifact:
-    """Neuron sets and patch values for every recorded language. Masks are bool [K, L, d_ff]."""
-
-    languages: list[str]
-    masks: dict[str, torch.Tensor]  # set name -> bool [K, L, d_ff]
-    p_max: torch.Tensor  # float32 [K, L, d_ff]: max over the stat sentences of the sentence-mean activation
-    p_median: torch.Tensor  # float32 [K, L, d_ff]: lower median (50th of 100 sorted values)
-    activation_prob: torch.Tensor  # float32 [K, L, d_ff]: count / tokens
-    meta: dict = field(default_factory=dict)
-    resid_mean: torch.Tensor | None = None  # float32 [K, L, d_model]: mean residual stream after each layer
-    resid_norm: torch.Tensor | None = None  # float32 [K, L]: mean L2 norm of a token's residual there
-
-    @property
-    def n_layers(self) -> int:
-        return self.p_max.shape[1]
-
-    @property
-    def d_ff(self) -> int:
-        return self.p_max.shape[2]
-
-    def lang_index(self, code: str) -> int:
-        if code not in self.languages:
-            raise KeyError(f"language {code} was not recorded; recorded: {' '.join(self.languages)}")
-        return self.languages.index(code)
-
-    def mask(self, set_name: str, code: str) -> torch.Tensor:
-        """bool [L, d_ff]: the neurons of ``code`` in ``set_name``."""
-        return self.masks[set_name][self.lang_index(code)]
-
-    def neurons(self, set_name: str, code: str) -> list[torch.Tensor]:
-        """Per layer, the int64 indices of ``code``'s neurons in ``set_name``."""
-        return [row.nonzero().flatten() for row in self.mask(set_name, code)]
-
-    def diffmean(self, code: str) -> torch.Tensor:
-        """float32 [L, d_model]: the DiffMean vector of ``code`` at every layer: its mean residual minus the average
-        of the other recorded languages' means (each language weighs the same, whatever its token count)."""
-        if self.resid_mean is None:
-            raise UserError("this neuron artifact holds no residual means (recorded before DiffMean vectors): "
-                            "record again (the current identify stage stores them)")
-        k = self.lang_index(code)
-        others = self.resid_mean[torch.arange(len(self.languages)) != k]
-        return self.resid_mean[k] - others.mean(dim=0)
-
-    def counts_per_layer(self, set_name: str) -> torch.Tensor:
-        """int64 [K, L]: how many neurons each language has in each layer."""
-        return self.masks[set_name].sum(dim=2)
+from lsn_exp.neuronset import NeuronArtifact, artifact_from_tensors, artifact_to_tensors
+from lsn_exp.record import RECORD_VERSION, Recording, prefix_token, stack_languages
+from lsn_exp.settings import identify_settings
 
 
 def activation_probability(recording: Recording) -> torch.Tensor:
@@ -137,28 +94,11 @@ class IdentifyResult:
     data_files: list
 
 
-def artifact_to_tensors(art: NeuronArtifact) -> tuple[dict, dict]:
-    tensors = {f"mask.{name}": mask for name, mask in art.masks.items()}
-    tensors.update(p_max=art.p_max, p_median=art.p_median, activation_prob=art.activation_prob)
-    tensors.update({k: v for k, v in (("resid_mean", art.resid_mean), ("resid_norm", art.resid_norm)) if v is not None})
-    return tensors, {"languages": art.languages, **art.meta}
-
-
-def artifact_from_tensors(tensors: dict, meta: dict) -> NeuronArtifact:
-    masks = {name.split(".", 1)[1]: t for name, t in tensors.items() if name.startswith("mask.")}
-    meta = dict(meta)
-    return NeuronArtifact(languages=meta.pop("languages"), masks=masks, p_max=tensors["p_max"],
-                          p_median=tensors["p_median"], activation_prob=tensors["activation_prob"], meta=meta,
-                          resid_mean=tensors.get("resid_mean"), resid_norm=tensors.get("resid_norm"))
-
-
 IDENTIFY_VERSION = 2  # bump when selection (LAPE, baseline, random) or the artifact's layout changes
 
 
 def recording_spec(handle, settings, prefix) -> dict:
     """What a recording depends on, besides its language and corpus: the cache key's shared part."""
-    from lsn_exp.record import RECORD_VERSION
-
     return {"model": handle.identity, "dtype": str(handle.model.dtype).replace("torch.", ""), **device_key(handle),
             "record_version": RECORD_VERSION, "split": settings.split, "max_tokens": settings.max_tokens or "all",
             "n_stat_sentences": settings.n_stat_sentences, "prefix": prefix.as_meta()}
@@ -166,8 +106,6 @@ def recording_spec(handle, settings, prefix) -> dict:
 
 def corpus_id(corpus) -> str:
     """What a recording's text is, for its cache key: the file's hash, the hub dataset, or the texts' hash."""
-    from lsn_exp import data
-
     if corpus.path is not None:
         return f"sha256:{sha256_file(corpus.path)}"
     if getattr(corpus, "user", False):
@@ -186,9 +124,6 @@ class UserTexts:
 
 def recording_plan(settings, handle, data_root, texts: dict[str, list[str]] | None = None) -> tuple:
     """(prefix, corpus per language, recording cache spec per language): what ``build`` records, keyed."""
-    from lsn_exp import data
-    from lsn_exp.record import prefix_token
-
     prefix = prefix_token(handle.tokenizer, settings.prefix)
     if texts is not None:
         corpora = {code: UserTexts(list(sentences)) for code, sentences in texts.items()}
@@ -209,9 +144,6 @@ def selection_spec(recording_keys: list[str], settings, seed: int) -> dict:
 def artifact_key(identify_cfg, handle, data_root, seed: int) -> str:
     """The key ``build`` gives the neuron artifact, computed without recording anything (factor=best and
     method=best look their search up by it before a job records)."""
-    from lsn_exp.artifacts import key_of
-    from lsn_exp.settings import identify_settings
-
     settings = identify_settings(identify_cfg)
     _, _, specs = recording_plan(settings, handle, data_root)
     return key_of(selection_spec([key_of(spec) for spec in specs.values()], settings, seed))
@@ -225,19 +157,17 @@ def build(identify_cfg, handle, data_root, store, seed: int, force: bool = False
     and adding a language records only that one. ``texts`` (language -> sentences) replaces FLORES and
     ``identify.languages``.
     """
-    from lsn_exp.record import language_stats, stack_languages
-    from lsn_exp.settings import identify_settings
-
     settings = identify_settings(identify_cfg)
     prefix, corpora, specs = recording_plan(settings, handle, data_root, texts)
     batch_size = settings.batch_size or handle.batch_size
+    engine = engine_of(handle)
     stats, entries = {}, []
     for code, corpus in corpora.items():
         spec = specs[code]
         entry = store.get_or_compute(
             "recording", spec, force=force,
-            compute=lambda c=corpus, k=code: (language_stats(
-                handle, c.sentences, settings.max_tokens, settings.n_stat_sentences, prefix, batch_size,
+            compute=lambda c=corpus, k=code: (engine.record(
+                c.sentences, settings.max_tokens, settings.n_stat_sentences, prefix, batch_size,
                 desc=f"record {k}"), {"lang": k}))
         stats[code] = entry.tensors
         entries.append(entry)
@@ -268,10 +198,6 @@ def jaccard(masks: torch.Tensor) -> torch.Tensor:
 
 def write_outputs(artifact: NeuronArtifact, out_dir) -> tuple[dict, dict]:
     """CSV of neurons per language x layer for each set, a per-layer plot and the LAPE overlap heatmap."""
-    from pathlib import Path
-
-    from lsn_exp import outputs
-
     per_layer = {name: artifact.counts_per_layer(name).tolist() for name in ("lape", "baseline")}
     return outputs.neuron_tables(artifact.languages, per_layer, jaccard(artifact.masks["lape"]).numpy(), Path(out_dir))
 
@@ -296,11 +222,6 @@ def summary(artifact: NeuronArtifact, top_overlaps: int = 5) -> dict:
 
 def load_with_artifact(model_name: str, identify_overrides: dict | None = None, seed: int = 0):
     """(handle, artifact) for a model config with the default identify settings: for scripts and tests."""
-    from omegaconf import OmegaConf
-
-    from lsn_exp import CONF_DIR, data, models
-    from lsn_exp.artifacts import ArtifactStore
-
     handle = models.load(OmegaConf.load(CONF_DIR / "model" / f"{model_name}.yaml"))
     cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "identify" / "lape.yaml"), identify_overrides or {})
     store = ArtifactStore.for_model(model_name)

@@ -27,8 +27,8 @@ from lsn_exp.tracking import WANDB_LOGGED, RunRecord, log_to_wandb, provenance
 
 if TYPE_CHECKING:
     from lsn_exp.artifacts import ArtifactStore
-    from lsn_exp.identify import NeuronArtifact
     from lsn_exp.models import ModelHandle
+    from lsn_exp.neuronset import NeuronArtifact
 
 log = logging.getLogger(__name__)
 CELL_LOCK = "cell.lock"  # held while a process works on the cell
@@ -134,12 +134,12 @@ def generate_demo(ctx: JobContext) -> StageOutput:
     """Greedy continuations of every source's prompts, unpatched and under the intervention: steering success
     (target language, not degenerate) and fluency (repetition, perplexity under the unpatched model)."""
     from lsn_exp import generate
-    from lsn_exp.steer import intervene
+    from lsn_exp.engine import engine_of
 
     target, spec = ctx.cfg.lang.code, ctx.intervention()
     gen_settings = settings.generate_settings(ctx.cfg.generate)
     prompts = generate.prompt_sets(gen_settings, ctx.data_root)
-    active = intervene(ctx.model_handle, ctx.artifact, spec)
+    active = engine_of(ctx.model_handle).intervene(ctx.artifact, spec)
     summary, rows = generate.steering(ctx.model_handle, prompts, target, gen_settings, active, spec.prefix,
                                       store=ctx.store)
     for row in rows[:: max(1, len(rows) // 6)]:  # a few examples in the log
@@ -151,7 +151,7 @@ def generate_demo(ctx: JobContext) -> StageOutput:
               "steering_success": summary["all"]["patched"]["steering_success"],
               "steering_success_ci": summary["all"]["patched"]["steering_success_ci"], "domain": gen_settings.domain,
               "by_source": summary, "steer_norm_ratio": active.summary().steer_norm_ratio,
-              "generation_config": generate.greedy_config_dict(ctx.model_handle, gen_settings.max_new_tokens)}
+              "generation_config": engine_of(ctx.model_handle).generation_config(gen_settings.max_new_tokens)}
     return StageOutput({"generate": result}, {"generate/continuations": table})
 
 
@@ -206,7 +206,8 @@ def downstream(ctx: JobContext) -> StageOutput:
 
 def compare_methods(ctx: JobContext) -> StageOutput:
     """Every method of ``compare.methods`` toward every ``compare.targets``: LSS, steering, fluency, XCOPA."""
-    from lsn_exp import compare, generate
+    from lsn_exp import compare
+    from lsn_exp.engine import engine_of
 
     def progress(rows: list[dict], curve: list[dict]) -> None:  # the targets done so far, rewritten after each
         outputs.write_csv(ctx.run_dir / "compare_partial.csv", list(compare.FIELDS),
@@ -220,7 +221,8 @@ def compare_methods(ctx: JobContext) -> StageOutput:
     tables, images = outputs.comparison_files(rows, compare.FIELDS, ctx.run_dir, title, tests, compare.TEST_FIELDS)
     curve_table, curve_images = outputs.search_curve_files(curve, compare.CURVE_FIELDS, ctx.run_dir, title)
     print((ctx.run_dir / "compare.md").read_text())
-    decoded = generate.greedy_config_dict(ctx.model_handle, settings.generate_settings(ctx.cfg.generate).max_new_tokens)
+    decoded = engine_of(ctx.model_handle).generation_config(
+        settings.generate_settings(ctx.cfg.generate).max_new_tokens)
     return StageOutput({"compare": {"rows": rows, "search": curve, "tests": tests, "generation_config": decoded}},
                        {**tables, **curve_table}, {**images, **curve_images})
 

@@ -45,18 +45,18 @@ import torch
 
 from lsn_exp import data, evaluate, metrics
 from lsn_exp.data import LSS_LANGS
+from lsn_exp.engine import engine_of
 from lsn_exp.errors import UserError
 from lsn_exp.models import device_key
 from lsn_exp.results import LssMatrix, LssResult, PatchSummary
 from lsn_exp.settings import LssSettings, lss_settings
 from lsn_exp.specs import Intervention, PatchSpec
-from lsn_exp.steer import intervene
 from lsn_exp.tracking import provenance
 
 if TYPE_CHECKING:
     from lsn_exp.artifacts import ArtifactStore
-    from lsn_exp.identify import NeuronArtifact
     from lsn_exp.models import ModelHandle
+    from lsn_exp.neuronset import NeuronArtifact
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class LssEvaluator:
         root = data.mlama_root(data_root)
         mlama = data.read_mlama(root)
         self.mlama_summary, self.data_files = mlama.summary(), list(mlama.files)
-        self.lm = evaluate.hflm(handle, self.batch_size)
+        self.lm = engine_of(handle).lm(self.batch_size)
         self.root, self.exclude_n_facts, self.skip_n_facts = root, exclude_n_facts, skip_n_facts
         self.requests = LssRequests.build(self.settings, self.sources, root, exclude_n_facts, skip_n_facts=skip_n_facts)
         self._prefixed: dict[str, LssRequests] = {}  # prompt prefix -> the same sample with prefixed prompts
@@ -256,7 +256,7 @@ class LssEvaluator:
         if target not in LSS_LANGS:
             raise UserError(f"lang={target} is not an LSS language: LSS covers {' '.join(LSS_LANGS)}")
         keep, insts, scored = self._requests_toward(target, getattr(spec, "prefix", ""))
-        intervention = intervene(self.handle, artifact, spec)
+        intervention = engine_of(self.handle).intervene(artifact, spec)
         whole_rows = bool(intervention.reads_whole_rows)  # the patched run's layout: the unpatched one's too
         unpatched = self.unpatched.paired(target, keep, insts, whole_rows)  # [requests / 2, 2]: obj_s, obj_t
         start = time.time()
@@ -288,7 +288,7 @@ class LssEvaluator:
         return found.ours, found.patch, found.seconds, found.requests
 
     def score(self, artifact: NeuronArtifact, spec: PatchSpec | Intervention) -> LssResult:
-        """LSS(s→t) for every source s ≠ t = spec.target, scored under ``intervene(handle, artifact, spec)``."""
+        """LSS(s→t) for every source s ≠ t = spec.target, scored under the engine's ``intervene(artifact, spec)``."""
         found, s = self.shifts(artifact, spec), self.settings
         cells = tuple(metrics.lss_cell(source, spec.target, shift, tol=s.tol, n_boot=s.bootstrap, seed=s.seed,
                                        paper_shift=found.paper[source]) for source, shift in found.ours.items())

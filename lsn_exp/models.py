@@ -81,6 +81,7 @@ class ModelHandle:
     scoring_processes: int = 1  # forked workers for lm-eval scoring on a CPU (lsn_exp.forkmap; job: auto)
     device_name: str | None = None  # the accelerator's model for 16-bit cache keys (None: asked of the device)
     hooked: list = field(default_factory=list)  # the interventions installed on the model now, innermost last
+    engine: Any = None  # what runs the model (lsn_exp.engine.engine_of); None: the transformers model in memory
 
     @property
     def reads_whole_rows(self) -> bool:

@@ -110,7 +110,7 @@ def load(folder, identity: dict | None = None):
     """(NeuronArtifact, card) from a folder; with ``identity``, refuses another model's neurons."""
     from safetensors.torch import load_file
 
-    from lsn_exp.identify import artifact_from_tensors
+    from lsn_exp.neuronset import artifact_from_tensors
 
     found = read_card(folder)
     if identity is not None:

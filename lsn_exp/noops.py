@@ -109,7 +109,7 @@ def dead_neurons(handle, masks, languages):
     baseline = the same, random empty; p_max = p_median = 0."""
     import torch
 
-    from lsn_exp.identify import NeuronArtifact
+    from lsn_exp.neuronset import NeuronArtifact
 
     masks = masks.bool().cpu()
     zeros = torch.zeros(masks.shape)

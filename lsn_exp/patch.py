@@ -27,8 +27,8 @@ from lsn_exp.specs import PatchSpec, check_layers
 if TYPE_CHECKING:
     import torch
 
-    from lsn_exp.identify import NeuronArtifact
     from lsn_exp.models import ModelHandle
+    from lsn_exp.neuronset import NeuronArtifact
 
 
 # --- the plan: what each layer does, computed once on the host ------------------------------------------

@@ -20,8 +20,8 @@ from lsn_exp.specs import PatchSpec, parse_factor, parse_layers, plain
 
 if TYPE_CHECKING:
     from lsn_exp.artifacts import ArtifactStore
-    from lsn_exp.identify import NeuronArtifact
     from lsn_exp.models import ModelHandle
+    from lsn_exp.neuronset import NeuronArtifact
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from lsn_exp.results import PatchSummary
 from lsn_exp.specs import Intervention, PatchSpec, SteerSpec, check_layers
 
 if TYPE_CHECKING:
-    from lsn_exp.identify import NeuronArtifact
     from lsn_exp.models import ModelHandle
+    from lsn_exp.neuronset import NeuronArtifact
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from lsn_exp import generate, identify, job, lss
+from lsn_exp.engine import engine_of
 from lsn_exp.prompts import prompt_split
 from lsn_exp.settings import generate_settings
 from lsn_exp.specs import PatchSpec, parse_factor
@@ -53,7 +54,7 @@ def contexts(model: str, args) -> dict:
         if args.languages != "all":
             overrides.append(f"identify.languages=[{args.languages}]")
         found[dtype] = checklib.load_job(checklib.composed(*overrides), args.work / model / dtype)
-        generate.continuations(found[dtype].model_handle, ["The market"], 2)  # warm-up: first calls pay setup
+        engine_of(found[dtype].model_handle).generate(["The market"], 2)  # warm-up: first calls pay setup
     return found
 
 

@@ -88,7 +88,7 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subpro
 
 def synthetic_artifact(handle, languages: list[str], rate: float = 0.1, seed: int = 0):
     """Random neuron sets (about ``rate`` of each layer) for ``languages``, p_max > p_median > 0."""
-    from lsn_exp.identify import NeuronArtifact
+    from lsn_exp.neuronset import NeuronArtifact
 
     gen = torch.Generator().manual_seed(seed)
     shape = (len(languages), handle.adapter.n_layers, handle.adapter.d_ff)

@@ -4,10 +4,10 @@ re-score that picks the winner."""
 from __future__ import annotations
 
 import pytest
+from conftest import synthetic_artifact
 from hydra import compose, initialize_config_dir
 from scipy.stats import binomtest
 
-from conftest import synthetic_artifact
 from lsn_exp import CONF_DIR, compare, data, generate, metrics, outputs, prompts
 from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.errors import UserError
@@ -131,7 +131,7 @@ def artifact_with_vectors(handle, artifact):
     """The synthetic artifact plus per-language residual means (what DiffMean reads)."""
     import torch
 
-    from lsn_exp.identify import NeuronArtifact
+    from lsn_exp.neuronset import NeuronArtifact
 
     gen = torch.Generator().manual_seed(1)
     means = torch.randn(len(artifact.languages), handle.adapter.n_layers, handle.model.config.hidden_size,

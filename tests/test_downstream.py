@@ -17,6 +17,7 @@ from conftest import synthetic_artifact
 
 from lsn_exp import data, downstream, evaluate, metrics, outputs
 from lsn_exp.artifacts import ArtifactStore
+from lsn_exp.engine import engine_of
 from lsn_exp.errors import UserError
 from lsn_exp.results import DownstreamResult, MetricDelta, TaskScore
 from lsn_exp.specs import PatchSpec, parse_factor
@@ -180,7 +181,7 @@ def test_rolling_loglikelihood_scores_the_sentence_after_one_bos(tiny):
     from lm_eval.api.instance import Instance
 
     text = "Le chat est assis sur le tapis."
-    lm = downstream.downstream_lm(tiny, 4)
+    lm = engine_of(tiny).lm(4, rolling=True)
     (ll,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
     ids = [tiny.tokenizer.bos_token_id] + tiny.tokenizer(text, add_special_tokens=False)["input_ids"]
     with torch.no_grad():

@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
+from conftest import load_tiny
 
-from lsn_exp import REPO_ROOT, data, generate
+from lsn_exp import REPO_ROOT, data, engine, generate
+from lsn_exp.engine import HFEngine
 from lsn_exp.errors import UserError
 from lsn_exp.settings import generate_settings
-from conftest import load_tiny
 
 
 @pytest.mark.parametrize("text, degenerate", [
@@ -43,11 +44,27 @@ def test_steering_success_counts_only_fluent_target_continuations():
     assert summary["degenerate_share"] == 0.25 and summary["ppl"] is None
 
 
+def continuations(handle, prompts, max_new_tokens):
+    """The engine's greedy continuations as (texts, sequences [B, T], mask, width): the left-padded prompts, then
+    the new tokens (each row's first stop id and everything after it masked out)."""
+    hf = HFEngine(handle)
+    generated = hf.generate(prompts, max_new_tokens)
+    batch, (new, kept) = hf.left_padded(prompts), generated.tokens
+    return (generated.texts, torch.cat([batch["input_ids"], new], dim=1),
+            torch.cat([batch["attention_mask"], kept], dim=1), batch["input_ids"].shape[1])
+
+
+def continuation_nll(handle, prompts, max_new_tokens):
+    """The engine's mean NLL per token of each greedy continuation of ``prompts``, after the same prompts."""
+    hf = HFEngine(handle)
+    return hf.continuation_nll(prompts, hf.generate(prompts, max_new_tokens))
+
+
 def test_continuation_nll_is_the_unpatched_models_mean_token_nll():
     handle = load_tiny("llama")
     prompts = ["The weather today is", "Yesterday I"]
-    texts, sequences, mask, width = generate.continuations(handle, prompts, max_new_tokens=6)
-    got = generate.continuation_nll(handle, sequences, mask, width)
+    texts, sequences, mask, width = continuations(handle, prompts, 6)
+    got = continuation_nll(handle, prompts, 6)
     for row, prompt in enumerate(prompts):
         prompt_ids = handle.tokenizer(prompt)["input_ids"]
         new = [t for t, m in zip(sequences[row, width:].tolist(), mask[row, width:].tolist()) if m]
@@ -107,10 +124,9 @@ def test_the_generate_stage_reports_per_source_success_and_fluency(tmp_path):
 def test_continuation_nll_in_chunks_equals_one_forward(monkeypatch):
     handle = load_tiny("llama")
     prompts = ["The weather today is", "Yesterday I", "Bonjour", "Il était une fois", "Once"]
-    _, sequences, mask, width = generate.continuations(handle, prompts, max_new_tokens=5)
-    whole = generate.continuation_nll(handle, sequences, mask, width)
-    monkeypatch.setattr(generate, "NLL_ROWS", 2)
-    chunked = generate.continuation_nll(handle, sequences, mask, width)
+    whole = continuation_nll(handle, prompts, 5)
+    monkeypatch.setattr(engine, "NLL_ROWS", 2)
+    chunked = continuation_nll(handle, prompts, 5)
     assert len(chunked) == 5 and all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6) for a, b in zip(whole, chunked))
 
 
@@ -165,18 +181,18 @@ def kept(sequences, mask, width, row) -> list[int]:
 def test_every_id_the_model_stops_on_ends_the_continuation():
     handle = load_tiny("llama")
     prompts = ["The weather today is", "Yesterday I"]
-    _, sequences, _, width = generate.continuations(handle, prompts, max_new_tokens=8)
+    _, sequences, _, width = continuations(handle, prompts, 8)
     row = sequences[0, width:].tolist()
     k = next(i for i in range(2, 8) if row[i] not in row[:i])  # a token it emits first at step k
     stop = row[k]
-    short_texts, short_seq, short_mask, short_width = generate.continuations(handle, prompts[:1], max_new_tokens=k)
-    truncated_nll = generate.continuation_nll(handle, short_seq, short_mask, short_width)[0]
+    short_texts, *_ = continuations(handle, prompts[:1], k)
+    truncated_nll = continuation_nll(handle, prompts[:1], k)[0]
     handle.model.generation_config.eos_token_id = [handle.tokenizer.eos_token_id, stop]  # as Gemma-2-it's [1, 107]
-    texts, sequences, mask, width = generate.continuations(handle, prompts, max_new_tokens=8)
+    texts, sequences, mask, width = continuations(handle, prompts, 8)
     assert sequences[0, width + k] == stop and kept(sequences, mask, width, 0) == row[:k]
     assert mask[0, width + k:].sum() == 0  # the stop token and the padding after it
     assert texts[0] == short_texts[0]
-    nll = generate.continuation_nll(handle, sequences, mask, width)[0]
+    nll = continuation_nll(handle, prompts, 8)[0]
     assert math.isclose(nll, truncated_nll, rel_tol=1e-5, abs_tol=1e-5)
 
 
@@ -194,12 +210,12 @@ def penalised_tiny():
 def test_continuations_are_plain_argmax_whatever_the_models_generation_config():
     handle = penalised_tiny()
     prompts = ["The weather today is", "Yesterday I"]
-    _, sequences, mask, width = generate.continuations(handle, prompts, max_new_tokens=12)
+    _, sequences, mask, width = continuations(handle, prompts, 12)
     stop = {handle.tokenizer.eos_token_id}
     for row, prompt in enumerate(prompts):
         want = argmax_tokens(handle, handle.tokenizer(prompt)["input_ids"], 12, stop)
         assert kept(sequences, mask, width, row) == want
-    config = generate.greedy_config_dict(handle, 12)
+    config = HFEngine(handle).generation_config(12)
     assert config["repetition_penalty"] == 1.0 and config["no_repeat_ngram_size"] == 0
     assert config["do_sample"] is False and config["max_new_tokens"] == 12 and config["eos_token_id"] == [1]
 
@@ -225,7 +241,7 @@ def test_a_prompt_baselines_continuation_is_scored_after_the_plain_prompt():
     prompts, prefix = ["The weather today is", "Yesterday I"], "Bonjour à tous. Il fait beau. "
     _, rows = generate.steering(handle, {"en": prompts}, "fr", generate_settings({"max_new_tokens": 6}),
                                 prefix=prefix)
-    texts, sequences, mask, width = generate.continuations(handle, [prefix + p for p in prompts], max_new_tokens=6)
+    texts, sequences, mask, width = continuations(handle, [prefix + p for p in prompts], 6)
     for i, (prompt, row) in enumerate(zip(prompts, rows)):
         new = kept(sequences, mask, width, i)
         plain = nll_after(handle, handle.tokenizer(prompt)["input_ids"], new)

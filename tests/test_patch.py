@@ -14,8 +14,8 @@ from transformers import DynamicCache
 
 from lsn_exp import identify
 from lsn_exp.errors import UserError
-from lsn_exp.identify import NeuronArtifact
 from lsn_exp.models import ModelHandle, load
+from lsn_exp.neuronset import NeuronArtifact
 from lsn_exp.patch import Patch
 from lsn_exp.specs import NEURON_SETS, STATS, PatchSpec, parse_factor, parse_layers
 from lsn_exp.teststat import sample_statistic

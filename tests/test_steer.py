@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import load_tiny
 
-from lsn_exp import identify
+from lsn_exp import identify, neuronset
 from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.errors import UserError
 from lsn_exp.specs import Intervention, PatchSpec, SteerSpec
@@ -50,8 +50,8 @@ def test_diffmean_is_the_target_mean_minus_the_average_of_the_other_languages(ar
 
 
 def test_the_artifact_keeps_residual_means_through_the_cache(handle, artifact, data_root, tmp_path):
-    tensors, meta = identify.artifact_to_tensors(artifact)
-    again = identify.artifact_from_tensors(tensors, meta)
+    tensors, meta = neuronset.artifact_to_tensors(artifact)
+    again = neuronset.artifact_from_tensors(tensors, meta)
     assert torch.equal(again.resid_mean, artifact.resid_mean) and torch.equal(again.resid_norm, artifact.resid_norm)
     assert again.resid_mean.shape == (3, handle.adapter.n_layers, handle.model.config.hidden_size)
 
@@ -130,7 +130,7 @@ def test_bad_steer_settings_are_one_line_errors(artifact):
         SteerSpec("ja", alpha=1.0, scale="cube")
     with pytest.raises(UserError, match="steer.alpha='x' is not a number"):
         SteerSpec.from_config({"alpha": "x"}, "ja")
-    old = identify.NeuronArtifact(artifact.languages, artifact.masks, artifact.p_max, artifact.p_median,
+    old = neuronset.NeuronArtifact(artifact.languages, artifact.masks, artifact.p_max, artifact.p_median,
                                   artifact.activation_prob)
     with pytest.raises(UserError, match="holds no residual means"):
         old.diffmean("ja")
@@ -220,8 +220,10 @@ def test_generation_under_a_prompt_baseline_continues_the_prefixed_prompt(handle
     settings = generate_settings({"sources": ["en"], "n_prompts": 2, "max_new_tokens": 4})
     prompts = generate.prompt_sets(settings, data_root)
     summary, rows = generate.steering(handle, prompts, "fr", settings, None, prefix="Bonjour.\n")
-    want, *_ = generate.continuations(handle, ["Bonjour.\n" + p for p in prompts["en"]], 4)
-    plain, *_ = generate.continuations(handle, prompts["en"], 4)
+    from lsn_exp.engine import HFEngine
+
+    want = HFEngine(handle).generate(["Bonjour.\n" + p for p in prompts["en"]], 4).texts
+    plain = HFEngine(handle).generate(prompts["en"], 4).texts
     assert [r[5] for r in rows] == want and [r[2] for r in rows] == plain
     assert [r[1] for r in rows] == prompts["en"]  # the CSV keeps the plain prompt
 

@@ -1,0 +1,97 @@
+"""The engine seam: every stage runs the model through ``engine_of(handle)``, so an engine attached to the handle
+(as a serving engine's loader would) carries identification, LSS, downstream scoring and generation unchanged."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from collections import Counter
+
+import torch
+from omegaconf import OmegaConf
+
+from conftest import load_tiny
+from lsn_exp import REPO_ROOT, downstream, generate, identify, lss
+from lsn_exp.artifacts import ArtifactStore
+from lsn_exp.engine import HFEngine, engine_of
+from lsn_exp.settings import generate_settings
+from lsn_exp.specs import PatchSpec
+
+IDENTIFY = {"languages": ["en", "fr", "ja"], "split": "dev", "max_tokens": 300, "n_stat_sentences": 8,
+            "prefix": "auto", "top_rate": 0.05, "filter_rate": 0.95, "bar_rate": 0.95, "batch_size": 8}
+
+
+class CountingEngine(HFEngine):
+    """A second engine: the transformers one, counting what each stage asks of it."""
+
+    def __init__(self, handle):
+        super().__init__(handle)
+        self.calls = Counter()
+
+    def lm(self, *args, **kwargs):
+        self.calls["lm"] += 1
+        return super().lm(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        self.calls["generate"] += 1
+        return super().generate(*args, **kwargs)
+
+    def continuation_nll(self, *args, **kwargs):
+        self.calls["continuation_nll"] += 1
+        return super().continuation_nll(*args, **kwargs)
+
+    def record(self, *args, **kwargs):
+        self.calls["record"] += 1
+        return super().record(*args, **kwargs)
+
+    def intervene(self, *args, **kwargs):
+        self.calls["intervene"] += 1
+        return super().intervene(*args, **kwargs)
+
+
+def run_stages(handle, data_root, tmp_path) -> dict:
+    """Identification, LSS toward fr, XCOPA under the same patch and generation, on ``handle``."""
+    artifact = identify.build(OmegaConf.create(IDENTIFY), handle, data_root, ArtifactStore(tmp_path), seed=0).artifact
+    spec = PatchSpec("fr", op="set", source="pmax")
+    scored = lss.LssEvaluator(handle, {"n_facts": 3, "sources": ["en", "ja"], "bootstrap": 0}, data_root,
+                              None).score(artifact, spec)
+    tasks, _ = downstream.DownstreamEvaluator(handle, {"tasks": ["xcopa"], "langs": ["id"], "limit": 4}, data_root,
+                                              None).score(artifact, spec)
+    settings = generate_settings({"sources": ["en"], "n_prompts": 2, "max_new_tokens": 4})
+    summary, rows = generate.steering(handle, generate.prompt_sets(settings, data_root), "fr", settings,
+                                      engine_of(handle).intervene(artifact, spec))
+    return {"p_max": artifact.p_max, "lss": dataclasses.asdict(scored)["cells"],
+            "xcopa": dataclasses.asdict(tasks)["tasks"], "rows": rows}
+
+
+def test_an_engine_attached_to_the_handle_runs_every_stage(data_root, tmp_path):
+    plain = run_stages(load_tiny("llama"), data_root, tmp_path / "plain")
+    handle = load_tiny("llama")
+    handle.engine = CountingEngine(handle)
+    routed = run_stages(handle, data_root, tmp_path / "routed")
+    assert set(handle.engine.calls) == {"lm", "generate", "continuation_nll", "record", "intervene"}
+    assert handle.engine.calls["record"] == 3  # one pass per language
+    assert torch.equal(plain.pop("p_max"), routed.pop("p_max"))
+    assert plain == routed
+
+
+STAGES = ("identify", "lss", "downstream", "generate", "compare", "search", "api", "job")
+RUNTIME = {"record": {"language_stats", "record_language"}, "steer": {"intervene"}, "evaluate": {"hflm"},
+           "decoding": {"greedy_generate"}, "patch": {"Patch"}}
+
+
+def test_no_stage_reaches_past_the_engine():
+    """Stage modules never call the model (``.model(``) nor import the runtime the engine wraps."""
+    bad = []
+    for name in STAGES:
+        tree = ast.parse((REPO_ROOT / "lsn_exp" / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lsn_exp."):
+                reached = {a.name for a in node.names} & RUNTIME.get(node.module.split(".")[1], set())
+                bad += [f"{name} imports {node.module}.{r}" for r in sorted(reached)]
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
+                    node.attr in RUNTIME.get(node.value.id, set()):
+                bad.append(f"{name} calls {node.value.id}.{node.attr}")
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "model":
+                bad.append(f"{name} calls .model(...) at line {node.lineno}")
+    assert not bad, "\n".join(bad)
