@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Hashable
@@ -70,6 +71,13 @@ class ArtifactStore:
 
     def __init__(self, root: Path):
         self.root = Path(root)
+        self.tally: Counter = Counter()  # (kind, "loaded" | "computed") -> entries, for this process
+
+    def summary(self) -> list[str]:
+        """One line per cache kind this process used: entries loaded and computed (each entry is logged at DEBUG)."""
+        kinds = dict.fromkeys(kind for kind, _ in self.tally)
+        return [f"cache {kind}: {self.tally[kind, 'loaded']} loaded, {self.tally[kind, 'computed']} computed "
+                f"({self.root / kind})" for kind in kinds]
 
     @classmethod
     def for_model(cls, model_name: str, cache_dir: str | None = None) -> ArtifactStore:
@@ -177,7 +185,8 @@ class ArtifactStore:
             entries = {name: entry for name, entry in entries.items() if entry is not None}
             missing = [name for name in specs if name not in entries]
             for name in entries:
-                log.info("loaded cached %s %s", kind, paths[name].name)
+                log.debug("loaded cached %s %s", kind, paths[name].name)
+            self.tally[kind, "loaded"] += len(entries)
             if missing:
                 start = time.time()
                 results = compute(missing)
@@ -187,7 +196,8 @@ class ArtifactStore:
                     self.save(kind, specs[name], tensors, meta)
                     self._note_computed(kind, paths[name].name, seconds)
                     entries[name] = CacheEntry(tensors, meta, paths[name], computed=True)
-                    log.info("saved %s %s", kind, paths[name])
+                    self.tally[kind, "computed"] += 1
+                    log.debug("saved %s %s", kind, paths[name])
         return entries
 
     def _note_computed(self, kind: str, key: str, seconds: float) -> None:

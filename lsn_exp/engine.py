@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ContextManager, Protocol
 import torch
 
 from lsn_exp import decoding, evaluate
-from lsn_exp.record import Prefix, language_stats
+from lsn_exp.record import Prefix, RecordingBar, language_stats
 from lsn_exp.steer import intervene
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ class Engine(Protocol):
     def generation_config(self, max_new_tokens: int) -> dict: ...
 
     def record(self, sentences: list[str], max_tokens: int | None, n_stat: int, prefix: Prefix, batch_size: int,
-               desc: str = "record") -> dict[str, torch.Tensor]: ...
+               desc: str = "record", progress: RecordingBar | None = None) -> dict[str, torch.Tensor]: ...
 
     def intervene(self, artifact: NeuronArtifact, spec: PatchSpec | Intervention) -> ContextManager: ...
 
@@ -121,8 +121,8 @@ class HFEngine:
         return decoding.greedy_config_dict(self.handle.model, self.handle.tokenizer, max_new_tokens)
 
     def record(self, sentences: list[str], max_tokens: int | None, n_stat: int, prefix: Prefix, batch_size: int,
-               desc: str = "record") -> dict[str, torch.Tensor]:
-        return language_stats(self.handle, sentences, max_tokens, n_stat, prefix, batch_size, desc)
+               desc: str = "record", progress: RecordingBar | None = None) -> dict[str, torch.Tensor]:
+        return language_stats(self.handle, sentences, max_tokens, n_stat, prefix, batch_size, desc, progress)
 
     def intervene(self, artifact: NeuronArtifact, spec: PatchSpec | Intervention) -> ContextManager:
         return intervene(self.handle, artifact, spec)

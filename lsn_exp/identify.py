@@ -21,7 +21,7 @@ from lsn_exp.engine import engine_of
 from lsn_exp.files import sha256_file
 from lsn_exp.models import device_key
 from lsn_exp.neuronset import NeuronArtifact, artifact_from_tensors, artifact_to_tensors
-from lsn_exp.record import RECORD_VERSION, Recording, prefix_token, stack_languages
+from lsn_exp.record import RECORD_VERSION, Recording, RecordingBar, prefix_token, stack_languages
 from lsn_exp.settings import identify_settings
 
 
@@ -160,17 +160,20 @@ def build(identify_cfg, handle, data_root, store, seed: int, force: bool = False
     settings = identify_settings(identify_cfg)
     prefix, corpora, specs = recording_plan(settings, handle, data_root, texts)
     batch_size = settings.batch_size or handle.batch_size
-    engine = engine_of(handle)
+    engine, bar = engine_of(handle), RecordingBar(len(corpora))
     stats, entries = {}, []
-    for code, corpus in corpora.items():
-        spec = specs[code]
-        entry = store.get_or_compute(
-            "recording", spec, force=force,
-            compute=lambda c=corpus, k=code: (engine.record(
-                c.sentences, settings.max_tokens, settings.n_stat_sentences, prefix, batch_size,
-                desc=f"record {k}"), {"lang": k}))
-        stats[code] = entry.tensors
-        entries.append(entry)
+    try:
+        for code, corpus in corpora.items():
+            entry = store.get_or_compute(
+                "recording", specs[code], force=force,
+                compute=lambda c=corpus, k=code: (engine.record(
+                    c.sentences, settings.max_tokens, settings.n_stat_sentences, prefix, batch_size,
+                    desc=f"record {k}", progress=bar), {"lang": k}))
+            bar.finished(entry.computed)
+            stats[code] = entry.tensors
+            entries.append(entry)
+    finally:
+        bar.close()
     recording = stack_languages(stats)
     recorded = any(e.computed for e in entries)
     select_spec = selection_spec([e.path.name for e in entries], settings, seed)

@@ -288,6 +288,8 @@ def _run_cell(cfg: DictConfig, record: RunRecord, factor: Factor, method: str, s
     record.results.update(stages_done=[step.__name__ for step in steps], wall_time_s=round(time.time() - started, 2),
                           step_times_s=step_times, config_hash=digest, code_version=resume.code_version(),
                           **({"winners": ctx.winners} if ctx.winners else {}))
+    for line in ctx.store.summary() if ctx.store is not None else ():
+        log.info(line)
     log.info("step write_results")
     record.provenance = provenance(ctx.model_handle.identity, data_files)
     record.provenance["data_root"] = str(ctx.data_root) if ctx.data_root else "hf-hub"

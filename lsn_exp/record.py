@@ -142,6 +142,45 @@ class LanguagePass(NamedTuple):
     resid_norm: torch.Tensor  # float32 [L]: mean L2 norm of a token's residual after each layer
 
 
+class RecordingBar:
+    """One console bar for a whole recording: languages done (a language advances batch by batch), the language
+    being recorded, tokens so far and time left. A language loaded from the cache leaves the total; when every
+    language is cached, nothing is shown."""
+
+    FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} languages [{elapsed}<{remaining}{postfix}]"
+
+    def __init__(self, n_languages: int):
+        self.remaining, self.tokens, self.cached = n_languages, 0, 0
+        self.bar, self.code, self.step = None, "", 1.0
+
+    def language(self, code: str, n_batches: int) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=self.remaining, desc="record", bar_format=self.FORMAT)
+        self.code, self.step = code, 1.0 / max(n_batches, 1)
+
+    def batch(self, n_tokens: int) -> None:
+        self.tokens += n_tokens
+        cached = f", {self.cached} cached" if self.cached else ""
+        self.bar.set_postfix_str(f"{self.code}, {self.tokens:,} tokens{cached}", refresh=False)
+        self.bar.update(self.step)
+
+    def finished(self, computed: bool) -> None:
+        """One language done: recorded now (``computed``) or loaded from the cache."""
+        if computed:
+            self.bar.n = round(self.bar.n)
+            self.bar.refresh()
+            return
+        self.cached += 1
+        self.remaining -= 1
+        if self.bar is not None:
+            self.bar.total -= 1
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 class ActivationRecorder:
     """Forward hooks on every layer's mlp.gate site (counts, stat-sentence means) and resid_post site (the
     residual stream's sum and norm over counted tokens, for DiffMean vectors), accumulated in fp32/int64."""
@@ -201,11 +240,14 @@ class ActivationRecorder:
                 hook.remove()
 
     @torch.inference_mode()
-    def run(self, batches: list[Batch], desc: str) -> None:
+    def run(self, batches: list[Batch], desc: str, progress: RecordingBar | None = None) -> None:
+        """Every batch through the model; the progress shows on ``progress`` (else a bar of its own, ``desc``)."""
         device = self.handle.device
         decoder = self.handle.adapter.decoder
+        if progress is not None:
+            progress.language(desc.split()[-1], len(batches))
         with self.hooked():
-            for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
+            for batch in batches if progress is not None else tqdm(batches, desc=desc, unit="batch", leave=False):
                 positions = batch.stat_rows.ge(0).nonzero().flatten()  # on the host
                 self.stat_pos = (None if not len(positions) else ALL_ROWS if len(positions) == len(batch.stat_rows)
                                  else positions.to(device))  # stat sentences have batches of their own: ALL_ROWS
@@ -216,11 +258,13 @@ class ActivationRecorder:
                                                              batch.count_mask, batch.stat_rows)))
                 decoder(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask,
                         use_cache=False)
+                if progress is not None:
+                    progress.batch(int(batch.count_mask.sum()))
         self.batch = None
 
 
 def record_language(handle: ModelHandle, sentences: list[str], max_tokens: int | None, n_stat: int,
-                    prefix: Prefix, batch_size: int, desc: str = "record"):
+                    prefix: Prefix, batch_size: int, desc: str = "record", progress: RecordingBar | None = None):
     """One language's pass; ``max_tokens`` None records every sentence."""
     ids = tokenize(handle.tokenizer, sentences, prefix)
     n_prefix = 0 if prefix.token_id is None else 1
@@ -232,16 +276,17 @@ def record_language(handle: ModelHandle, sentences: list[str], max_tokens: int |
     ids = ids[:n_kept]
     n_stat = min(n_stat, n_kept)
     recorder = ActivationRecorder(handle, n_stat)
-    recorder.run(make_batches(ids, n_prefix, n_stat, batch_size, handle.tokenizer.pad_token_id), desc)
+    recorder.run(make_batches(ids, n_prefix, n_stat, batch_size, handle.tokenizer.pad_token_id), desc, progress)
     n_tokens = sum(len(row) - n_prefix for row in ids)
     return LanguagePass(recorder.counts.cpu(), n_tokens, n_kept, recorder.means.cpu(),
                         recorder.resid_sum.cpu() / max(n_tokens, 1), recorder.resid_norm_sum.cpu() / max(n_tokens, 1))
 
 
 def language_stats(handle: ModelHandle, sentences: list[str], max_tokens: int | None, n_stat: int,
-                   prefix: Prefix, batch_size: int, desc: str = "record") -> dict[str, torch.Tensor]:
+                   prefix: Prefix, batch_size: int, desc: str = "record",
+                   progress: RecordingBar | None = None) -> dict[str, torch.Tensor]:
     """One language's statistics as tensors (the unit the artifact cache stores)."""
-    found = record_language(handle, sentences, max_tokens, n_stat, prefix, batch_size, desc)
+    found = record_language(handle, sentences, max_tokens, n_stat, prefix, batch_size, desc, progress)
     return {"counts": found.counts, "tokens": torch.tensor(found.tokens), "sentences": torch.tensor(found.sentences),
             "p_max": found.means.max(dim=0).values, "p_median": found.means.median(dim=0).values,
             "always_active": (found.means > 0).all(dim=0), "resid_mean": found.resid_mean,

@@ -47,7 +47,9 @@ def start(args: list[str], log_path: Path, extra_env: dict | None = None) -> sub
     """``python -m lsn_exp ARGS`` in its own process group, stdout and stderr into ``log_path``."""
     out = open(log_path, "ab")
     try:
-        return subprocess.Popen([sys.executable, "-m", "lsn_exp", *args], cwd=REPO_ROOT,
+        # each cache entry's line is at DEBUG: the phase a kill landed in is read from them (phase_of)
+        return subprocess.Popen([sys.executable, "-m", "lsn_exp", *args, "hydra.verbose=lsn_exp.artifacts"],
+                                cwd=REPO_ROOT,
                                 env={**env(), **(extra_env or {})}, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     finally:

@@ -164,3 +164,14 @@ def test_sentence_statistics_span_real_sentences(tiny, data_root, tmp_path):
     assert (art.p_max >= art.p_median).all()
     assert all(0 < t <= 600 for t in art.meta["tokens"])
     assert math.isfinite(art.meta["thresholds"]["tau_filter"])
+
+
+def test_one_bar_shows_the_whole_recording_and_nothing_when_it_is_cached(tiny, data_root, tmp_path, capsys):
+    store = ArtifactStore(tmp_path)
+    identify.build(_identify_cfg(max_tokens=300), tiny, data_root, store, seed=0)
+    shown = capsys.readouterr().err
+    final = [part for part in shown.replace("\r", "\n").splitlines() if part.startswith("record:")][-1]
+    assert "3.0/3 languages" in final and "ja, " in final and " tokens" in final, final
+    assert "batch" not in shown  # no per-language bars beside it
+    identify.build(_identify_cfg(max_tokens=300), tiny, data_root, store, seed=0)
+    assert "record:" not in capsys.readouterr().err
