@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from omegaconf import OmegaConf
 from roofline import ScoringWork
 
-from lsn_exp import CONF_DIR, data, evaluate, lss, models
+from lsn_exp import CONF_DIR, data, lmeval, lss, models
 from lsn_exp.taskindex import TASK_FAMILIES
 
 
@@ -113,13 +113,13 @@ def lss_work(handle, n_facts: int) -> Work:
 
 
 def downstream_work(handle, root) -> Work:
-    lm = evaluate.hflm(handle)
-    manager = evaluate.task_manager(metadata={"data_root": str(root), "flores_split": "devtest",
+    lm = lmeval.hflm(handle)
+    manager = lmeval.task_manager(metadata={"data_root": str(root), "flores_split": "devtest",
                                               "mt_prompt": "untargeted"})
     names = [family.task(lang) for family in TASK_FAMILIES.values() if family.local for lang in family.langs()]
     work = Work(new_tokens=50)
     for name, task in manager.load(names)["tasks"].items():
-        instances = evaluate.build_instances(task)
+        instances = lmeval.build_instances(task)
         kind = instances[0].request_type
         if kind == "loglikelihood":
             work.add_scoring(ScoringWork.of(lm, [i.args for i in instances]))

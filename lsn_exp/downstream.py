@@ -14,7 +14,7 @@ A job scores the patched model on the selected tasks and reports, per task and m
 
 The unpatched model's per-document outputs are cached in the ArtifactStore once per (model, task, limit,
 split, prompt, task files and data files, versions) and reused by every patch. No lm-eval response cache
-is used (``evaluate.run_tasks``): a cached response would belong to whatever patch was active when it was
+is used (``lmeval.run_tasks``): a cached response would belong to whatever patch was active when it was
 written.
 """
 
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from lsn_exp import data, evaluate, lid, metrics
+from lsn_exp import data, lid, lmeval, metrics
 from lsn_exp.data import MT_PROMPTS
 from lsn_exp.engine import engine_of
 from lsn_exp.errors import UserError
@@ -188,7 +188,7 @@ def _task_fingerprint(ref: TaskRef, root: Path | None, settings_: EvalSettings) 
         return {"include_path": None if settings_.include_path is None else _tree_sha256(Path(settings_.include_path))}
     if not ref.family.local:
         return {"hub": INCLUDE_HUB_ID}
-    task_dir = evaluate.TASKS_DIR / {"mc": ref.family.name + "_local"}.get(ref.family.kind, ref.family.name)
+    task_dir = lmeval.TASKS_DIR / {"mc": ref.family.name + "_local"}.get(ref.family.kind, ref.family.name)
     digest = hashlib.sha256()
     for path in sorted(p for p in task_dir.iterdir() if p.suffix in (".yaml", ".py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
@@ -240,7 +240,7 @@ class DownstreamEvaluator:
                                "HF_DATASETS_OFFLINE); run online to score it")
             self.refs = [r for r in self.refs if r.family.name != "include"]
         self.lm = engine_of(handle).lm(self.settings.batch_size, rolling=True)
-        self.manager = evaluate.task_manager(metadata={
+        self.manager = lmeval.task_manager(metadata={
             "data_root": str(self.root) if self.root else None, "mt_prompt": self.settings.mt_prompt,
             "flores_split": self.settings.flores_split})
         self._hub_manager = None
@@ -256,7 +256,7 @@ class DownstreamEvaluator:
         if local:
             return self.manager
         if self._hub_manager is None:
-            self._hub_manager = evaluate.task_manager(include_defaults=True, extra_path=self.settings.include_path)
+            self._hub_manager = lmeval.task_manager(include_defaults=True, extra_path=self.settings.include_path)
         return self._hub_manager
 
     def run(self, refs: list[TaskRef]) -> dict[str, DocOutputs]:
@@ -268,7 +268,7 @@ class DownstreamEvaluator:
         outputs = {}
         for (local, _, limit), group in groups.items():
             try:
-                results = evaluate.run_tasks(self.lm, [r.name for r in group], self._manager(local), limit=limit,
+                results = lmeval.run_tasks(self.lm, [r.name for r in group], self._manager(local), limit=limit,
                                              log_samples=True, bootstrap_iters=0)
             except Exception as err:  # noqa: BLE001 - only the hub tasks may fail for want of a download
                 if local:

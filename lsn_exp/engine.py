@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ContextManager, Protocol
 
 import torch
 
-from lsn_exp import decoding, evaluate
+from lsn_exp import decoding, lmeval
 from lsn_exp.record import Prefix, RecordingBar, language_stats
 from lsn_exp.steer import intervene
 
@@ -68,9 +68,9 @@ class HFEngine:
     def __init__(self, handle: ModelHandle):
         self.handle = handle
 
-    def lm(self, batch_size: int | None = None, rolling: bool = False) -> evaluate.LsnHFLM:
+    def lm(self, batch_size: int | None = None, rolling: bool = False) -> lmeval.LsnHFLM:
         """lm-eval's LM on the model; ``rolling``: rolling log-likelihoods given one BOS (``DownstreamLM``)."""
-        return evaluate.hflm(self.handle, batch_size, evaluate.DownstreamLM if rolling else evaluate.LsnHFLM)
+        return lmeval.hflm(self.handle, batch_size, lmeval.DownstreamLM if rolling else lmeval.LsnHFLM)
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], max_new_tokens: int) -> Generated:

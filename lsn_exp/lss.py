@@ -18,12 +18,12 @@ paper removes " [Y]" from the template of its hub copy (inayarhmns/MLAMA-dod-185
 
 One lm-eval task ``lss_<source>`` per source language (lsn_exp/tasks/lss/): each document is one fact, the
 source prompt and, as choices, its object in all 15 languages (and in the paper's format). Scoring goes
-through ``evaluate.LsnHFLM`` (each prompt runs once and its continuations are read from its KV cache).
+through ``lmeval.LsnHFLM`` (each prompt runs once and its continuations are read from its KV cache).
 
 Batch layout: a score depends on how its request is batched (padding, which continuations share a prompt):
 ~1e-6..1e-4 nats in fp32, up to 1.6 nats for a long object in bf16 (Gemma-3-270M, scripts/bf16_check.py).
 So the unpatched requests are scored exactly as the patched run scores them (``UnpatchedScores.paired``):
-the same requests in the same order, and in whole rows (``evaluate.whole_rows``) where the patch takes a
+the same requests in the same order, and in whole rows (``lmeval.whole_rows``) where the patch takes a
 test-time statistic (``Patch.reads_whole_rows``) and so forces them on the patched run. A no-op of any kind
 then shifts no fact at all, in every dtype. That unpatched run depends only on the model, the sample, the
 target and the layout: cached once and reused for every factor. The tolerance (``lss.tol``, auto: 1e-3
@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
-from lsn_exp import data, evaluate, metrics
+from lsn_exp import data, lmeval, metrics
 from lsn_exp.data import LSS_LANGS
 from lsn_exp.engine import engine_of
 from lsn_exp.errors import UserError
@@ -77,7 +77,7 @@ class LssRequests:
     @classmethod
     def build(cls, settings: LssSettings, sources: tuple[str, ...], root, exclude_n_facts=None,
               prompt_prefix: str = "", skip_n_facts: int = 0) -> LssRequests:
-        manager = evaluate.task_manager(metadata={"data_root": str(root), "n_facts": settings.n_facts,
+        manager = lmeval.task_manager(metadata={"data_root": str(root), "n_facts": settings.n_facts,
                                                   "seed": settings.seed, "exclude_n_facts": exclude_n_facts,
                                                   "prompt_prefix": prompt_prefix, "skip_n_facts": skip_n_facts})
         tasks = manager.load([f"lss_{s}" for s in sources])["tasks"]
@@ -86,7 +86,7 @@ class LssRequests:
         for source in sources:
             docs = list(tasks[f"lss_{source}"].eval_docs)
             grid = [[None] * len(LSS_LANGS) for _ in docs]
-            for inst in evaluate.build_instances(tasks[f"lss_{source}"]):
+            for inst in lmeval.build_instances(tasks[f"lss_{source}"]):
                 doc = docs[inst.doc_id]
                 assert inst.args == (doc["prompt"], doc["choices"][inst.idx]), (inst.args, doc)
                 grid[inst.doc_id][inst.idx] = inst
@@ -161,7 +161,7 @@ class UnpatchedScores:
     def _score(self, missing: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[dict, dict]]:
         insts = [self.requests.instances[s][i][LSS_LANGS.index(lang)] for s, lang in missing for i in range(self.n)]
         start = time.time()
-        ll = np.asarray(evaluate.loglikelihoods(self.lm, insts, disable_tqdm=False), dtype=np.float64)
+        ll = np.asarray(lmeval.loglikelihoods(self.lm, insts, disable_tqdm=False), dtype=np.float64)
         log.info("LSS unpatched scores: %d requests (%d source x object columns) in %.1f s", len(insts), len(missing),
                  time.time() - start)
         meta = {"fact_ids": self.requests.fact_ids, "provenance": provenance(self.handle.identity, self.data_files),
@@ -181,8 +181,8 @@ class UnpatchedScores:
                 "whole_rows": whole_rows}
 
         def compute():
-            with evaluate.whole_rows(self.lm, whole_rows):
-                ll = evaluate.loglikelihoods(self.lm, insts, disable_tqdm=False)
+            with lmeval.whole_rows(self.lm, whole_rows):
+                ll = lmeval.loglikelihoods(self.lm, insts, disable_tqdm=False)
             return {"loglik": torch.tensor(ll, dtype=torch.float64)}, {"sources": list(keep), "target": target,
                                                                        "whole_rows": whole_rows}
 
@@ -260,8 +260,8 @@ class LssEvaluator:
         whole_rows = bool(intervention.reads_whole_rows)  # the patched run's layout: the unpatched one's too
         unpatched = self.unpatched.paired(target, keep, insts, whole_rows)  # [requests / 2, 2]: obj_s, obj_t
         start = time.time()
-        with evaluate.whole_rows(self.lm, whole_rows), intervention as patch:
-            ll = np.asarray(evaluate.loglikelihoods(self.lm, scored, disable_tqdm=False), dtype=np.float64)
+        with lmeval.whole_rows(self.lm, whole_rows), intervention as patch:
+            ll = np.asarray(lmeval.loglikelihoods(self.lm, scored, disable_tqdm=False), dtype=np.float64)
             patch_summary = patch.summary()
         seconds = time.time() - start
         ll = ll.reshape(-1, 2)

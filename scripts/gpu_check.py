@@ -36,7 +36,7 @@ import checklib  # scripts/ is on sys.path when this file runs
 import numpy as np
 import torch
 
-from lsn_exp import compare, data, evaluate, lss, noops
+from lsn_exp import compare, data, lmeval, lss, noops
 from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.record import ActivationRecorder, Batch, make_batches, prefix_token, tokenize
 from lsn_exp.specs import PatchSpec
@@ -182,10 +182,10 @@ def lss_roofline(ctx, args) -> tuple:
     work = ScoringWork.of(evaluator.lm, [inst.args for inst in scored])
     spec = PatchSpec(target, op="set", source="pmax")
     with intervene(handle, ctx.artifact, spec):
-        evaluate.loglikelihoods(evaluator.lm, scored[: min(64, len(scored))])  # warm-up
+        lmeval.loglikelihoods(evaluator.lm, scored[: min(64, len(scored))])  # warm-up
         checklib.synchronize(handle.device)
         start = time.perf_counter()
-        evaluate.loglikelihoods(evaluator.lm, scored)
+        lmeval.loglikelihoods(evaluator.lm, scored)
         checklib.synchronize(handle.device)
         seconds = time.perf_counter() - start
     roof_s, _ = work.roofline_seconds(handle.model)

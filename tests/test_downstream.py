@@ -15,7 +15,7 @@ import sacrebleu
 import torch
 from conftest import synthetic_artifact
 
-from lsn_exp import data, downstream, evaluate, metrics, outputs
+from lsn_exp import data, downstream, lmeval, metrics, outputs
 from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.engine import engine_of
 from lsn_exp.errors import UserError
@@ -28,8 +28,8 @@ LOCAL = ["xcopa", "xwinograd", "flores_mt", "flores_ppl"]
 
 def requests(data_root, task: str, n: int = 1, **metadata) -> list[list[tuple]]:
     """The request arguments of the first ``n`` documents of ``task``, grouped per document."""
-    manager = evaluate.task_manager(metadata={"data_root": str(data_root), **metadata})
-    instances = evaluate.build_instances(manager.load([task])["tasks"][task])
+    manager = lmeval.task_manager(metadata={"data_root": str(data_root), **metadata})
+    instances = lmeval.build_instances(manager.load([task])["tasks"][task])
     grouped: dict[int, list] = {}
     for inst in sorted(instances, key=lambda i: (i.doc_id, i.idx)):
         grouped.setdefault(inst.doc_id, []).append(inst.args)
@@ -48,7 +48,7 @@ def test_connectives_are_lm_evals():
     theirs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(theirs)
     ours = importlib.util.spec_from_file_location("xcopa_local_utils",
-                                                  evaluate.TASKS_DIR / "xcopa_local" / "utils.py")
+                                                  lmeval.TASKS_DIR / "xcopa_local" / "utils.py")
     mine = importlib.util.module_from_spec(ours)
     ours.loader.exec_module(mine)
     assert sorted(mine.CONNECTIVES) == sorted(TASK_FAMILIES["xcopa"].langs()) == sorted(
@@ -71,7 +71,7 @@ def test_xcopa_requests_by_hand(data_root):
     doc1 = requests(data_root, "xcopa_local_tr", n=2)[1]
     assert [ctx.rsplit(" ", 2)[-2:] for ctx, _ in doc1] == [["bu", "yüzden"]] * 2
     assert all(cont[1].islower() and cont[0] == " " for _, cont in doc1)
-    manager = evaluate.task_manager(metadata={"data_root": str(data_root)})
+    manager = lmeval.task_manager(metadata={"data_root": str(data_root)})
     task = manager.load(["xcopa_local_id"])["tasks"]["xcopa_local_id"]
     doc = next(iter(task.eval_docs))
     assert task.doc_to_target(doc) == 0 and task.config.output_type == "multiple_choice"
@@ -84,7 +84,7 @@ def test_xwinograd_partial_scoring_by_hand(data_root):
         ("The city councilmen refused the demonstrators a permit because the demonstrators", " feared violence.")]
     assert requests(data_root, "xwinograd_local_ja")[0] == [("狙撃兵はテロリストを撃った。狙撃兵", " は悪漢だったからだ。"),
                                                             ("狙撃兵はテロリストを撃った。テロリスト", " は悪漢だったからだ。")]
-    manager = evaluate.task_manager(metadata={"data_root": str(data_root)})
+    manager = lmeval.task_manager(metadata={"data_root": str(data_root)})
     tasks = manager.load(["xwinograd_local_en", "xwinograd_local_ja"])["tasks"]
     en, ja = (next(iter(tasks[name].eval_docs)) for name in ("xwinograd_local_en", "xwinograd_local_ja"))
     assert tasks["xwinograd_local_en"].doc_to_text(en) == 0  # answer "1": the gold is the first context
@@ -108,7 +108,7 @@ def test_flores_requests(data_root):
 
 def test_mt_output_opening_with_a_newline_is_a_translation_not_empty(data_root):
     """Generation stops only at EOS; the prediction strips leading whitespace, then cuts at the first newline."""
-    spec = importlib.util.spec_from_file_location("flores_mt_utils", evaluate.TASKS_DIR / "flores_mt" / "utils.py")
+    spec = importlib.util.spec_from_file_location("flores_mt_utils", lmeval.TASKS_DIR / "flores_mt" / "utils.py")
     utils = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(utils)
     doc = {"target": "Bonjour le monde.", "lang": "fr", "bleu_tokenize": metrics.bleu_tokenizer("fr")}
@@ -116,7 +116,7 @@ def test_mt_output_opening_with_a_newline_is_a_translation_not_empty(data_root):
     assert out["chrf++"][0] == "Bonjour le monde." and out["empty_share"] == 0.0
     assert out["bleu"] == ("Bonjour le monde.", "Bonjour le monde.", "13a")
     assert utils.process_results(doc, [" \n \n"])["empty_share"] == 1.0
-    task = evaluate.task_manager(metadata={"data_root": str(data_root)}).load(["flores_mt_fr"])["tasks"]["flores_mt_fr"]
+    task = lmeval.task_manager(metadata={"data_root": str(data_root)}).load(["flores_mt_fr"])["tasks"]["flores_mt_fr"]
     until = task.config.generation_kwargs["until"]
     assert "\n" not in until  # lm-eval adds EOS itself
 

@@ -68,7 +68,7 @@ def test_an_engine_attached_to_the_handle_runs_every_stage(data_root, tmp_path):
 
 
 STAGES = ("identify", "lss", "downstream", "generate", "compare", "search", "api", "job")
-RUNTIME = {"record": {"language_stats", "record_language"}, "steer": {"intervene"}, "evaluate": {"hflm"},
+RUNTIME = {"record": {"language_stats", "record_language"}, "steer": {"intervene"}, "lmeval": {"hflm"},
            "decoding": {"greedy_generate"}, "patch": {"Patch"}}
 
 

@@ -13,7 +13,7 @@ import torch
 from conftest import synthetic_artifact
 from test_lss import _lss_instances
 
-from lsn_exp import data, evaluate, forkmap, preflight
+from lsn_exp import data, forkmap, lmeval, preflight, sharedprompts
 from lsn_exp.patch import Patch
 from lsn_exp.specs import PatchSpec
 
@@ -37,12 +37,12 @@ def test_scores_with_two_processes_equal_one_process_bit_for_bit(tiny, data_root
     forks = []
     fork = forkmap._fork
     monkeypatch.setattr(forkmap, "_fork", lambda *a: forks.append(1) or fork(*a))
-    monkeypatch.setattr(evaluate, "FORK_MIN_REQUESTS", 1)  # 20 requests: fork anyway
+    monkeypatch.setattr(sharedprompts, "FORK_MIN_REQUESTS", 1)  # 20 requests: fork anyway
     threads = torch.get_num_threads()
     for patch in (None, Patch(tiny, artifact, PatchSpec(target="fr", op="set", source="pmax"))):
         scores = {}
         for processes in (1, 2):
-            lm = evaluate.hflm(tiny, 1)
+            lm = lmeval.hflm(tiny, 1)
             lm.scoring_processes = processes
             with patch or _nothing():
                 scores[processes] = lm.loglikelihood(_requests(instances), disable_tqdm=True)

@@ -223,10 +223,10 @@ def test_continuations_are_plain_argmax_whatever_the_models_generation_config():
 def test_lm_evals_generate_until_is_plain_argmax_whatever_the_models_generation_config():
     from lm_eval.api.instance import Instance
 
-    from lsn_exp import evaluate
+    from lsn_exp import lmeval
 
     handle = penalised_tiny()
-    lm = evaluate.hflm(handle)
+    lm = lmeval.hflm(handle)
     prompts = ["The weather today is", "Yesterday I"]
     requests = [Instance("generate_until", {}, (p, {"until": [], "max_gen_toks": 12, "do_sample": False}), i)
                 for i, p in enumerate(prompts)]
@@ -253,10 +253,10 @@ def test_a_prompt_baselines_continuation_is_scored_after_the_plain_prompt():
 def test_lm_evals_generate_until_ends_at_every_id_the_model_stops_on():
     from lm_eval.api.instance import Instance
 
-    from lsn_exp import evaluate
+    from lsn_exp import lmeval
 
     handle = load_tiny("llama")
-    lm = evaluate.hflm(handle)
+    lm = lmeval.hflm(handle)
     context = lm.tok_batch_encode(["The weather today is"])[0][0].tolist()
     row = argmax_tokens(handle, context, 8, set())
     k = next(i for i in range(2, 8) if row[i] not in row[:i])

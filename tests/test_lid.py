@@ -77,9 +77,9 @@ def test_mt_language_share_and_rows_use_the_same_labels(data_root):
     """The FLORES MT task's lang_share and downstream's MT rows: restricted py3langid and the id/ms rule."""
     import importlib.util
 
-    from lsn_exp import downstream, evaluate, metrics
+    from lsn_exp import downstream, lmeval, metrics
 
-    spec = importlib.util.spec_from_file_location("flores_mt_utils", evaluate.TASKS_DIR / "flores_mt" / "utils.py")
+    spec = importlib.util.spec_from_file_location("flores_mt_utils", lmeval.TASKS_DIR / "flores_mt" / "utils.py")
     utils = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(utils)
     wuu = next(t for t in lid.pieces(data_root, "zh") if lid.identify([t], None)[0] == "wuu")  # unrestricted

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import synthetic_artifact
 
-from lsn_exp import data, evaluate, lss, metrics, noops, outputs, search
+from lsn_exp import data, lmeval, lss, metrics, noops, outputs, search, sharedprompts
 from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.errors import UserError
 from lsn_exp.patch import Patch
@@ -86,14 +86,14 @@ def test_sample_is_seeded_and_spread_over_relations(data_root):
 
 
 def test_lss_tasks_load_through_the_task_manager(data_root):
-    manager = evaluate.task_manager(metadata={"data_root": str(data_root), "n_facts": 3, "seed": 0})
+    manager = lmeval.task_manager(metadata={"data_root": str(data_root), "n_facts": 3, "seed": 0})
     assert {f"lss_{lang}" for lang in data.LSS_LANGS} <= set(manager.all_tasks)
     tasks = manager.load(["lss_en", "lss_ja"])["tasks"]
     for source, sep in (("en", " "), ("ja", "")):
         task = tasks[f"lss_{source}"]
         docs = list(task.eval_docs)
         assert len(docs) == 3
-        instances = evaluate.build_instances(task)
+        instances = lmeval.build_instances(task)
         assert len(instances) == 3 * 15
         for inst in instances:
             doc = docs[inst.doc_id]
@@ -104,9 +104,9 @@ def test_lss_tasks_load_through_the_task_manager(data_root):
 # --- lm-eval scoring -----------------------------------------------------------------------------
 
 def _lss_instances(data_root, sources=("en", "th"), n_facts=3):
-    manager = evaluate.task_manager(metadata={"data_root": str(data_root), "n_facts": n_facts, "seed": 0})
+    manager = lmeval.task_manager(metadata={"data_root": str(data_root), "n_facts": n_facts, "seed": 0})
     tasks = manager.load([f"lss_{s}" for s in sources])["tasks"]
-    return [i for t in tasks.values() for i in evaluate.build_instances(t)]
+    return [i for t in tasks.values() for i in lmeval.build_instances(t)]
 
 
 def _plain_hflm_scores(handle, instances, batch_size=8):
@@ -120,10 +120,10 @@ def test_whole_row_path_scores_like_plain_hflm_with_mask_and_fewer_logits(tiny, 
     instances = _lss_instances(data_root)
     seen = []
     hook = tiny.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
-    lm = evaluate.hflm(tiny, 8)
+    lm = lmeval.hflm(tiny, 8)
     lm.share_prompts = False
     try:
-        ours = evaluate.loglikelihoods(lm, instances)
+        ours = lmeval.loglikelihoods(lm, instances)
     finally:
         hook.remove()
     plain = [ll for ll, _ in _plain_hflm_scores(tiny, instances)]
@@ -146,7 +146,7 @@ def test_shared_prompt_path_matches_plain_hflm(family, data_root):
     hook = handle.model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape),
                                                   with_kwargs=True)
     try:
-        ours = evaluate.hflm(handle, 4).loglikelihood(instances, disable_tqdm=True)
+        ours = lmeval.hflm(handle, 4).loglikelihood(instances, disable_tqdm=True)
     finally:
         hook.remove()
     plain = _plain_hflm_scores(handle, instances)
@@ -157,11 +157,11 @@ def test_shared_prompt_path_matches_plain_hflm(family, data_root):
 
 def test_shared_prompt_path_under_a_patch_and_whole_rows_for_a_statistic(tiny, artifact, data_root):
     instances = _lss_instances(data_root)
-    lm = evaluate.hflm(tiny, 8)
+    lm = lmeval.hflm(tiny, 8)
     for spec in (PatchSpec(target="fr", op="set", source="pmax"), PatchSpec(target="fr", op="mul", value=3.0),
                  PatchSpec(target="fr", op="set", stat="max")):
         with Patch(tiny, artifact, spec):
-            ours = evaluate.loglikelihoods(lm, instances)
+            ours = lmeval.loglikelihoods(lm, instances)
             plain = [ll for ll, _ in _plain_hflm_scores(tiny, instances, batch_size=1)]  # no padding at all
         assert np.allclose(ours, plain, atol=1e-5, rtol=1e-6), spec
     def tokens_fed(lm, patch=None):  # positions the model runs, padding included
@@ -170,12 +170,12 @@ def test_shared_prompt_path_under_a_patch_and_whole_rows_for_a_statistic(tiny, a
                                                     with_kwargs=True)
         try:
             with patch or contextlib.nullcontext():
-                evaluate.loglikelihoods(lm, instances)
+                lmeval.loglikelihoods(lm, instances)
         finally:
             hook.remove()
         return sum(rows)
 
-    whole = evaluate.hflm(tiny, 8)
+    whole = lmeval.hflm(tiny, 8)
     whole.share_prompts = False
     stat_patch = Patch(tiny, artifact, PatchSpec(target="fr", op="set", stat="max"))
     assert tokens_fed(lm, stat_patch) == tokens_fed(whole) > 2 * tokens_fed(lm)  # a statistic: whole rows
@@ -455,7 +455,7 @@ def test_matrix_outputs_and_user_errors(tiny, artifact, data_root, tmp_path):
 
 def test_continuation_batches_respect_the_row_and_token_caps():
     rows = [(0, tuple(range(n))) for n in (200, 40, 40, 33, 5, 5, 5, 2, 2)]  # longest first, as scored
-    batches = list(evaluate._row_batches(rows, batch_size=2))  # caps: 8 rows, 64 padded positions
+    batches = list(sharedprompts._row_batches(rows, batch_size=2))  # caps: 8 rows, 64 padded positions
     assert [r for batch in batches for r in batch] == rows
     for batch in batches:
         width = len(batch[0][1]) - 1
@@ -471,7 +471,7 @@ def test_bf16_log_probs_are_taken_in_float32_from_the_bf16_logits(share_prompts,
 
     handle = load_tiny("llama")
     handle.model.to(torch.bfloat16)
-    lm = evaluate.hflm(handle, 1)
+    lm = lmeval.hflm(handle, 1)
     lm.share_prompts = share_prompts
 
     def n_tokens(inst):

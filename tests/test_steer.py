@@ -196,7 +196,7 @@ def test_prompt_baselines_build_the_documented_prefixes(data_root):
 def test_a_prompt_baseline_scores_prefixed_prompts_against_the_plain_unpatched_ones(handle, artifact, data_root):
     import numpy as np
 
-    from lsn_exp import data, evaluate, lss
+    from lsn_exp import data, lmeval, lss
 
     evaluator = lss.LssEvaluator(handle, {"n_facts": 4, "sources": ["en", "fr"]}, data_root, None)
     prefix = data.prompt_prefix("priming", "ja", data_root)
@@ -205,8 +205,8 @@ def test_a_prompt_baseline_scores_prefixed_prompts_against_the_plain_unpatched_o
     assert summary.patch == "ja:lape:mul=1+prompt:priming"
     keep, plain, primed = evaluator._requests_toward("ja", prefix)
     assert all(p.args[0] == prefix + q.args[0] and p.args[1] == q.args[1] for p, q in zip(primed, plain))
-    before = np.asarray(evaluate.loglikelihoods(evaluator.lm, plain)).reshape(-1, 2)
-    after = np.asarray(evaluate.loglikelihoods(evaluator.lm, primed)).reshape(-1, 2)
+    before = np.asarray(lmeval.loglikelihoods(evaluator.lm, plain)).reshape(-1, 2)
+    after = np.asarray(lmeval.loglikelihoods(evaluator.lm, primed)).reshape(-1, 2)
     want = (after[:, 1] - after[:, 0]) - (before[:, 1] - before[:, 0])
     got = np.concatenate([shifts[s][idx] for s, idx in keep.items()])
     np.testing.assert_allclose(got, want, atol=1e-4)
