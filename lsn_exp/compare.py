@@ -23,6 +23,7 @@ from lsn_exp.engine import engine_of
 from lsn_exp.errors import UserError
 from lsn_exp.lss import LssEvaluator
 from lsn_exp.prompts import GIVEN, prompt_split
+from lsn_exp.resume import best_under
 from lsn_exp.specs import Intervention
 
 log = logging.getLogger(__name__)
@@ -63,16 +64,16 @@ def winner_key(cfg, identity: dict, artifact_key: str | None, target: str) -> di
     return key
 
 
-def best_method(cfg, identity: dict, store, artifact_key: str | None, target: str) -> dict:
-    """``method=best``: the method entry (at its searched coefficient) a matching compare run chose for ``target``."""
-    found = None if store is None else store.load(BEST_METHOD_KIND, winner_key(cfg, identity, artifact_key, target))
-    if found is None:
-        raise UserError(f"method=best: no compare run matches this model, neuron artifact, compare.methods and "
-                        f"compare.search toward {target}; run `python -m lsn_exp +experiment=compare_methods "
-                        f"model={cfg.model.name} compare.targets=[{target}]` first, or name a method "
-                        f"(method=neurons, method=diffmean, method=prompt)")
-    log.info("method=best toward %s: %s (search score %.3f)", target, found.meta["method"]["name"], found.meta["score"])
-    return found.meta["method"]
+def best_method(cfg, identity: dict, store, artifact_key: str | None, target: str) -> tuple[dict, dict]:
+    """``method=best``: (the method entry, at its searched coefficient, a matching compare run chose for ``target``;
+    the winner as the job records it)."""
+    meta, ran = best_under(store, BEST_METHOD_KIND, winner_key(cfg, identity, artifact_key, target), "method",
+                           f"method=best: no compare run matches this model, neuron artifact, compare.methods and "
+                           f"compare.search toward {target}; run `python -m lsn_exp +experiment=compare_methods "
+                           f"model={cfg.model.name} compare.targets=[{target}]` first, or name a method "
+                           f"(method=neurons, method=diffmean, method=prompt)")
+    log.info("method=best toward %s: %s (search score %.3f)", target, meta["method"]["name"], meta["score"])
+    return meta["method"], ran
 
 
 class Comparison:

@@ -55,18 +55,16 @@ class JobContext:
         if self.cfg.get("method_name") == "best":
             from lsn_exp import compare
 
-            entry = compare.best_method(self.cfg, self.model_handle.identity, self.store, self.artifact_key, target)
-            self.winners[target] = resume.winner(self.store.root, compare.BEST_METHOD_KIND, compare.winner_key(
-                self.cfg, self.model_handle.identity, self.artifact_key, target), "method")
+            entry, self.winners[target] = compare.best_method(self.cfg, self.model_handle.identity, self.store,
+                                                              self.artifact_key, target)
             return compare.method_intervention(self.cfg, entry, target, self.data_root)
         patch_cfg, factor = self.cfg.patch, self.factor
         if factor.kind == "best":
-            from lsn_exp.search import BEST_FACTOR_KIND, resolve_best, search_key
+            from lsn_exp.search import resolve_best
 
-            patch_cfg, factor = resolve_best(self.model_handle.identity, self.store, self.cfg.patch, self.cfg.lss,
-                                             self.artifact_key, search_command())
-            self.winners[target] = resume.winner(self.store.root, BEST_FACTOR_KIND, search_key(
-                self.model_handle.identity, self.artifact_key, self.cfg.patch, self.cfg.lss), "entry")
+            (patch_cfg, factor), self.winners[target] = resolve_best(
+                self.model_handle.identity, self.store, self.cfg.patch, self.cfg.lss, self.artifact_key,
+                search_command())
         return Intervention.from_settings(target, factor, patch_cfg, self.cfg.steer, self.cfg.prompt, self.data_root)
 
 

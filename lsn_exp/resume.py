@@ -18,6 +18,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 import lsn_exp
+from lsn_exp.errors import UserError
 from lsn_exp.files import store_dir
 from lsn_exp.results import RESULTS_FILE
 
@@ -52,6 +53,16 @@ def config_hash(cfg: DictConfig, code: str | None = None) -> str:
 def store_root(cfg: DictConfig) -> Path:
     """The model's artifact cache (recordings, neuron sets, scores, winners)."""
     return store_dir(cfg.model.name, cfg.cache_dir)
+
+
+def best_under(store, kind: str, spec: dict, field: str, missing: str) -> tuple[dict, dict]:
+    """The one way to read a saved winner (``factor=best``: the factor search's ``entry``; ``method=best``: the
+    compare run's ``method``): (the winner entry's meta, what the job records of it, ``winner``). Without a
+    winner under ``spec`` in ``store``: a UserError saying ``missing`` (how to make one)."""
+    found = None if store is None else store.load(kind, spec)
+    if found is None:
+        raise UserError(missing)
+    return found.meta, winner(store.root, kind, spec, field)
 
 
 def winner(root: Path, kind: str, spec: dict, field: str) -> dict:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from lsn_exp.errors import UserError
 from lsn_exp.results import FactorSearchResult
+from lsn_exp.resume import best_under
 from lsn_exp.settings import lss_settings, search_config
 from lsn_exp.specs import PatchSpec, parse_factor, parse_layers, plain
 
@@ -78,14 +79,14 @@ def search_key(model_identity: dict, artifact_key: str | None, patch_cfg, lss_cf
 
 
 def resolve_best(model_identity: dict, store: ArtifactStore, patch_cfg, lss_cfg, artifact_key: str | None,
-                 search_command: str) -> tuple[dict, Any]:
-    """``factor=best``: (patch config with the winner's op/value/stat/coef, Factor) for PatchSpec.from_config."""
-    found = store.load(BEST_FACTOR_KIND, search_key(model_identity, artifact_key, patch_cfg, lss_cfg))
-    if found is None:
-        raise UserError(f"factor=best: no factor search matches this model, neuron artifact, patch "
-                        f"(neuron_set, layers, others) and lss.search settings; run `{search_command}` first, "
-                        f"or name a factor (factor=5, factor=pmax)")
-    return entry_patch(found.meta["entry"], patch_cfg)
+                 search_command: str) -> tuple[tuple[dict, Any], dict]:
+    """``factor=best``: ((patch config with the winner's op/value/stat/coef, Factor) for PatchSpec.from_config,
+    the winner as the job records it)."""
+    meta, ran = best_under(store, BEST_FACTOR_KIND, search_key(model_identity, artifact_key, patch_cfg, lss_cfg),
+                           "entry", f"factor=best: no factor search matches this model, neuron artifact, patch "
+                           f"(neuron_set, layers, others) and lss.search settings; run `{search_command}` first, "
+                           f"or name a factor (factor=5, factor=pmax)")
+    return entry_patch(meta["entry"], patch_cfg), ran
 
 
 def factor_search(handle: ModelHandle, artifact: NeuronArtifact, patch_cfg, lss_cfg, data_root,

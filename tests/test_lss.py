@@ -383,7 +383,7 @@ def test_factor_search_ranks_the_grid_and_saves_the_best(tiny, artifact, data_ro
     assert len(searched) == 3 and not searched & reported  # the scored facts, not only the label, are disjoint
     table = (tmp_path / "factor_ranking.csv").read_text()
     assert "disjoint from the 10-fact reporting sample" in table and "mean_offdiag_lss_paper" in table
-    patch_cfg, factor = search.resolve_best(tiny.identity, store, lape, SEARCH_CFG, "neurons", "")
+    (patch_cfg, factor), _ = search.resolve_best(tiny.identity, store, lape, SEARCH_CFG, "neurons", "")
     spec = PatchSpec.from_config(patch_cfg, factor, "ja")
     assert spec == search.entry_spec(out.best["entry"], lape, "ja")
 
