@@ -65,12 +65,15 @@ def relabelled(generations: list[Generation], identifier: str) -> list[Generatio
     return [replace(g, label=label) for g, label in zip(generations, labels)]
 
 
+def succeeds(generation: Generation, code: str, max_repetition: float | None = None) -> bool:
+    """Labelled ``code`` (or its related language, ``lid.counts_as``) and, with ``max_repetition``, at or under that
+    repetition rate."""
+    return lid.counts_as(generation.label, code) and (max_repetition is None or generation.repetition <= max_repetition)
+
+
 def share_in(generations: list[Generation], code: str, max_repetition: float | None = None) -> float:
-    """The share labelled ``code`` (or its related language, ``lid.counts_as``); with ``max_repetition``, only those
-    at or under that repetition rate count."""
-    hits = [g for g in generations
-            if lid.counts_as(g.label, code) and (max_repetition is None or g.repetition <= max_repetition)]
-    return len(hits) / max(len(generations), 1)
+    """The share of ``generations`` that ``succeeds`` toward ``code``."""
+    return sum(succeeds(g, code, max_repetition) for g in generations) / max(len(generations), 1)
 
 
 def fluency_summary(generations: list[Generation], max_repetition: float) -> dict:
@@ -175,9 +178,8 @@ def measures(generations: list[Generation], target: str, max_repetition: float) 
     """Shares of the generations with their n and 95% Wilson intervals (lsn_exp.metrics.share_interval), and the
     per-prompt success outcomes ("1"/"0" in prompt order) that paired tests between methods read."""
     n = len(generations)
-    success = [share_in([g], target, max_repetition) == 1 for g in generations]
-    found = {"n": n, "target_share": share_in(generations, target),
-             "steering_success": share_in(generations, target, max_repetition),
+    success = [succeeds(g, target, max_repetition) for g in generations]
+    found = {"n": n, "target_share": share_in(generations, target), "steering_success": sum(success) / max(n, 1),
              **fluency_summary(generations, max_repetition)}
     for key in ("target_share", "steering_success", "degenerate_share"):
         found[f"{key}_ci"] = list(metrics.share_interval(round(found[key] * n), n))

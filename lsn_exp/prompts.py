@@ -105,12 +105,10 @@ def prompt_split(settings, root: Path | None, domain: str | None = None, n_repor
 
 def check_blocks(settings, root: Path | None, domains, search, compare_cfg: dict) -> None:
     """A compare run's prompt blocks exist and do not overlap (``search``: coefsearch.SearchSettings); read from
-    the local data only (offline, before any model loads)."""
+    the local data only (offline, before any model loads). The sizes themselves are checks.check_compare_sizes'."""
     if root is None and settings.prompts is None and settings.prompts_file is None:
         return
-    n_report = int(compare_cfg.get("n_prompts", 16))
-    if n_report < 1:
-        raise UserError(f"compare.n_prompts={n_report} is not allowed: use a whole number >= 1")
+    n_report = int(compare_cfg["n_prompts"])
     for domain in dict.fromkeys([*domains, search.domain]):
         prompt_split(replace(settings, n_prompts=n_report), root, domain, None, search.n_prompts,
                      int(compare_cfg["final"]["n_prompts"]))
