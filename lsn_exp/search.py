@@ -94,9 +94,7 @@ def factor_search(handle: ModelHandle, artifact: NeuronArtifact, patch_cfg, lss_
     """Score every grid entry on mean off-diagonal LSS, rank them and save the winner for ``factor=best``.
 
     Returns the ranking and each entry's LssMatrix (name -> matrix) for the job to write."""
-    from lsn_exp import (
-        lss,  # torch and lm-eval: only when a search runs (validation imports this module)
-    )
+    from lsn_exp import lss  # torch and lm-eval: only when a search runs (preflight imports this module)
 
     entries = grid(lss_cfg)
     for entry in entries:
