@@ -12,10 +12,10 @@ DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBI
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from lsn_exp.job import run_job
+    from lsn_exp.job import Launch, run_job
 
     try:
-        run_job(cfg)
+        run_job(cfg, Launch.from_hydra())
     except UserError as err:
         exit_with(str(err))
     except OSError as err:

@@ -34,6 +34,29 @@ log = logging.getLogger(__name__)
 CELL_LOCK = "cell.lock"  # held while a process works on the cell
 
 
+@dataclass(frozen=True)
+class Launch:
+    """What a job takes from Hydra's launch: its output dir, the command line's overrides and its sweep group
+    (``from_hydra``); a test or a script builds one itself."""
+
+    run_dir: Path
+    overrides: tuple[str, ...] = ()
+    group: str = "single"  # the sweep dir's name in a multirun
+
+    @classmethod
+    def from_hydra(cls) -> Launch:
+        hydra_cfg = HydraConfig.get()
+        multirun = hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN"
+        return cls(Path(hydra_cfg.runtime.output_dir), tuple(hydra_cfg.overrides.task),
+                   Path(hydra_cfg.sweep.dir).name if multirun else "single")
+
+    def search_command(self) -> str:
+        """The command that runs the factor search ``factor=best`` needs: this job's overrides, as a search."""
+        dropped = ("factor=", "stage=", "lang=", "hydra.", "force=", "dry_run=")
+        kept = [o for o in self.overrides if not o.lstrip("+~").startswith(dropped)]
+        return " ".join(["python -m lsn_exp stage=factor_search", *kept])
+
+
 @dataclass
 class JobContext:
     """What the steps of one job share: the config, the loaded model, the neuron artifact."""
@@ -47,6 +70,7 @@ class JobContext:
     artifact: NeuronArtifact | None = None
     artifact_key: str | None = None  # the neuron artifact's cache key (factor=best looks the search up by it)
     winners: dict = field(default_factory=dict)  # target -> the factor / method best resolved to (resume.winner)
+    overrides: tuple[str, ...] = ()  # the command line's (Launch.overrides): factor=best names its search with them
 
     def intervention(self, target: str | None = None) -> Intervention:
         """The neuron patch (and steering vector) toward ``target`` (default: the job's lang); factor=best reads
@@ -64,7 +88,7 @@ class JobContext:
 
             (patch_cfg, factor), self.winners[target] = resolve_best(
                 self.model_handle.identity, self.store, self.cfg.patch, self.cfg.lss, self.artifact_key,
-                search_command())
+                Launch(self.run_dir, self.overrides).search_command())
         return Intervention.from_settings(target, factor, patch_cfg, self.cfg.steer, self.cfg.prompt, self.data_root)
 
 
@@ -125,7 +149,8 @@ def require_winners(ctx: JobContext, artifact_key: str) -> None:
     elif ctx.factor.kind == "best":
         from lsn_exp.search import resolve_best
 
-        resolve_best(ctx.model_handle.identity, ctx.store, cfg.patch, cfg.lss, artifact_key, search_command())
+        resolve_best(ctx.model_handle.identity, ctx.store, cfg.patch, cfg.lss, artifact_key,
+                     Launch(ctx.run_dir, ctx.overrides).search_command())
 
 
 def generate_demo(ctx: JobContext) -> StageOutput:
@@ -237,10 +262,11 @@ STAGES: dict[str, list[Callable[[JobContext], StageOutput]]] = {
 }
 
 
-def run_job(cfg: DictConfig) -> RunRecord | None:
+def run_job(cfg: DictConfig, launch: Launch) -> RunRecord | None:
+    """One cell: ``cfg`` (a composed job config) run into ``launch.run_dir`` (``Launch.from_hydra()`` from the CLI)."""
     preflight.validate(cfg, STAGES)  # every config mistake, before anything loads (dry runs too)
     factor = parse_factor(cfg.factor)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir = launch.run_dir
     method = cfg.get("method_name", "neurons")
     summary = (f"model={cfg.model.name} lang={cfg.lang.code} factor={factor} stage={cfg.stage}"
                + ("" if method == "neurons" else f" method={method}"))
@@ -254,10 +280,10 @@ def run_job(cfg: DictConfig) -> RunRecord | None:
     preflight.require_writable(cache_root(cfg.cache_dir), "cache dir",
                                "set cache_dir=<a writable dir> or LSN_CACHE")
     with FileLock(str(run_dir / CELL_LOCK)):  # a second process on this cell waits, then finds it complete
-        return _run_cell(cfg, record, factor, method, summary, digest)
+        return _run_cell(cfg, launch, record, factor, method, summary, digest)
 
 
-def _run_cell(cfg: DictConfig, record: RunRecord, factor: Factor, method: str, summary: str,
+def _run_cell(cfg: DictConfig, launch: Launch, record: RunRecord, factor: Factor, method: str, summary: str,
               digest: str) -> RunRecord | None:
     run_dir = record.run_dir
     if not cfg.force and completed(run_dir, digest, resume.store_root(cfg)):
@@ -265,13 +291,14 @@ def _run_cell(cfg: DictConfig, record: RunRecord, factor: Factor, method: str, s
         log.info("%s | complete results exist (config %s): skipped; force=true recomputes", summary, digest)
         if cfg.logger.name == "wandb" and not (run_dir / WANDB_LOGGED).exists():  # killed while it logged
             log.info("%s | the W&B run was never completed: logging the saved results", summary)
-            log_cell(RunRecord.load(run_dir), cfg, factor, method)
+            log_cell(RunRecord.load(run_dir), cfg, factor, method, launch.group)
         return None
     for stale in run_dir.glob(".*.tmp"):  # a temp file of a writer killed mid-write (we hold the cell lock)
         stale.unlink(missing_ok=True)
     note_attempt(run_dir, "started")
     started = time.time()
-    ctx = JobContext(cfg=cfg, factor=factor, run_dir=run_dir, data_root=data.resolve_root(cfg.data.root))
+    ctx = JobContext(cfg=cfg, factor=factor, run_dir=run_dir, data_root=data.resolve_root(cfg.data.root),
+                     overrides=launch.overrides)
     steps, data_files, step_times = STAGES[cfg.stage], [], {}
     for step in steps:
         log.info("step %s", step.__name__)
@@ -295,16 +322,16 @@ def _run_cell(cfg: DictConfig, record: RunRecord, factor: Factor, method: str, s
     note_attempt(run_dir, "completed")
     log.info("%s | %s | wrote %s | %s", summary, headline(record.results), path,
              " ".join(f"{name} {sec:.1f}s" for name, sec in step_times.items()))
-    log_cell(record, cfg, factor, method)
+    log_cell(record, cfg, factor, method, launch.group)
     return record
 
 
-def log_cell(record: RunRecord, cfg: DictConfig, factor: Factor, method: str) -> None:
+def log_cell(record: RunRecord, cfg: DictConfig, factor: Factor, method: str, group: str) -> None:
     """The cell's W&B run: id from the config hash and winners (resume.run_id), the grouping keys at the top."""
     name = f"{cfg.model.name}-{cfg.lang.code}-{factor}" + ("" if method == "neurons" else f"-{method}")
     keys = {"model": cfg.model.name, "lang": cfg.lang.code, "factor": str(factor), "method": method,
             "stage": cfg.stage}
-    log_to_wandb(record, cfg.logger, group=sweep_group(), name=name, job_type=cfg.stage,
+    log_to_wandb(record, cfg.logger, group=group, name=name, job_type=cfg.stage,
                  run_id=resume.run_id(record.results), keys=keys)
 
 
@@ -346,17 +373,3 @@ def _number(value) -> str:
 
 def _signed(value) -> str:
     return "—" if value is None else f"{value:+.3f}"
-
-
-def search_command() -> str:
-    """The command that runs the factor search ``factor=best`` needs: this job's overrides, as a search."""
-    dropped = ("factor=", "stage=", "lang=", "hydra.", "force=", "dry_run=")
-    overrides = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith(dropped)]
-    return " ".join(["python -m lsn_exp stage=factor_search", *overrides])
-
-
-def sweep_group() -> str:
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN":
-        return Path(hydra_cfg.sweep.dir).name
-    return "single"

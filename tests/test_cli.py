@@ -158,3 +158,15 @@ def test_hub_model_offline_is_a_clear_error_not_a_hang(tmp_path):
     assert result.returncode == 2
     assert "cannot load hub model Qwen/Qwen2.5-0.5B-Instruct@main" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_job_runs_in_process_from_a_composed_config(tmp_path):
+    """run_job takes what it would read from Hydra as a Launch: a dry run and a bad setting, no subprocess."""
+    from lsn_exp.errors import UserError
+    from lsn_exp.job import Launch, run_job
+
+    assert run_job(composed("model=tiny", "lang=fr", "factor=3", "dry_run=true"), Launch(tmp_path)) is None
+    assert (tmp_path / "dry_run.txt").read_text() == "model=tiny lang=fr factor=3 stage=run\n"
+    with pytest.raises(UserError, match="patch.layers has layer 99 out of range"):
+        run_job(composed("model=tiny", "patch.layers=99"), Launch(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()

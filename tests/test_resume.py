@@ -7,7 +7,6 @@ import shutil
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 
 from lsn_exp import CONF_DIR, REPO_ROOT, resume
 from lsn_exp.artifacts import ArtifactStore
@@ -15,9 +14,9 @@ from lsn_exp.search import BEST_FACTOR_KIND, search_key
 from lsn_exp.tracking import RunRecord
 
 
-def composed(*overrides: str, hydra: bool = False):
+def composed(*overrides: str):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=["model=tiny", *overrides], return_hydra_config=hydra)
+        return compose(config_name="config", overrides=["model=tiny", *overrides])
 
 
 def finished(run_dir, cfg, **results) -> None:
@@ -77,14 +76,14 @@ def test_the_job_records_the_winner_factor_best_resolved_to(tmp_path, tiny):
     from lsn_exp.job import JobContext
     from lsn_exp.specs import parse_factor
 
-    cfg = composed("lang=fr", "factor=best", hydra=True)
-    HydraConfig.instance().set_config(cfg)
+    cfg = composed("lang=fr", "factor=best")
     store = ArtifactStore(tmp_path / "store")
     store_winner(store, search_key(tiny.identity, "neurons-key", cfg.patch, cfg.lss), {"factor": 3})
     ctx = JobContext(cfg=cfg, factor=parse_factor("best"), run_dir=tmp_path, data_root=None, model_handle=tiny,
                      store=store, artifact_key="neurons-key")
     assert ctx.intervention("fr").patch.describe().startswith("fr:lape:mul=3")
     assert ctx.winners["fr"]["kind"] == BEST_FACTOR_KIND and ctx.winners["fr"]["winner"] == {"factor": 3}
-    with pytest.raises(Exception, match="no factor search matches"):
+    with pytest.raises(Exception, match="no factor search matches.*run `python -m lsn_exp stage=factor_search "
+                       "model=tiny`"):
         JobContext(cfg=cfg, factor=parse_factor("best"), run_dir=tmp_path, data_root=None, model_handle=tiny,
-                   store=store, artifact_key="other").intervention("fr")
+                   store=store, artifact_key="other", overrides=("model=tiny", "factor=best")).intervention("fr")
