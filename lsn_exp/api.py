@@ -97,17 +97,18 @@ def amplify(model, neurons, lang: str, factor="pmax", **options):
         yield spec
 
 
-def lss(model, tokenizer, neurons, target: str, factor="pmax", *, n_facts: int | str = 185, sources="all",
+def lss(model, tokenizer, neurons, target: str, factor="pmax", *, n_facts: int | str | None = None, sources="all",
         data_root=None, cache_dir=None, **options):
     """LSS(s -> target) on parallel mLAMA facts for every source s (an LssResult), the unpatched scores cached.
 
-    ``options``: any key of conf/lss/default.yaml (seed, tol, batch_size, bootstrap) or of ``intervention``."""
+    ``n_facts`` None: conf/lss/default.yaml's. ``options``: any key of that file (seed, tol, batch_size, bootstrap)
+    or of ``intervention``."""
     from lsn_exp import lss as lss_stage
 
     lss_keys = set(OmegaConf.load(CONF_DIR / "lss" / "default.yaml"))
+    given = {"sources": sources, **({} if n_facts is None else {"n_facts": n_facts})}
     lss_cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "lss" / "default.yaml"),
-                              {"n_facts": n_facts, "sources": sources, **{k: v for k, v in options.items()
-                                                                          if k in lss_keys}})
+                              {**given, **{k: v for k, v in options.items() if k in lss_keys}})
     spec = intervention(neurons, target, factor, data_root=data_root,
                         **{k: v for k, v in options.items() if k not in lss_keys})
     own = handle(model, tokenizer)

@@ -382,7 +382,7 @@ def sample_facts(facts: list[Fact], n_facts: int | str | None, seed: int,
     return _round_robin(facts, n, seed)
 
 
-def lss_docs(data_root, source: str, n_facts: int | str | None = 185, seed: int = 0,
+def lss_docs(data_root, source: str, n_facts: int | str | None, seed: int = 0,
              exclude_n_facts: int | str | None = None, prompt_prefix: str = "", skip_n_facts: int = 0) -> list[dict]:
     """The documents of task ``lss_<source>``: one per sampled fact, choices = the object in every language
     (``paper_choices``: in the paper's format); ``prompt_prefix`` goes before every prompt (a prompt baseline)."""

@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from lsn_exp import CONF_DIR, data, models, outputs
+from lsn_exp import CONF_DIR, data, models, outputs, record
 from lsn_exp.artifacts import ArtifactStore, key_of
 from lsn_exp.engine import engine_of
 from lsn_exp.files import sha256_file
 from lsn_exp.models import device_key
 from lsn_exp.neuronset import NeuronArtifact, artifact_from_tensors, artifact_to_tensors
-from lsn_exp.record import RECORD_VERSION, Recording, RecordingBar, prefix_token, stack_languages
+from lsn_exp.record import Recording, RecordingBar, prefix_token, stack_languages
 from lsn_exp.settings import identify_settings
 
 
@@ -100,7 +100,8 @@ IDENTIFY_VERSION = 2  # bump when selection (LAPE, baseline, random) or the arti
 def recording_spec(handle, settings, prefix) -> dict:
     """What a recording depends on, besides its language and corpus: the cache key's shared part."""
     return {"model": handle.identity, "dtype": str(handle.model.dtype).replace("torch.", ""), **device_key(handle),
-            "record_version": RECORD_VERSION, "split": settings.split, "max_tokens": settings.max_tokens or "all",
+            "record_version": record.RECORD_VERSION, "split": settings.split,
+            "max_tokens": settings.max_tokens or "all",
             "n_stat_sentences": settings.n_stat_sentences, "prefix": prefix.as_meta()}
 
 

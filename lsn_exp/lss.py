@@ -288,7 +288,8 @@ class LssEvaluator:
         return found.ours, found.patch, found.seconds, found.requests
 
     def score(self, artifact: NeuronArtifact, spec: PatchSpec | Intervention) -> LssResult:
-        """LSS(s→t) for every source s ≠ t = spec.target, scored under the engine's ``intervene(artifact, spec)``."""
+        """LSS(s→t) for every source s ≠ t = spec.target, scored under ``engine_of(handle).intervene(artifact, spec)``.
+        """
         found, s = self.shifts(artifact, spec), self.settings
         cells = tuple(metrics.lss_cell(source, spec.target, shift, tol=s.tol, n_boot=s.bootstrap, seed=s.seed,
                                        paper_shift=found.paper[source]) for source, shift in found.ours.items())

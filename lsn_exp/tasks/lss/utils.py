@@ -5,7 +5,7 @@ import datasets
 from lsn_exp.data import lss_docs
 
 
-def load_lss(source: str, data_root=None, n_facts=185, seed=0, exclude_n_facts=None, prompt_prefix="", skip_n_facts=0,
+def load_lss(source: str, n_facts, data_root=None, seed=0, exclude_n_facts=None, prompt_prefix="", skip_n_facts=0,
              **_metadata):
     """``custom_dataset``: lm-eval passes the task metadata (TaskManager(metadata=...)) and dataset_kwargs.
 
