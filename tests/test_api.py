@@ -98,6 +98,7 @@ def test_lss_equals_the_stage(user_model, neurons, data_root, tmp_path):
     assert [c.outcomes for c in got.cells] == [c.outcomes for c in want.cells]
 
 
+@pytest.mark.slow  # a subprocess that records and scores (about 12 s); the API itself is tested in-process above
 def test_the_example_script_runs_on_a_tiny_model():
     result = subprocess.run([sys.executable, "examples/api_example.py", "--model", "tiny", "--max-tokens", "300",
                              "--n-facts", "3", "--new-tokens", "5"], cwd=REPO_ROOT, capture_output=True, text=True,

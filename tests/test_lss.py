@@ -134,7 +134,8 @@ def test_whole_row_path_scores_like_plain_hflm_with_mask_and_fewer_logits(tiny, 
     assert sum(int(k.sum()) for k in keep) < sum(k.numel() for k in keep) / 2
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text", *(  # three more shapes in `make test-slow`
+    pytest.param(f, marks=pytest.mark.slow) for f in ("mistral", "gemma", "gemma2"))])
 def test_shared_prompt_path_matches_plain_hflm(family, data_root):
     """Each context once + continuations from the KV cache = HFLM's whole rows, to fp32 layout noise;
     greedy flags too. 15 objects per prompt, 1..n-token continuations, three scripts."""

@@ -57,6 +57,7 @@ def test_export_import_and_identify_from_give_the_same_lss_without_recording(tmp
     assert after["lss"]["mean"] == before["lss"]["mean"]
 
 
+@pytest.mark.slow  # two CLI jobs (about 30 s): kept out of `make test`'s 10 minutes, run by `make test-slow`
 def test_another_models_or_formats_neurons_are_refused_in_one_line(tmp_path):
     made = run_cli("stage=identify", *TINY, "logger=none", f"hydra.run.dir={tmp_path}/made", timeout=600)
     assert made.returncode == 0, made.stderr[-3000:]

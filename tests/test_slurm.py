@@ -112,6 +112,7 @@ def test_slurm_multirun_2x2(slurm_cluster, tmp_path):
     assert cells == CELLS
 
 
+@pytest.mark.slow  # a submitit sweep of four processes (about 12 s)
 def test_submitit_local_dry_run_2x2(tmp_path):
     sweep_dir = tmp_path / "sweep"
     proc = _multirun(sweep_dir, "hydra/launcher=submitit_local", "dry_run=true", timeout=300)
