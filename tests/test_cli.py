@@ -114,6 +114,7 @@ def test_bad_settings_fail_in_one_line_before_any_model_loads(override, expected
     ("factor=best", "factor=best: no factor search matches this model, neuron artifact"),
     ("method=best", "method=best: no compare run matches this model, neuron artifact"),
 ])
+@pytest.mark.slow  # two CLI jobs that load the tiny model (about 25 s): in `make test-slow`
 def test_best_without_a_matching_search_stops_before_anything_is_recorded(best, expected, tmp_path):
     """The search is looked up by the neuron artifact's key, computed before identification records anything."""
     cache = fresh_cache(tmp_path)
