@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lsn_exp import checks, data, models, outputs, preflight, resume, settings
-from lsn_exp.files import cache_root
+from lsn_exp.files import cache_root, store_dir
 from lsn_exp.results import LssResult, Skipped, StageOutput
 from lsn_exp.resume import completed, config_hash
 from lsn_exp.specs import Factor, Intervention, parse_factor
@@ -50,11 +50,12 @@ class Launch:
         return cls(Path(hydra_cfg.runtime.output_dir), tuple(hydra_cfg.overrides.task),
                    Path(hydra_cfg.sweep.dir).name if multirun else "single")
 
-    def search_command(self) -> str:
-        """The command that runs the factor search ``factor=best`` needs: this job's overrides, as a search."""
-        dropped = ("factor=", "stage=", "lang=", "hydra.", "force=", "dry_run=")
-        kept = [o for o in self.overrides if not o.lstrip("+~").startswith(dropped)]
-        return " ".join(["python -m lsn_exp stage=factor_search", *kept])
+
+def search_command(overrides: tuple[str, ...]) -> str:
+    """The command that runs the factor search ``factor=best`` needs: the job's ``overrides``, as a search."""
+    dropped = ("factor=", "stage=", "lang=", "hydra.", "force=", "dry_run=")
+    kept = [o for o in overrides if not o.lstrip("+~").startswith(dropped)]
+    return " ".join(["python -m lsn_exp stage=factor_search", *kept])
 
 
 @dataclass
@@ -88,7 +89,7 @@ class JobContext:
 
             (patch_cfg, factor), self.winners[target] = resolve_best(
                 self.model_handle.identity, self.store, self.cfg.patch, self.cfg.lss, self.artifact_key,
-                Launch(self.run_dir, self.overrides).search_command())
+                search_command(self.overrides))
         return Intervention.from_settings(target, factor, patch_cfg, self.cfg.steer, self.cfg.prompt, self.data_root)
 
 
@@ -150,7 +151,7 @@ def require_winners(ctx: JobContext, artifact_key: str) -> None:
         from lsn_exp.search import resolve_best
 
         resolve_best(ctx.model_handle.identity, ctx.store, cfg.patch, cfg.lss, artifact_key,
-                     Launch(ctx.run_dir, ctx.overrides).search_command())
+                     search_command(ctx.overrides))
 
 
 def generate_demo(ctx: JobContext) -> StageOutput:
@@ -286,7 +287,7 @@ def run_job(cfg: DictConfig, launch: Launch) -> RunRecord | None:
 def _run_cell(cfg: DictConfig, launch: Launch, record: RunRecord, factor: Factor, method: str, summary: str,
               digest: str) -> RunRecord | None:
     run_dir = record.run_dir
-    if not cfg.force and completed(run_dir, digest, resume.store_root(cfg)):
+    if not cfg.force and completed(run_dir, digest, store_dir(cfg.model.name, cfg.cache_dir)):
         note_attempt(run_dir, "skipped: complete results exist for this config")
         log.info("%s | complete results exist (config %s): skipped; force=true recomputes", summary, digest)
         if cfg.logger.name == "wandb" and not (run_dir / WANDB_LOGGED).exists():  # killed while it logged

@@ -19,7 +19,6 @@ from omegaconf import DictConfig, OmegaConf
 
 import lsn_exp
 from lsn_exp.errors import UserError
-from lsn_exp.files import store_dir
 from lsn_exp.results import RESULTS_FILE
 
 log = logging.getLogger(__name__)
@@ -48,11 +47,6 @@ def config_hash(cfg: DictConfig, code: str | None = None) -> str:
     kept = {k: v for k, v in resolved.items() if k not in IGNORED_FOR_RESUME}
     kept["code_version"] = code or code_version()
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def store_root(cfg: DictConfig) -> Path:
-    """The model's artifact cache (recordings, neuron sets, scores, winners)."""
-    return store_dir(cfg.model.name, cfg.cache_dir)
 
 
 def best_under(store, kind: str, spec: dict, field: str, missing: str) -> tuple[dict, dict]:
