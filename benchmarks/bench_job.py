@@ -21,10 +21,11 @@ import statistics
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from roofline import ScoringWork, body_flops_per_token, matmul_gflops
 
 from lsn_exp import data, lss, models
 from lsn_exp.record import prefix_token, tokenize
-from roofline import ScoringWork, body_flops_per_token, matmul_gflops
+from lsn_exp.settings import lss_settings
 
 
 def recording_work(handle, cfg) -> tuple[int, float]:
@@ -39,7 +40,7 @@ def recording_work(handle, cfg) -> tuple[int, float]:
 
 def lss_work(handle, cfg, cold: bool) -> ScoringWork:
     """The LSS requests of a job toward cfg.lang: the patched run, plus the unpatched columns when cold."""
-    evaluator = lss.LssEvaluator(handle, cfg["lss"], cfg["data"]["root"], None)
+    evaluator = lss.LssEvaluator(handle, lss_settings(cfg["lss"]), cfg["data"]["root"], None)
     target = cfg["lang"]["code"]
     _, _, patched = evaluator._requests_toward(target)
     work = ScoringWork.of(evaluator.lm, [inst.args for inst in patched])

@@ -25,10 +25,11 @@ import time
 
 import torch
 from omegaconf import OmegaConf
+from roofline import bench_parser
 
 from lsn_exp import CONF_DIR, data, models
 from lsn_exp.record import ActivationRecorder, make_batches, prefix_token, tokenize
-from roofline import bench_parser
+from lsn_exp.settings import lss_settings
 
 
 class EarlierRecorder(ActivationRecorder):
@@ -137,7 +138,8 @@ def worker(args):
         from lsn_exp import lss
 
         sources = data.LSS_LANGS[index::parts]
-        evaluator = lss.LssEvaluator(handle, {"n_facts": args.facts, "bootstrap": 0}, None, None, sources=sources)
+        evaluator = lss.LssEvaluator(handle, lss_settings({"n_facts": args.facts, "bootstrap": 0}), None, None,
+                                     sources=sources)
         job = lambda: evaluator.unpatched.ensure(["id"])  # noqa: E731
     else:
         batches = batches_of(handle, ids[index::parts], handle.batch_size)

@@ -137,7 +137,8 @@ def main() -> None:
     spec_for = lambda t: PatchSpec.from_config({"neuron_set": "lape"}, factor, t)  # noqa: E731
     cfg = {"n_facts": args.n_facts, "sources": args.langs, "targets": args.langs, "batch_size": args.batch_size,
            "bootstrap": 0}
-    langs = list(lss_settings(cfg).sources)
+    cfg = lss_settings(cfg)
+    langs = list(cfg.sources)
     print(f"model={args.model} device={handle.device} dtype={handle.model.dtype} threads={torch.get_num_threads()} "
           f"facts={args.n_facts} langs={len(langs)} factor={factor} batch_size={args.batch_size}")
 

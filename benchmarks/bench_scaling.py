@@ -28,6 +28,7 @@ from lsn_exp import CONF_DIR, data, lss, models
 from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.forkmap import processes_for
 from lsn_exp.record import language_stats, prefix_token
+from lsn_exp.settings import lss_settings
 from lsn_exp.specs import PatchSpec, parse_factor
 
 
@@ -55,7 +56,7 @@ def matrix_points(handle, langs: list[str], facts: int) -> list[tuple[float, flo
     spec_for = lambda t: PatchSpec.from_config({"neuron_set": "lape"}, parse_factor("pmax"), t)  # noqa: E731
     points = []
     for scale in (1, 2, 4):
-        cfg = {"n_facts": facts * scale, "sources": langs, "targets": langs, "bootstrap": 0}
+        cfg = lss_settings({"n_facts": facts * scale, "sources": langs, "targets": langs, "bootstrap": 0})
         with tempfile.TemporaryDirectory() as cache:
             store = ArtifactStore(Path(cache))
             start = time.perf_counter()

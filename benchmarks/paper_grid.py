@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 from roofline import ScoringWork
 
 from lsn_exp import CONF_DIR, data, lmeval, lss, models
+from lsn_exp.settings import lss_settings
 from lsn_exp.taskindex import TASK_FAMILIES
 
 
@@ -105,7 +106,7 @@ def identification_work(tokenizer, root) -> Work:
 
 
 def lss_work(handle, n_facts: int) -> Work:
-    evaluator = lss.LssEvaluator(handle, {"n_facts": n_facts, "bootstrap": 0}, None, None)
+    evaluator = lss.LssEvaluator(handle, lss_settings({"n_facts": n_facts, "bootstrap": 0}), None, None)
     work = Work()
     for target in data.LSS_LANGS:
         work.add_scoring(ScoringWork.of(evaluator.lm, [i.args for i in evaluator._requests_toward(target)[2]]))

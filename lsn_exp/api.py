@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 
 from lsn_exp import CONF_DIR, data
 from lsn_exp.errors import UserError
+from lsn_exp.settings import identify_settings, lss_settings
 
 _HANDLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ModelHandle (its weights hashed once)
 
@@ -59,11 +60,10 @@ def identify(model, tokenizer, texts: str | dict[str, list[str]] = "flores", *, 
 
     if isinstance(texts, str) and texts != "flores":
         raise UserError(f"texts={texts!r}: pass 'flores' or a dict {{language: [sentence, ...]}}")
-    overrides = {**settings, **({"languages": list(languages)} if languages else {})}
-    cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "identify" / "lape.yaml"), overrides)
+    parsed = identify_settings({**settings, **({"languages": list(languages)} if languages else {})})
     own = handle(model, tokenizer)
     root = data.resolve_root(None if data_root is None else str(data_root)) if texts == "flores" else None
-    found = identify_stage.build(cfg, own, root, store(own, cache_dir), seed=seed, force=force,
+    found = identify_stage.build(parsed, own, root, store(own, cache_dir), seed=seed, force=force,
                                  texts=None if texts == "flores" else dict(texts))
     return found.artifact
 
@@ -107,9 +107,8 @@ def lss(model, tokenizer, neurons, target: str, factor="pmax", *, n_facts: int |
 
     lss_keys = set(OmegaConf.load(CONF_DIR / "lss" / "default.yaml"))
     given = {"sources": sources, **({} if n_facts is None else {"n_facts": n_facts})}
-    lss_cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "lss" / "default.yaml"),
-                              {**given, **{k: v for k, v in options.items() if k in lss_keys}})
+    parsed = lss_settings({**given, **{k: v for k, v in options.items() if k in lss_keys}})
     spec = intervention(neurons, target, factor, data_root=data_root,
                         **{k: v for k, v in options.items() if k not in lss_keys})
     own = handle(model, tokenizer)
-    return lss_stage.lss_for_target(own, neurons, spec, lss_cfg, data.resolve_root(data_root), store(own, cache_dir))
+    return lss_stage.lss_for_target(own, neurons, spec, parsed, data.resolve_root(data_root), store(own, cache_dir))

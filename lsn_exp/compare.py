@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 from omegaconf import OmegaConf
 
-from lsn_exp import checks, data, generate, lid, metrics, outputs, settings, specs
-from lsn_exp.coefsearch import CoefficientRange, SearchSettings, best_point, golden_section, with_coefficient
+from lsn_exp import data, generate, lid, metrics, outputs, specs
+from lsn_exp.coefsearch import CoefficientRange, best_point, golden_section, with_coefficient
 from lsn_exp.downstream import DownstreamEvaluator
 from lsn_exp.engine import engine_of
 from lsn_exp.errors import UserError
 from lsn_exp.lss import LssEvaluator
 from lsn_exp.prompts import GIVEN, prompt_split
 from lsn_exp.resume import best_under
+from lsn_exp.settings import JobSettings
 from lsn_exp.specs import Intervention
 
 log = logging.getLogger(__name__)
@@ -42,35 +44,35 @@ WINNER_VERSION = 3  # bump when the search or the choice of the winner changes
 GENERATE_KEYS = ("sources", "prompt_words", "prompts_file", "max_new_tokens", "repetition_n", "max_repetition", "lid")
 
 
-def method_intervention(cfg, method: dict, target: str, root) -> Intervention:
+def method_intervention(job: JobSettings, method: dict, target: str, root) -> Intervention:
     """A method entry (name, factor, patch, steer, prompt) over the job's config, toward ``target``."""
-    merged = {key: OmegaConf.merge(cfg[key], method.get(key) or {}) for key in ("patch", "steer", "prompt")}
+    merged = {key: OmegaConf.merge(job.config[key], method.get(key) or {}) for key in ("patch", "steer", "prompt")}
     return Intervention.from_settings(target, specs.parse_factor(method.get("factor", 1)), merged["patch"],
                                       merged["steer"], merged["prompt"], root)
 
 
-def winner_key(cfg, identity: dict, artifact_key: str | None, target: str) -> dict:
-    """Everything that chose the best method toward ``target``; ``method=best`` recomputes it from its config."""
-    search = specs.plain(cfg.compare.search)
+def winner_key(job: JobSettings, identity: dict, artifact_key: str | None, target: str) -> dict:
+    """Everything that chose the best method toward ``target``, as the config wrote it; ``method=best`` recomputes
+    it from its own config."""
+    written, generated = job.config["compare"], job.config["generate"]
     key = {"version": WINNER_VERSION, "model": identity, "neurons": artifact_key, "target": target,
-           "methods": OmegaConf.to_container(cfg.compare.methods, resolve=True), "search": search,
-           "final": specs.plain(cfg.compare.final),
-           "generate": {k: specs.plain(cfg.generate).get(k) for k in GENERATE_KEYS},
-           "base": {k: specs.plain(cfg[k]) for k in ("patch", "steer", "prompt")}}
-    if specs.plain(cfg.generate).get("prompts") is not None:  # prompts written in the config
-        key["generate"]["prompts"] = specs.plain(cfg.generate)["prompts"]
-    if search.get("objective") == "lss":
-        key["lss"] = {k: specs.plain(cfg.lss).get(k) for k in ("seed", "n_facts", "sources", "tol")}
+           "methods": written["methods"], "search": written["search"], "final": written["final"],
+           "generate": {k: generated.get(k) for k in GENERATE_KEYS},
+           "base": {k: job.config[k] for k in ("patch", "steer", "prompt")}}
+    if generated.get("prompts") is not None:  # prompts written in the config
+        key["generate"]["prompts"] = generated["prompts"]
+    if written["search"].get("objective") == "lss":
+        key["lss"] = {k: job.config["lss"].get(k) for k in ("seed", "n_facts", "sources", "tol")}
     return key
 
 
-def best_method(cfg, identity: dict, store, artifact_key: str | None, target: str) -> tuple[dict, dict]:
+def best_method(job: JobSettings, identity: dict, store, artifact_key: str | None, target: str) -> tuple[dict, dict]:
     """``method=best``: (the method entry, at its searched coefficient, a matching compare run chose for ``target``;
     the winner as the job records it)."""
-    meta, ran = best_under(store, BEST_METHOD_KIND, winner_key(cfg, identity, artifact_key, target), "method",
+    meta, ran = best_under(store, BEST_METHOD_KIND, winner_key(job, identity, artifact_key, target), "method",
                            f"method=best: no compare run matches this model, neuron artifact, compare.methods and "
                            f"compare.search toward {target}; run `python -m lsn_exp +experiment=compare_methods "
-                           f"model={cfg.model.name} compare.targets=[{target}]` first, or name a method "
+                           f"model={job.model.name} compare.targets=[{target}]` first, or name a method "
                            f"(method=neurons, method=diffmean, method=prompt)")
     log.info("method=best toward %s: %s (search score %.3f)", target, meta["method"]["name"], meta["score"])
     return meta["method"], ran
@@ -83,14 +85,13 @@ class Comparison:
     (lsn_exp.prompts: never overlapping). LSS: the reported facts, and for the lss objective search facts outside
     them (``lss.n_facts`` and ``compare.lss_n_facts``, whichever is larger)."""
 
-    def __init__(self, cfg, handle, artifact, root, store):
-        self.cfg, self.handle, self.artifact, self.root, self.store = cfg, handle, artifact, root, store
-        opts = specs.plain(cfg.compare)
-        self.search = SearchSettings.of(opts["search"])
-        self.n_final = checks.positive_int("compare.final.n_prompts", (opts.get("final") or {}).get("n_prompts", 8))
-        self.gen_settings = settings.generate_settings({**specs.plain(cfg.generate), "n_prompts": opts["n_prompts"]})
+    def __init__(self, job: JobSettings, handle, artifact, root, store):
+        self.job, self.handle, self.artifact, self.root, self.store = job, handle, artifact, root, store
+        opts = job.compare
+        self.search, self.n_final = opts.search, opts.n_final
+        self.gen_settings = replace(job.generate, n_prompts=opts.n_prompts)
         given = self.gen_settings.prompts is not None or self.gen_settings.prompts_file is not None
-        self.domains = [GIVEN] if given else list(opts.get("domains") or [self.gen_settings.domain])
+        self.domains = [GIVEN] if given else list(opts.domains or [self.gen_settings.domain])
         self.search_domain = GIVEN if given else self.search.domain
         self.splits = {d: prompt_split(self.gen_settings, root, None if given else d, None,
                                        self.search.n_prompts, self.n_final) for d in self.domains}
@@ -98,16 +99,15 @@ class Comparison:
             self.splits[self.search_domain] = prompt_split(self.gen_settings, root, self.search_domain, None,
                                                            self.search.n_prompts, self.n_final)
         self.unpatched: dict = {}  # (domain, block) -> source -> unpatched generations
-        self.lss = LssEvaluator(handle, {**specs.plain(cfg.lss), "n_facts": opts["lss_n_facts"]}, root, store)
+        self.lss = LssEvaluator(handle, replace(job.lss, n_facts=opts.lss_n_facts), root, store)
         self.search_lss = self.final_lss = None
         if self.search.objective == "lss":  # search facts, then as many fresh final facts, outside the reported
-            held, sample = reported_facts(opts["lss_n_facts"], cfg.lss.n_facts), {**specs.plain(cfg.lss),
-                                                                                   "n_facts": self.search.n_facts}
+            held = reported_facts(opts.lss_n_facts, job.lss.n_facts)
+            sample = replace(job.lss, n_facts=self.search.n_facts)
             self.search_lss = LssEvaluator(handle, sample, root, store, exclude_n_facts=held)
             self.final_lss = LssEvaluator(handle, sample, root, store, exclude_n_facts=held,
                                           skip_n_facts=self.search.n_facts)
-        self.xcopa = None if not opts["xcopa_limit"] else DownstreamEvaluator(
-            handle, {"tasks": ["xcopa"], "limit": int(opts["xcopa_limit"]), "bootstrap": 0}, root, store)
+        self.xcopa = None if opts.xcopa is None else DownstreamEvaluator(handle, opts.xcopa, root, store)
 
     def steering(self, spec, target: str, domain: str, block: str) -> tuple[dict, list[str]]:
         """The "all" summary (unpatched and patched) of ``spec`` toward ``target`` on one prompt block, and the
@@ -132,7 +132,7 @@ class Comparison:
 
     def objective(self, method: dict, target: str, block: str = "search") -> dict:
         """The search score of ``method`` toward ``target`` on the search (or the final) sample."""
-        spec = method_intervention(self.cfg, method, target, self.root)
+        spec = method_intervention(self.job, method, target, self.root)
         if self.search_lss is not None:
             lss = (self.final_lss if block == "final" else self.search_lss).score(self.artifact, spec).mean
             return {"score": lss, "lss": lss, "steering_success": None, "ppl": None}
@@ -162,7 +162,7 @@ class Comparison:
     def cells(self, method: dict, target: str, scores: tuple[float | None, float | None] = (None, None)) -> list[dict]:
         """One row per reported domain: LSS and XCOPA (domain-free) with each domain's steering measures."""
         start = time.time()
-        spec = method_intervention(self.cfg, method, target, self.root)
+        spec = method_intervention(self.job, method, target, self.root)
         lss = self.lss.score(self.artifact, spec) if target in data.LSS_LANGS else None
         xcopa = self._xcopa(spec) if self.xcopa is not None and not spec.prefix else {}
         shared = {"method": method["name"], "target": target, "intervention": spec.describe(),
@@ -229,14 +229,14 @@ def paired_tests(rows: list[dict]) -> list[dict]:
     return tests
 
 
-def compare(cfg, handle, artifact, root, store, artifact_key: str | None = None,
+def compare(job: JobSettings, handle, artifact, root, store, artifact_key: str | None = None,
             progress=None) -> tuple[list[dict], list[dict], list[dict]]:
     """(every (method, target, domain) row, the unpatched model's rows first; every search evaluation; the paired
     tests). Each target's finalists (every method at its searched coefficient) are re-scored on the final prompts,
     and the best there is saved for ``method=best``; ``progress(rows, curve)`` gets what is done after each target
     (the job writes it, so a killed run keeps its finished targets)."""
-    comparison = Comparison(cfg, handle, artifact, root, store)
-    targets, methods = list(cfg.compare.targets), OmegaConf.to_container(cfg.compare.methods, resolve=True)
+    comparison = Comparison(job, handle, artifact, root, store)
+    targets, methods = list(job.compare.targets), [dict(m) for m in job.compare.methods]
     rows, curve, cells = [r for t in targets for r in comparison.unpatched_rows(t)], [], {}
     for target in targets:
         tuned = [comparison.tune(method, target) for method in methods]
@@ -244,7 +244,7 @@ def compare(cfg, handle, artifact, root, store, artifact_key: str | None = None,
         finals = [comparison.objective(entry, target, "final")["score"] for entry, _, _ in tuned]
         for (entry, score, _), final in zip(tuned, finals):
             cells[(entry["name"], target)] = comparison.cells(entry, target, (score, final))
-        save_winner(cfg, handle, store, artifact_key, target, tuned, finals)
+        save_winner(job, handle, store, artifact_key, target, tuned, finals)
         if progress is not None:
             progress(rows + [r for group in cells.values() for r in group], curve)
     rows += [r for m in methods for t in targets for r in cells[(m["name"], t)]]  # grouped by method, as before
@@ -259,14 +259,14 @@ def pick_winner(tuned: list, finals: list[float]) -> tuple[dict, list[dict]]:
     return next(e for e, _, _ in tuned if e["name"] == ranking[0]["name"]), ranking
 
 
-def save_winner(cfg, handle, store, artifact_key, target: str, tuned: list, finals: list[float]) -> None:
+def save_winner(job: JobSettings, handle, store, artifact_key, target: str, tuned: list, finals: list[float]) -> None:
     """The winner on the final prompts goes to ``method=best``, with both scores of every finalist."""
     import torch
 
     winner, ranking = pick_winner(tuned, finals)
     score = ranking[0]["final_score"]
     if store is not None:
-        store.get_or_compute(BEST_METHOD_KIND, winner_key(cfg, handle.identity, artifact_key, target),
+        store.get_or_compute(BEST_METHOD_KIND, winner_key(job, handle.identity, artifact_key, target),
                              lambda: ({"score": torch.tensor([score])},
                                       {"method": winner, "score": score, "ranking": ranking}), force=True)
     log.info("best method toward %s on the final prompts: %s (%.3f; search score %.3f)", target, winner["name"],

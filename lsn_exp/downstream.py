@@ -41,7 +41,7 @@ from lsn_exp.errors import UserError
 from lsn_exp.files import sha256_file
 from lsn_exp.models import device_key
 from lsn_exp.results import DownstreamResult, TaskScore
-from lsn_exp.settings import EvalSettings, eval_settings
+from lsn_exp.settings import EvalSettings
 from lsn_exp.specs import Intervention, PatchSpec
 from lsn_exp.taskindex import TASK_FAMILIES, TaskFamily
 from lsn_exp.tracking import provenance
@@ -58,12 +58,6 @@ UNPATCHED_KIND = "downstream_unpatched"
 INCLUDE_HUB_ID = "CohereForAI/include-base-44"
 LM_EVAL_METRIC = {"acc": "acc", "chrf++": "chrf++", "bleu": "bleu", "lang_share": "lang_share",
                   "empty_share": "empty_share", "bits_per_byte": "bits_per_byte"}  # ours -> lm-eval's (checked)
-
-
-def settings(eval_cfg, handle: ModelHandle | None = None) -> EvalSettings:
-    """``cfg.eval`` -> EvalSettings with the batch size resolved for ``handle``."""
-    parsed = eval_settings(eval_cfg)
-    return replace(parsed, batch_size=parsed.batch_size or (handle.batch_size if handle is not None else 8))
 
 
 @dataclass(frozen=True)
@@ -229,9 +223,9 @@ class DownstreamEvaluator:
     """One LM and TaskManager for a model; the unpatched outputs loaded (or computed and cached) once;
     ``score(artifact, spec)`` runs the selected tasks under the patch and compares."""
 
-    def __init__(self, handle: ModelHandle, eval_cfg, data_root, store: ArtifactStore | None):
+    def __init__(self, handle: ModelHandle, settings: EvalSettings, data_root, store: ArtifactStore | None):
         self.handle, self.store = handle, store
-        self.settings = settings(eval_cfg, handle)
+        self.settings = replace(settings, batch_size=settings.batch_size or handle.batch_size)
         self.root = data.resolve_root(data_root)
         self.skipped: dict[str, str] = {}
         self.refs = plan(self.settings)
@@ -352,11 +346,11 @@ class DownstreamEvaluator:
 
 
 def evaluate_downstream(handle: ModelHandle, artifact: NeuronArtifact | None,
-                        patch_spec: PatchSpec | Intervention | None, eval_cfg,
+                        patch_spec: PatchSpec | Intervention | None, settings: EvalSettings,
                         data_root, store: ArtifactStore | None) -> tuple[DownstreamResult, list, list[Path]]:
     """A job: the patched model on ``eval.tasks`` for every task language, against the (cached) unpatched
     model. Returns the result, the MT output rows and the data files read."""
-    evaluator = DownstreamEvaluator(handle, eval_cfg, data_root, store)
+    evaluator = DownstreamEvaluator(handle, settings, data_root, store)
     result, rows = evaluator.score(artifact, patch_spec)
     return result, rows, evaluator.data_files()
 

@@ -22,7 +22,7 @@ from lsn_exp.files import sha256_file
 from lsn_exp.models import device_key
 from lsn_exp.neuronset import NeuronArtifact, artifact_from_tensors, artifact_to_tensors
 from lsn_exp.record import Recording, RecordingBar, prefix_token, stack_languages
-from lsn_exp.settings import identify_settings
+from lsn_exp.settings import IdentifySettings
 
 
 def activation_probability(recording: Recording) -> torch.Tensor:
@@ -142,15 +142,14 @@ def selection_spec(recording_keys: list[str], settings, seed: int) -> dict:
             "filter_rate": settings.filter_rate, "bar_rate": settings.bar_rate, "seed": seed}
 
 
-def artifact_key(identify_cfg, handle, data_root, seed: int) -> str:
+def artifact_key(settings: IdentifySettings, handle, data_root, seed: int) -> str:
     """The key ``build`` gives the neuron artifact, computed without recording anything (factor=best and
     method=best look their search up by it before a job records)."""
-    settings = identify_settings(identify_cfg)
     _, _, specs = recording_plan(settings, handle, data_root)
     return key_of(selection_spec([key_of(spec) for spec in specs.values()], settings, seed))
 
 
-def build(identify_cfg, handle, data_root, store, seed: int, force: bool = False,
+def build(settings: IdentifySettings, handle, data_root, store, seed: int, force: bool = False,
           texts: dict[str, list[str]] | None = None) -> IdentifyResult:
     """The neuron artifact for ``handle``: each language recorded once per key, selection once per thresholds.
 
@@ -158,7 +157,6 @@ def build(identify_cfg, handle, data_root, store, seed: int, force: bool = False
     and adding a language records only that one. ``texts`` (language -> sentences) replaces FLORES and
     ``identify.languages``.
     """
-    settings = identify_settings(identify_cfg)
     prefix, corpora, specs = recording_plan(settings, handle, data_root, texts)
     batch_size = settings.batch_size or handle.batch_size
     engine, bar = engine_of(handle), RecordingBar(len(corpora))

@@ -18,11 +18,12 @@ from filelock import FileLock
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lsn_exp import checks, data, models, outputs, preflight, resume, settings
+from lsn_exp import data, models, outputs, preflight, resume
 from lsn_exp.files import cache_root, store_dir
 from lsn_exp.results import LssResult, Skipped, StageOutput
 from lsn_exp.resume import completed, config_hash
-from lsn_exp.specs import Factor, Intervention, parse_factor
+from lsn_exp.settings import JobSettings
+from lsn_exp.specs import Intervention
 from lsn_exp.tracking import WANDB_LOGGED, RunRecord, log_to_wandb, provenance
 
 if TYPE_CHECKING:
@@ -60,12 +61,10 @@ def search_command(overrides: tuple[str, ...]) -> str:
 
 @dataclass
 class JobContext:
-    """What the steps of one job share: the config, the loaded model, the neuron artifact."""
+    """What the steps of one job share: its settings (parsed once), the loaded model, the neuron artifact."""
 
-    cfg: DictConfig
-    factor: Factor
+    settings: JobSettings
     run_dir: Path
-    data_root: Path | None
     model_handle: ModelHandle | None = None
     store: ArtifactStore | None = None
     artifact: NeuronArtifact | None = None
@@ -73,40 +72,45 @@ class JobContext:
     winners: dict = field(default_factory=dict)  # target -> the factor / method best resolved to (resume.winner)
     overrides: tuple[str, ...] = ()  # the command line's (Launch.overrides): factor=best names its search with them
 
+    @property
+    def data_root(self) -> Path | None:
+        return self.settings.data_root
+
     def intervention(self, target: str | None = None) -> Intervention:
         """The neuron patch (and steering vector) toward ``target`` (default: the job's lang); factor=best reads
         the factor search, method=best the compare run's winner."""
-        target = target or self.cfg.lang.code
-        if self.cfg.get("method_name") == "best":
+        job, target = self.settings, target or self.settings.target
+        if job.method == "best":
             from lsn_exp import compare
 
-            entry, self.winners[target] = compare.best_method(self.cfg, self.model_handle.identity, self.store,
+            entry, self.winners[target] = compare.best_method(job, self.model_handle.identity, self.store,
                                                               self.artifact_key, target)
-            return compare.method_intervention(self.cfg, entry, target, self.data_root)
-        patch_cfg, factor = self.cfg.patch, self.factor
+            return compare.method_intervention(job, entry, target, self.data_root)
+        patch_cfg, steer_cfg, prompt_cfg = job.intervention_config
+        factor = job.factor
         if factor.kind == "best":
             from lsn_exp.search import resolve_best
 
             (patch_cfg, factor), self.winners[target] = resolve_best(
-                self.model_handle.identity, self.store, self.cfg.patch, self.cfg.lss, self.artifact_key,
+                self.model_handle.identity, self.store, patch_cfg, job.factor_search, self.artifact_key,
                 search_command(self.overrides))
-        return Intervention.from_settings(target, factor, patch_cfg, self.cfg.steer, self.cfg.prompt, self.data_root)
+        return Intervention.from_settings(target, factor, patch_cfg, steer_cfg, prompt_cfg, self.data_root)
 
 
 def load_model(ctx: JobContext) -> StageOutput:
     from lsn_exp.artifacts import ArtifactStore
     from lsn_exp.forkmap import processes_for
 
-    threads = checks.threads(ctx.cfg.threads)
-    if threads:
+    job = ctx.settings
+    if job.threads:
         import torch
 
-        torch.set_num_threads(threads)  # e.g. the CPUs SLURM gave this task
+        torch.set_num_threads(job.threads)  # e.g. the CPUs SLURM gave this task
     # model.device=auto resolves here: forked scoring on a GPU fails before the load, not after it
-    processes = processes_for(ctx.cfg.get("scoring_processes"), models.resolve_device(ctx.cfg.model.device))
-    ctx.model_handle = models.load(ctx.cfg.model, ctx.cfg.cache_dir)
+    processes = processes_for(job.scoring_processes, models.resolve_device(job.model.device))
+    ctx.model_handle = models.load(job.model, job.cache_dir)
     ctx.model_handle.scoring_processes = processes
-    ctx.store = ArtifactStore.for_model(ctx.cfg.model.name, ctx.cfg.cache_dir)
+    ctx.store = ArtifactStore.for_model(job.model.name, job.cache_dir)
     return StageOutput()
 
 
@@ -114,18 +118,17 @@ def identify_neurons(ctx: JobContext) -> StageOutput:
     """The neuron artifact: recorded and selected (cached), or read from ``identify.from`` (a neuron folder)."""
     from lsn_exp import identify, neurons
 
-    folder = ctx.cfg.identify.get("from")
+    job, folder = ctx.settings, ctx.settings.neurons_from
     if folder:
         ctx.artifact, card = neurons.load(folder, ctx.model_handle.identity)
         ctx.artifact_key, recorded, files = f"imported-{neurons.card_digest(folder)}", False, []
         require_winners(ctx, ctx.artifact_key)
         neuron_dir = Path(folder).expanduser()
     else:
-        if ctx.factor.kind == "best" or ctx.cfg.get("method_name") == "best":  # before anything is recorded
-            require_winners(ctx, identify.artifact_key(ctx.cfg.identify, ctx.model_handle, ctx.data_root,
-                                                       int(ctx.cfg.seed)))
-        found = identify.build(ctx.cfg.identify, ctx.model_handle, ctx.data_root, ctx.store, seed=int(ctx.cfg.seed),
-                               force=bool(ctx.cfg.force))
+        if job.factor.kind == "best" or job.method == "best":  # before anything is recorded
+            require_winners(ctx, identify.artifact_key(job.identify, ctx.model_handle, ctx.data_root, job.seed))
+        found = identify.build(job.identify, ctx.model_handle, ctx.data_root, ctx.store, seed=job.seed,
+                               force=job.force)
         ctx.artifact, ctx.artifact_key, recorded, files = found.artifact, found.key, found.recorded, found.data_files
         neuron_dir = neurons.exported(ctx.store, found.key)
     tables, images = identify.write_outputs(ctx.artifact, ctx.run_dir)
@@ -137,20 +140,19 @@ def identify_neurons(ctx: JobContext) -> StageOutput:
 def require_winners(ctx: JobContext, artifact_key: str) -> None:
     """factor=best and method=best: the factor search / compare run they read must exist (looked up by the neuron
     artifact's key), or the job stops here in one line, before identification records anything."""
-    cfg, target = ctx.cfg, ctx.cfg.lang.code
-    if cfg.stage not in ("run", "generate", "lss", "lss_matrix", "downstream") or \
-            (cfg.stage == "lss" and target not in data.LSS_LANGS):  # no intervention in this job
+    job, target = ctx.settings, ctx.settings.target
+    if job.stage not in ("run", "generate", "lss", "lss_matrix", "downstream") or \
+            (job.stage == "lss" and target not in data.LSS_LANGS):  # no intervention in this job
         return
-    if cfg.get("method_name") == "best":
+    if job.method == "best":
         from lsn_exp import compare
 
-        targets = settings.lss_settings(cfg.lss).targets if cfg.stage == "lss_matrix" else (target,)
-        for each in targets:
-            compare.best_method(cfg, ctx.model_handle.identity, ctx.store, artifact_key, each)
-    elif ctx.factor.kind == "best":
+        for each in job.lss.targets if job.stage == "lss_matrix" else (target,):
+            compare.best_method(job, ctx.model_handle.identity, ctx.store, artifact_key, each)
+    elif job.factor.kind == "best":
         from lsn_exp.search import resolve_best
 
-        resolve_best(ctx.model_handle.identity, ctx.store, cfg.patch, cfg.lss, artifact_key,
+        resolve_best(ctx.model_handle.identity, ctx.store, job.config["patch"], job.factor_search, artifact_key,
                      search_command(ctx.overrides))
 
 
@@ -160,8 +162,8 @@ def generate_demo(ctx: JobContext) -> StageOutput:
     from lsn_exp import generate
     from lsn_exp.engine import engine_of
 
-    target, spec = ctx.cfg.lang.code, ctx.intervention()
-    gen_settings = settings.generate_settings(ctx.cfg.generate)
+    target, spec = ctx.settings.target, ctx.intervention()
+    gen_settings = ctx.settings.generate
     prompts = generate.prompt_sets(gen_settings, ctx.data_root)
     active = engine_of(ctx.model_handle).intervene(ctx.artifact, spec)
     summary, rows = generate.steering(ctx.model_handle, prompts, target, gen_settings, active, spec.prefix,
@@ -183,10 +185,10 @@ def lss_scores(ctx: JobContext) -> StageOutput:
     """LSS(s -> lang) for every mLAMA source s != lang, against the cached unpatched scores."""
     from lsn_exp import lss
 
-    target = ctx.cfg.lang.code
+    target = ctx.settings.target
     if target not in data.LSS_LANGS:
         return StageOutput({"lss": Skipped(f"mLAMA has no {target}: LSS covers {' '.join(data.LSS_LANGS)}")})
-    result = lss.lss_for_target(ctx.model_handle, ctx.artifact, ctx.intervention(), ctx.cfg.lss, ctx.data_root,
+    result = lss.lss_for_target(ctx.model_handle, ctx.artifact, ctx.intervention(), ctx.settings.lss, ctx.data_root,
                                 ctx.store)
     table = outputs.cells_csv(list(result.cells), ctx.run_dir / f"lss_{target}_cells.csv")
     return StageOutput({"lss": result}, {"lss/cells": table}, data_files=lss.data_files(ctx.data_root))
@@ -196,16 +198,18 @@ def lss_matrix(ctx: JobContext) -> StageOutput:
     """The full sources x targets matrix for this factor in one model load."""
     from lsn_exp import lss
 
-    result = lss.lss_matrix(ctx.model_handle, ctx.artifact, ctx.intervention, ctx.cfg.lss, ctx.data_root, ctx.store)
-    tables, images = outputs.lss_matrix_files(result, ctx.run_dir, f"LSS {ctx.cfg.model.name} factor={ctx.factor}")
+    job = ctx.settings
+    result = lss.lss_matrix(ctx.model_handle, ctx.artifact, ctx.intervention, job.lss, ctx.data_root, ctx.store)
+    tables, images = outputs.lss_matrix_files(result, ctx.run_dir, f"LSS {job.model.name} factor={job.factor}")
     return StageOutput({"lss_matrix": result}, tables, images, lss.data_files(ctx.data_root))
 
 
 def factor_search(ctx: JobContext) -> StageOutput:
     from lsn_exp import lss, search
 
-    result, matrices = search.factor_search(ctx.model_handle, ctx.artifact, ctx.cfg.patch, ctx.cfg.lss, ctx.data_root,
-                                            ctx.store, artifact_key=ctx.artifact_key)
+    result, matrices = search.factor_search(ctx.model_handle, ctx.artifact, ctx.settings.config["patch"],
+                                            ctx.settings.factor_search, ctx.data_root, ctx.store,
+                                            artifact_key=ctx.artifact_key)
     images = {f"factor_search/{name}": outputs.lss_matrix_files(
         matrix, ctx.run_dir / "factor_search", f"LSS {name}", prefix=f"lss_{name}")[1][f"lss_{name}/heatmap"]
         for name, matrix in matrices.items()}
@@ -222,8 +226,8 @@ def downstream(ctx: JobContext) -> StageOutput:
     """XCOPA, XWinograd, INCLUDE (online), FLORES MT and perplexity: patched vs cached unpatched."""
     from lsn_exp.downstream import evaluate_downstream
 
-    result, mt_rows, files = evaluate_downstream(ctx.model_handle, ctx.artifact, ctx.intervention(), ctx.cfg.eval,
-                                                 ctx.data_root, ctx.store)
+    result, mt_rows, files = evaluate_downstream(ctx.model_handle, ctx.artifact, ctx.intervention(),
+                                                 ctx.settings.eval, ctx.data_root, ctx.store)
     return StageOutput({"downstream": result}, outputs.downstream_tables(result, mt_rows, ctx.run_dir),
                        data_files=files)
 
@@ -239,14 +243,13 @@ def compare_methods(ctx: JobContext) -> StageOutput:
         outputs.write_csv(ctx.run_dir / "compare_search_partial.csv", list(compare.CURVE_FIELDS),
                           [[row.get(k) for k in compare.CURVE_FIELDS] for row in curve])
 
-    rows, curve, tests = compare.compare(ctx.cfg, ctx.model_handle, ctx.artifact, ctx.data_root, ctx.store,
+    rows, curve, tests = compare.compare(ctx.settings, ctx.model_handle, ctx.artifact, ctx.data_root, ctx.store,
                                          ctx.artifact_key, progress)
-    title = f"{ctx.cfg.model.name}: methods side by side"
+    title = f"{ctx.settings.model['name']}: methods side by side"
     tables, images = outputs.comparison_files(rows, compare.FIELDS, ctx.run_dir, title, tests, compare.TEST_FIELDS)
     curve_table, curve_images = outputs.search_curve_files(curve, compare.CURVE_FIELDS, ctx.run_dir, title)
     print((ctx.run_dir / "compare.md").read_text())
-    decoded = engine_of(ctx.model_handle).generation_config(
-        settings.generate_settings(ctx.cfg.generate).max_new_tokens)
+    decoded = engine_of(ctx.model_handle).generation_config(ctx.settings.generate.max_new_tokens)
     return StageOutput({"compare": {"rows": rows, "search": curve, "tests": tests, "generation_config": decoded}},
                        {**tables, **curve_table}, {**images, **curve_images})
 
@@ -265,42 +268,39 @@ STAGES: dict[str, list[Callable[[JobContext], StageOutput]]] = {
 
 def run_job(cfg: DictConfig, launch: Launch) -> RunRecord | None:
     """One cell: ``cfg`` (a composed job config) run into ``launch.run_dir`` (``Launch.from_hydra()`` from the CLI)."""
-    preflight.validate(cfg, STAGES)  # every config mistake, before anything loads (dry runs too)
-    factor = parse_factor(cfg.factor)
-    run_dir = launch.run_dir
-    method = cfg.get("method_name", "neurons")
-    summary = (f"model={cfg.model.name} lang={cfg.lang.code} factor={factor} stage={cfg.stage}"
+    job = preflight.validate(cfg, STAGES)  # every config mistake, before anything loads (dry runs too)
+    run_dir, method = launch.run_dir, job.method
+    summary = (f"model={job.model.name} lang={job.target} factor={job.factor} stage={job.stage}"
                + ("" if method == "neurons" else f" method={method}"))
     record = RunRecord.start(cfg, run_dir)
-    if cfg.dry_run:
+    if job.dry_run:
         (run_dir / "dry_run.txt").write_text(summary + "\n")
         print(f"[dry run] {summary} -> {run_dir}")
         return None
 
     digest = config_hash(cfg)
-    preflight.require_writable(cache_root(cfg.cache_dir), "cache dir",
+    preflight.require_writable(cache_root(job.cache_dir), "cache dir",
                                "set cache_dir=<a writable dir> or LSN_CACHE")
     with FileLock(str(run_dir / CELL_LOCK)):  # a second process on this cell waits, then finds it complete
-        return _run_cell(cfg, launch, record, factor, method, summary, digest)
+        return _run_cell(job, cfg.logger, launch, record, summary, digest)
 
 
-def _run_cell(cfg: DictConfig, launch: Launch, record: RunRecord, factor: Factor, method: str, summary: str,
+def _run_cell(job: JobSettings, logger_cfg: DictConfig, launch: Launch, record: RunRecord, summary: str,
               digest: str) -> RunRecord | None:
     run_dir = record.run_dir
-    if not cfg.force and completed(run_dir, digest, store_dir(cfg.model.name, cfg.cache_dir)):
+    if not job.force and completed(run_dir, digest, store_dir(job.model.name, job.cache_dir)):
         note_attempt(run_dir, "skipped: complete results exist for this config")
         log.info("%s | complete results exist (config %s): skipped; force=true recomputes", summary, digest)
-        if cfg.logger.name == "wandb" and not (run_dir / WANDB_LOGGED).exists():  # killed while it logged
+        if logger_cfg.name == "wandb" and not (run_dir / WANDB_LOGGED).exists():  # killed while it logged
             log.info("%s | the W&B run was never completed: logging the saved results", summary)
-            log_cell(RunRecord.load(run_dir), cfg, factor, method, launch.group)
+            log_cell(RunRecord.load(run_dir), job, logger_cfg, launch.group)
         return None
     for stale in run_dir.glob(".*.tmp"):  # a temp file of a writer killed mid-write (we hold the cell lock)
         stale.unlink(missing_ok=True)
     note_attempt(run_dir, "started")
     started = time.time()
-    ctx = JobContext(cfg=cfg, factor=factor, run_dir=run_dir, data_root=data.resolve_root(cfg.data.root),
-                     overrides=launch.overrides)
-    steps, data_files, step_times = STAGES[cfg.stage], [], {}
+    ctx = JobContext(settings=job, run_dir=run_dir, overrides=launch.overrides)
+    steps, data_files, step_times = STAGES[job.stage], [], {}
     for step in steps:
         log.info("step %s", step.__name__)
         step_start = time.time()
@@ -323,16 +323,16 @@ def _run_cell(cfg: DictConfig, launch: Launch, record: RunRecord, factor: Factor
     note_attempt(run_dir, "completed")
     log.info("%s | %s | wrote %s | %s", summary, headline(record.results), path,
              " ".join(f"{name} {sec:.1f}s" for name, sec in step_times.items()))
-    log_cell(record, cfg, factor, method, launch.group)
+    log_cell(record, job, logger_cfg, launch.group)
     return record
 
 
-def log_cell(record: RunRecord, cfg: DictConfig, factor: Factor, method: str, group: str) -> None:
+def log_cell(record: RunRecord, job: JobSettings, logger_cfg: DictConfig, group: str) -> None:
     """The cell's W&B run: id from the config hash and winners (resume.run_id), the grouping keys at the top."""
-    name = f"{cfg.model.name}-{cfg.lang.code}-{factor}" + ("" if method == "neurons" else f"-{method}")
-    keys = {"model": cfg.model.name, "lang": cfg.lang.code, "factor": str(factor), "method": method,
-            "stage": cfg.stage}
-    log_to_wandb(record, cfg.logger, group=group, name=name, job_type=cfg.stage,
+    model, method = job.model.name, job.method
+    name = f"{model}-{job.target}-{job.factor}" + ("" if method == "neurons" else f"-{method}")
+    keys = {"model": model, "lang": job.target, "factor": str(job.factor), "method": method, "stage": job.stage}
+    log_to_wandb(record, logger_cfg, group=group, name=name, job_type=job.stage,
                  run_id=resume.run_id(record.results), keys=keys)
 
 

@@ -49,7 +49,7 @@ from lsn_exp.engine import engine_of
 from lsn_exp.errors import UserError
 from lsn_exp.models import device_key
 from lsn_exp.results import LssMatrix, LssResult, PatchSummary
-from lsn_exp.settings import LssSettings, lss_settings
+from lsn_exp.settings import LssSettings
 from lsn_exp.specs import Intervention, PatchSpec
 from lsn_exp.tracking import provenance
 
@@ -204,11 +204,11 @@ class LssEvaluator:
     leaves out the first facts of the draw (a compare search's, so its final sample is fresh).
     """
 
-    def __init__(self, handle: ModelHandle, lss_cfg, data_root, store: ArtifactStore | None,
+    def __init__(self, handle: ModelHandle, settings: LssSettings, data_root, store: ArtifactStore | None,
                  sources: tuple[str, ...] | None = None, exclude_n_facts: int | str | None = None,
                  skip_n_facts: int = 0):
         self.handle = handle
-        self.settings = lss_settings(lss_cfg, handle.model.dtype)
+        self.settings = settings.at_dtype(handle.model.dtype)
         self.batch_size = self.settings.batch_size or handle.batch_size
         self.sources = tuple(sources or self.settings.sources)
         root = data.mlama_root(data_root)
@@ -303,20 +303,20 @@ def data_files(data_root) -> list:
     return list(data.read_mlama(data.mlama_root(data_root)).files)
 
 
-def lss_for_target(handle: ModelHandle, artifact: NeuronArtifact, spec: PatchSpec | Intervention, lss_cfg, data_root,
-                   store: ArtifactStore | None) -> LssResult:
+def lss_for_target(handle: ModelHandle, artifact: NeuronArtifact, spec: PatchSpec | Intervention,
+                   settings: LssSettings, data_root, store: ArtifactStore | None) -> LssResult:
     """A job with ``lang=t``: LSS(s→t) for every source s ≠ t (``lss.sources``)."""
-    return LssEvaluator(handle, lss_cfg, data_root, store).score(artifact, spec)
+    return LssEvaluator(handle, settings, data_root, store).score(artifact, spec)
 
 
 def lss_matrix(handle: ModelHandle, artifact: NeuronArtifact, spec_for: Callable[[str], PatchSpec | Intervention],
-               lss_cfg,
-               data_root, store: ArtifactStore | None, evaluator: LssEvaluator | None = None) -> LssMatrix:
+               settings: LssSettings | None, data_root, store: ArtifactStore | None,
+               evaluator: LssEvaluator | None = None) -> LssMatrix:
     """The sources x targets LSS matrix in one model load: one unpatched (cached) and one patched run per target.
 
     ``spec_for(target)`` gives the patch toward that target.
     """
-    evaluator = evaluator or LssEvaluator(handle, lss_cfg, data_root, store)
+    evaluator = evaluator or LssEvaluator(handle, settings, data_root, store)
     sources, targets = list(evaluator.sources), list(evaluator.settings.targets)
     cells, per_target, seconds = [], {}, 0.0
     for target in targets:

@@ -53,15 +53,14 @@ def _fixed() -> dict[str, Callable]:
     return kinds
 
 
-def _grid(lss_cfg=None) -> dict[str, Callable]:
-    """The factor search's grid (default: conf/lss/default.yaml), each entry as it is except that a statistic's
-    coef is 0 (the percentile's coef is the percentile itself)."""
-    from omegaconf import OmegaConf
-
-    from lsn_exp import CONF_DIR, search
+def _grid() -> dict[str, Callable]:
+    """The factor search's grid (conf/lss/default.yaml), each entry as it is except that a statistic's coef is 0
+    (the percentile's coef is the percentile itself)."""
+    from lsn_exp import search
+    from lsn_exp.settings import factor_search_settings
 
     out = {}
-    for entry in search.grid(lss_cfg if lss_cfg is not None else OmegaConf.load(CONF_DIR / "lss" / "default.yaml")):
+    for entry in factor_search_settings({}).grid:
         if entry.get("stat") not in (None, "percentile"):
             entry = {**entry, "coef": 0.0}
         out[f"grid_{entry['name']}"] = lambda t, e=entry: search.entry_spec(e, {"neuron_set": "lape"}, t)
@@ -91,10 +90,10 @@ def as_mul(spec: PatchSpec | Intervention) -> PatchSpec | Intervention:
     return replace(spec, op="mul")
 
 
-def kinds(relu: bool = True, lss_cfg=None) -> list[NoopKind]:
+def kinds(relu: bool = True) -> list[NoopKind]:
     """Every kind, the grid's last; with ``relu=False`` the relu kinds in their ``mul`` form."""
     out = []
-    for name, build in {**_fixed(), **_grid(lss_cfg)}.items():
+    for name, build in {**_fixed(), **_grid()}.items():
         kind = needs(build("en"))
         if kind == RELU and not relu:
             name, build, kind = f"{name}_as_mul", (lambda t, b=build: as_mul(b(t))), DEAD

@@ -21,16 +21,14 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from lsn_exp import checks, data
-from lsn_exp.coefsearch import check_compare
+from lsn_exp import checks
 from lsn_exp.errors import UserError, exit_with
 from lsn_exp.models import ARCHITECTURES, model_layers
 from lsn_exp.neurons import read_card
-from lsn_exp.prompts import DOMAINS as PROMPT_DOMAINS
 from lsn_exp.prompts import check_blocks
 from lsn_exp.search import grid_specs
-from lsn_exp.settings import eval_settings, generate_settings, identify_settings, lss_settings, search_config
-from lsn_exp.specs import PatchSpec, SteerSpec, check_layers, parse_factor, plain
+from lsn_exp.settings import JobSettings, parse_job
+from lsn_exp.specs import PatchSpec, SteerSpec, check_layers, parse_factor
 from lsn_exp.taskindex import TASK_FAMILIES, check_lm_eval_tasks
 
 PROBE = ".lsn_write_probe"
@@ -78,74 +76,46 @@ def _exit_if_unwritable(path: Path, what: str, fix: str) -> None:
 
 # --- the whole job ---------------------------------------------------------------------------------------------
 
-def validate(cfg, stages) -> None:
+def validate(cfg, stages) -> JobSettings:
     """Every check a job's config can fail without loading a model (``dry_run=true`` runs it too): every key of
     every group, whatever the stage; the prompt blocks, lm-eval task names and layer ranges where the stage uses them.
 
-    Raises UserError (one line). Layer ranges are checked against the model's config when it is on disk.
+    Returns the job's typed settings (parsed once). Raises UserError (one line). Layer ranges are checked against
+    the model's config when it is on disk.
     """
     stage = cfg.get("stage")
     if not isinstance(stage, str) or stage not in stages:
         raise UserError(f"stage={stage} is not one of {', '.join(stages)}")
-    job = plain(cfg)
-    factor = parse_factor(job.get("factor"))
-    checks.check_job(job)
-    checks.threads(job.get("threads"))
-    checks.scoring_processes(job.get("scoring_processes", "auto"), str((job.get("model") or {}).get("device", "auto")))
-    checks.check_model(job["model"], ARCHITECTURES)
-    checks.check_logger(job.get("logger") or {})
-    target = checks.check_lang(job["lang"])
-    checks.check_prompt(job.get("prompt") or {})
-    if stage == "downstream" and (job.get("prompt") or {}).get("mode", "none") != "none":
+    job = parse_job(cfg)
+    config = job.config
+    checks.check_model(config["model"], ARCHITECTURES)
+    if stage == "downstream" and config["prompt"].get("mode", "none") != "none":
         raise UserError("prompt baselines are scored on LSS and generation, not on downstream tasks: "
                         "use prompt.mode=none with stage=downstream")
-    _check_stage_settings(job, stage)
-    patch_cfg = dict(job["patch"])
-    if patch_cfg.get("others_langs") is not None:
-        checks.lang_codes("patch.others_langs", patch_cfg["others_langs"])
+    if job.neurons_from is not None:
+        try:
+            read_card(job.neurons_from)
+        except UserError as err:
+            raise UserError(f"identify.from={job.neurons_from}: {err}") from None
+    if stage == "downstream":
+        check_lm_eval_tasks([n for n in job.eval.families if n not in TASK_FAMILIES], job.eval.include_path,
+                            list(TASK_FAMILIES))
+    patch_cfg, steer_cfg, _ = job.intervention_config
+    factor = job.factor
     if factor.kind == "best":  # the winner brings op/value/stat; the rest of the patch must still parse
-        patch_cfg.update(op=None, value=None, stat=None)
-        factor = parse_factor(1)
-    spec = PatchSpec.from_config(patch_cfg, factor, target)
-    steer = SteerSpec.from_config(job.get("steer"), target)
-    n_layers = model_layers(cfg.model, job.get("cache_dir"))
+        patch_cfg, factor = {**patch_cfg, "op": None, "value": None, "stat": None}, parse_factor(1)
+    spec = PatchSpec.from_config(patch_cfg, factor, job.target)
+    steer = SteerSpec.from_config(steer_cfg, job.target)
+    n_layers = model_layers(job.model, job.cache_dir)
     for name, layers in (("patch.layers", spec.layers), ("steer.layers", steer.layers)):
         if layers is not None and n_layers is not None:
             check_layers(layers, n_layers, name)
-    _check_compare(job, stage, target)
-    checks.check_grid(job["lss"])
-    grid_specs(job["lss"], job["patch"], target)  # the factor search's grid (stage=factor_search, factor=best)
-
-
-def _check_stage_settings(job: dict, stage: str) -> None:
-    """identify, lss (and its search sample), eval and generate, each parsed as its stage parses it."""
-    identify_settings(job["identify"])
-    folder = job["identify"].get("from")
-    if folder is not None:
-        try:
-            read_card(checks.text("identify.from", folder, hint="a neuron folder (python -m lsn_exp.neurons export)"))
-        except UserError as err:
-            raise UserError(f"identify.from={folder}: {err}") from None
-    lss_settings(job["lss"])
-    lss_settings(search_config(job["lss"]), key="lss.search")
-    evaluated = eval_settings(job["eval"])
-    if stage == "downstream":
-        check_lm_eval_tasks([n for n in evaluated.families if n not in TASK_FAMILIES], evaluated.include_path,
-                            list(TASK_FAMILIES))
-
-
-def _check_compare(job: dict, stage: str, target: str) -> None:
-    """``compare``'s settings and every method's intervention, always; its prompt blocks where a compare run (or
-    method=best, which looks one up) reads them."""
-    generated = generate_settings(job.get("generate"))
-    compare_cfg = job["compare"]
-    methods = checks.check_compare_sizes(compare_cfg)
-    found = check_compare(compare_cfg, PROMPT_DOMAINS)
-    for method in methods:
-        _check_method(job, method, target)
-    if stage == "compare" or job.get("method_name") == "best":  # the methods, ranges and search sample
-        check_blocks(generated, data.resolve_root((job.get("data") or {}).get("root")), compare_cfg["domains"],
-                     found, compare_cfg)
+    for method in job.compare.methods:
+        _check_method(config, method, job.target)
+    if stage == "compare" or job.method == "best":  # the prompt blocks a compare run (or method=best) reads
+        check_blocks(job.generate, job.data_root, job.compare)
+    grid_specs(job.factor_search, config["patch"], job.target)  # the factor search's grid (factor_search, best)
+    return job
 
 
 def _check_method(job: dict, method: dict, target: str) -> None:

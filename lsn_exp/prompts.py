@@ -103,12 +103,11 @@ def prompt_split(settings, root: Path | None, domain: str | None = None, n_repor
     return split(pools, domain, settings.first_sentence, n_report or settings.n_prompts, n_search, n_final)
 
 
-def check_blocks(settings, root: Path | None, domains, search, compare_cfg: dict) -> None:
-    """A compare run's prompt blocks exist and do not overlap (``search``: coefsearch.SearchSettings); read from
+def check_blocks(settings, root: Path | None, compare) -> None:
+    """A compare run's prompt blocks (``compare``: settings.CompareSettings) exist and do not overlap; read from
     the local data only (offline, before any model loads). The sizes themselves are checks.check_compare_sizes'."""
     if root is None and settings.prompts is None and settings.prompts_file is None:
         return
-    n_report = int(compare_cfg["n_prompts"])
-    for domain in dict.fromkeys([*domains, search.domain]):
-        prompt_split(replace(settings, n_prompts=n_report), root, domain, None, search.n_prompts,
-                     int(compare_cfg["final"]["n_prompts"]))
+    for domain in dict.fromkeys([*compare.domains, compare.search.domain]):
+        prompt_split(replace(settings, n_prompts=compare.n_prompts), root, domain, None, compare.search.n_prompts,
+                     compare.n_final)

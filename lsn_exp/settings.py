@@ -7,18 +7,19 @@ Each mistake is a ``UserError``: one line naming the fix. This module imports no
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from lsn_exp import CONF_DIR, checks, lid
+from lsn_exp import CONF_DIR, checks, data, lid
 from lsn_exp.checks import n_facts, positive_int, rate, whole
+from lsn_exp.coefsearch import SearchSettings, check_compare
 from lsn_exp.data import LANG_ORDER, MT_PROMPTS
 from lsn_exp.errors import UserError
 from lsn_exp.prompts import DOMAINS as PROMPT_DOMAINS
-from lsn_exp.specs import plain
+from lsn_exp.specs import Factor, parse_factor, plain
 from lsn_exp.taskindex import TASK_FAMILIES
 
 MAX_TOKENS_ALL = ("all", "none", "null")
@@ -82,44 +83,83 @@ class LssSettings:
     seed: int
     sources: tuple[str, ...]
     targets: tuple[str, ...]
-    tol: float
+    tol: float | None  # None: auto, resolved by the model's dtype (at_dtype)
     batch_size: int | None  # None: the model's
     bootstrap: int
     weakest: int
 
+    def at_dtype(self, dtype) -> LssSettings:
+        """``tol: auto`` resolved for the model ``dtype`` (conf/lss/default.yaml says how it was measured)."""
+        return self if self.tol is not None else replace(self, tol=default_tol(dtype))
+
+    @property
+    def tol_written(self) -> float | str:
+        return "auto" if self.tol is None else self.tol
+
 
 def default_tol(dtype) -> float:
-    """The tolerance a win must pass, by model dtype (conf/lss/default.yaml says how it was measured)."""
+    """The tolerance a win must pass, by model dtype."""
     name = str(dtype).replace("torch.", "")
     return {"float64": 1e-6, "float32": 1e-3}.get(name, 5e-2)
 
 
-def lss_settings(lss_cfg, dtype=None, key: str = "lss") -> LssSettings:
-    """``cfg.lss`` (conf/lss/default.yaml) with ``tol: auto`` resolved for the model dtype (default fp32); ``key``
-    names the settings in messages (lss.search: search_config's)."""
+def lss_settings(lss_cfg, key: str = "lss") -> LssSettings:
+    """``cfg.lss`` (conf/lss/default.yaml); ``key`` names the settings in messages (lss.search for its sample)."""
     cfg = with_defaults("lss", lss_cfg)
     tol = cfg["tol"]
-    if tol is None or str(tol).lower() == "auto":
-        tol = default_tol(dtype or "float32")
-    try:
-        tol = float(tol)
-    except (TypeError, ValueError):
-        raise UserError(f"lss.tol={tol!r} is not a number or auto") from None
-    if not 0 <= tol < math.inf:
-        raise UserError(f"lss.tol={tol} is not allowed: use auto or a small positive number of nats, e.g. 1e-3")
+    if tol is not None and str(tol).lower() != "auto":
+        try:
+            tol = float(tol)
+        except (TypeError, ValueError):
+            raise UserError(f"lss.tol={tol!r} is not a number or auto") from None
+        if not 0 <= tol < math.inf:
+            raise UserError(f"lss.tol={tol} is not allowed: use auto or a small positive number of nats, e.g. 1e-3")
     return LssSettings(n_facts=n_facts(f"{key}.n_facts", cfg["n_facts"]), seed=whole("lss.seed", cfg["seed"]),
                        sources=checks.lss_langs(cfg["sources"], f"{key}.sources"),
-                       targets=checks.lss_langs(cfg["targets"], f"{key}.targets"), tol=tol,
+                       targets=checks.lss_langs(cfg["targets"], f"{key}.targets"),
+                       tol=None if tol is None or isinstance(tol, str) else tol,
                        batch_size=positive_int("lss.batch_size", cfg["batch_size"], allow_none=True),
                        bootstrap=whole("lss.bootstrap", cfg["bootstrap"]), weakest=whole("lss.weakest", cfg["weakest"]))
 
 
-def search_config(lss_cfg) -> dict:
-    """``cfg.lss`` as the factor search scores it: ``lss.search``'s n_facts / sources / targets over lss's."""
-    cfg = plain(lss_cfg)
+# --- the factor search (stage=factor_search, factor=best) ----------------------------------------------------
+
+SEARCH_SAMPLE_KEYS = ("n_facts", "sources", "targets")
+GRID_ENTRY_KEYS = ("op", "value", "stat", "coef")  # what a grid entry may set besides its factor
+
+
+@dataclass(frozen=True)
+class FactorSearchSettings:
+    """``lss.search``: the grid of patches the search ranks, and the LSS sample it scores them on."""
+
+    grid: tuple[dict, ...]  # entries, each with a unique name
+    sample: LssSettings  # lss.search's n_facts / sources / targets over lss's
+    disjoint_from: int | str  # lss.n_facts: the reporting sample, which the search's facts avoid
+
+
+def factor_search_settings(lss_cfg) -> FactorSearchSettings:
+    cfg = with_defaults("lss", lss_cfg)
     search = cfg.pop("search", None) or {}
-    cfg.update({k: search[k] for k in SEARCH_KEYS if search.get(k) is not None})
-    return cfg
+    checks.check_grid({"search": search})
+    reported = n_facts("lss.n_facts", cfg["n_facts"])
+    cfg.update({k: search[k] for k in SEARCH_SAMPLE_KEYS if search.get(k) is not None})
+    return FactorSearchSettings(grid=tuple(named_grid(search.get("grid"))), sample=lss_settings(cfg, "lss.search"),
+                                disjoint_from=reported)
+
+
+def named_grid(entries) -> list[dict]:
+    """``lss.search.grid`` as plain entries, each with a unique ``name``."""
+    entries = [dict(e) for e in entries or []]
+    if not entries:
+        raise UserError("lss.search.grid is empty: list entries like {name: pmax, factor: pmax} "
+                        "(conf/lss/default.yaml)")
+    for entry in entries:
+        entry["name"] = entry.get("name") or "_".join(
+            f"{k}{entry[k]}" for k in ("factor", *GRID_ENTRY_KEYS) if entry.get(k) is not None)
+    names = [e["name"] for e in entries]
+    if len(set(names)) != len(names):
+        raise UserError(f"lss.search.grid has duplicate names: {names}")
+    return entries
 
 
 # --- stage 4: downstream ---------------------------------------------------------------------------------
@@ -228,3 +268,93 @@ def generate_settings(generate_cfg) -> GenerateSettings:
         repetition_n=positive_int("generate.repetition_n", cfg["repetition_n"]), max_repetition=max_repetition,
         domain=checks.prompt_domain("generate.domain", cfg["domain"], PROMPT_DOMAINS),
         lid=checks.choice("generate.lid", cfg["lid"], lid.IDENTIFIERS))
+
+
+# --- compare -----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CompareSettings:
+    targets: tuple[str, ...]
+    methods: tuple[dict, ...]  # name, factor, patch / steer / prompt overrides, optional search range
+    search: SearchSettings  # the coefficient search (lsn_exp.coefsearch)
+    n_prompts: int  # reported prompts per source and domain
+    n_final: int  # final-sample prompts per source: the finalists are re-scored there
+    domains: tuple[str, ...]
+    lss_n_facts: int | str
+    xcopa: EvalSettings | None  # XCOPA on compare.xcopa_limit documents per language; None: not run
+
+
+def compare_settings(compare_cfg) -> CompareSettings:
+    """``cfg.compare`` (conf/compare/default.yaml): sizes, methods, search (each method's intervention is checked
+    against the job's patch / steer / prompt by preflight)."""
+    cfg = with_defaults("compare", compare_cfg)
+    methods = checks.check_compare_sizes(cfg)
+    search = check_compare(cfg, PROMPT_DOMAINS)
+    xcopa_limit = whole("compare.xcopa_limit", cfg["xcopa_limit"])
+    return CompareSettings(targets=tuple(checks.lang_codes("compare.targets", cfg["targets"])),
+                           methods=tuple(methods), search=search,
+                           n_prompts=positive_int("compare.n_prompts", cfg["n_prompts"]),
+                           n_final=int(cfg["final"]["n_prompts"]), domains=tuple(cfg["domains"]),
+                           lss_n_facts=n_facts("compare.lss_n_facts", cfg["lss_n_facts"]),
+                           xcopa=eval_settings({"tasks": ["xcopa"], "limit": xcopa_limit, "bootstrap": 0})
+                           if xcopa_limit else None)
+
+
+# --- the whole job -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class JobSettings:
+    """Every setting of one job, parsed once: ``preflight.validate`` returns it and the job's steps read it."""
+
+    config: dict  # the composed config as plain data: cache and winner keys are made of what was written
+    model: DictConfig  # the model group, as models.load and models.model_layers read it
+    stage: str
+    target: str  # lang.code
+    factor: Factor
+    method: str  # method_name: neurons | diffmean | prompt | ... | best
+    seed: int
+    force: bool
+    dry_run: bool
+    identify: IdentifySettings
+    neurons_from: str | None  # identify.from: a neuron folder instead of identification
+    lss: LssSettings
+    factor_search: FactorSearchSettings
+    eval: EvalSettings
+    generate: GenerateSettings
+    compare: CompareSettings
+    threads: int | None
+    scoring_processes: int | str  # auto or a number (forkmap.processes_for decides on the resolved device)
+    cache_dir: str | None
+    data_root: Path | None
+
+    @property
+    def intervention_config(self) -> tuple[dict, dict, dict]:
+        """The job's patch, steer and prompt settings (parsed per target by specs.Intervention.from_settings)."""
+        return self.config["patch"], self.config["steer"], self.config["prompt"]
+
+
+def parse_job(cfg) -> JobSettings:
+    """The composed job config as typed settings: every group parsed, each mistake one UserError. Checks that need
+    the model's config, a neuron folder or lm-eval's task index are preflight's."""
+    job = plain(cfg)
+    checks.check_job(job)
+    device = str((job.get("model") or {}).get("device", "auto"))
+    processes = job.get("scoring_processes", "auto")
+    checks.scoring_processes(processes, device)
+    checks.check_logger(job.get("logger") or {})
+    target = checks.check_lang(job["lang"])
+    checks.check_prompt(job.get("prompt") or {})
+    if job["patch"].get("others_langs") is not None:
+        checks.lang_codes("patch.others_langs", job["patch"]["others_langs"])
+    folder = job["identify"].get("from")
+    if folder is not None:
+        folder = checks.text("identify.from", folder, hint="a neuron folder (python -m lsn_exp.neurons export)")
+    return JobSettings(
+        config=job, model=OmegaConf.create(job["model"]), stage=str(job.get("stage")), target=target, factor=parse_factor(job.get("factor")),
+        method=str(job.get("method_name", "neurons")), seed=int(job.get("seed", 0)),
+        force=bool(job.get("force", False)), dry_run=bool(job.get("dry_run", False)), identify=identify_settings(job["identify"]), neurons_from=folder,
+        lss=lss_settings(job["lss"]), factor_search=factor_search_settings(job["lss"]),
+        eval=eval_settings(job["eval"]), generate=generate_settings(job.get("generate")),
+        compare=compare_settings(job["compare"]), threads=checks.threads(job.get("threads")),
+        scoring_processes=processes, cache_dir=job.get("cache_dir"),
+        data_root=data.resolve_root((job.get("data") or {}).get("root")))

@@ -24,16 +24,16 @@ import argparse
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import checklib  # scripts/ is on sys.path when this file runs
 import numpy as np
-from omegaconf import OmegaConf
 
 from lsn_exp import generate, identify, job, lss
 from lsn_exp.engine import engine_of
 from lsn_exp.prompts import prompt_split
-from lsn_exp.settings import generate_settings
+from lsn_exp.settings import lss_settings
 from lsn_exp.specs import PatchSpec, parse_factor
 from lsn_exp.steer import intervene
 
@@ -60,13 +60,13 @@ def contexts(model: str, args) -> dict:
 
 def identify_side_by_side(ctxs: dict, args) -> dict:
     """dtype -> identification seconds; each context gets its artifact through the job's identify step."""
-    langs = list(ctxs[DTYPES[0]].cfg.identify.languages)
+    langs = list(ctxs[DTYPES[0]].settings.identify.languages)
     seconds = dict.fromkeys(ctxs, 0.0)
     for stop in range(max(args.chunk, 2), len(langs) + args.chunk, args.chunk):
         for dtype, ctx in ctxs.items():
-            cfg = OmegaConf.merge(ctx.cfg.identify, {"languages": langs[:stop]})
+            chunk = replace(ctx.settings.identify, languages=tuple(langs[:stop]))
             start = time.perf_counter()
-            identify.build(cfg, ctx.model_handle, ctx.data_root, ctx.store, seed=int(ctx.cfg.seed))
+            identify.build(chunk, ctx.model_handle, ctx.data_root, ctx.store, seed=ctx.settings.seed)
             seconds[dtype] += time.perf_counter() - start
     for dtype, ctx in ctxs.items():
         start = time.perf_counter()
@@ -83,12 +83,12 @@ def jaccard(a, b) -> list[float]:
 
 
 def spec_for(ctx, target: str) -> PatchSpec:
-    return PatchSpec.from_config(ctx.cfg.patch, parse_factor("pmax"), target)
+    return PatchSpec.from_config(ctx.settings.config["patch"], parse_factor("pmax"), target)
 
 
 def lss_side_by_side(ctxs: dict, args) -> tuple[dict, dict]:
     """(dtype -> {target | "all": lss_mean}, dtype -> seconds): each target scored by both dtypes in turn."""
-    cfg = {"n_facts": args.n_facts, "sources": args.sources, "targets": args.targets, "bootstrap": 0}
+    cfg = lss_settings({"n_facts": args.n_facts, "sources": args.sources, "targets": args.targets, "bootstrap": 0})
     evaluators = {d: lss.LssEvaluator(c.model_handle, cfg, c.data_root, c.store) for d, c in ctxs.items()}
     cells, seconds = {d: {} for d in ctxs}, dict.fromkeys(ctxs, 0.0)
     for target in args.targets:
@@ -108,7 +108,7 @@ def steering_side_by_side(ctxs: dict, args) -> tuple[dict, dict]:
     unpatched = {d: {} for d in ctxs}  # the unpatched continuations, generated once per dtype
     for target in args.targets:
         for dtype, ctx in ctxs.items():
-            settings = generate_settings(ctx.cfg.generate)
+            settings = ctx.settings.generate
             prompts = prompt_split(settings, ctx.data_root).report
             start = time.perf_counter()
             summary, _ = generate.steering(ctx.model_handle, prompts, target, settings,

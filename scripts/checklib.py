@@ -19,18 +19,18 @@ for _key, _value in (("HF_HUB_OFFLINE", "1"), ("WANDB_MODE", "disabled"), ("TOKE
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from lsn_exp import CONF_DIR, REPO_ROOT, data, files, job, metrics, preflight, specs  # noqa: E402
+from lsn_exp import CONF_DIR, REPO_ROOT, files, job, metrics, preflight  # noqa: E402
 from lsn_exp.results import mean_over  # noqa: E402
+from lsn_exp.settings import JobSettings
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # roofline.py, bench_record.py
 
 
-def composed(*overrides: str):
-    """The job's config for ``overrides`` (as ``python -m lsn_exp ...`` composes it), validated."""
+def composed(*overrides: str) -> JobSettings:
+    """The job's settings for ``overrides`` (as ``python -m lsn_exp ...`` composes and validates them)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose(config_name="config", overrides=["logger=none", *overrides])
-    preflight.validate(cfg, job.STAGES)
-    return cfg
+    return preflight.validate(cfg, job.STAGES)
 
 
 def fresh_cache(root: Path) -> Path:
@@ -45,11 +45,10 @@ def fresh_cache(root: Path) -> Path:
     return cache
 
 
-def load_job(cfg, run_dir: Path) -> job.JobContext:
-    """A job's context after its load_model step (the model on cfg.model.device in cfg.model.dtype)."""
+def load_job(settings: JobSettings, run_dir: Path) -> job.JobContext:
+    """A job's context after its load_model step (the model on model.device in model.dtype)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    ctx = job.JobContext(cfg=cfg, factor=specs.parse_factor(cfg.factor), run_dir=run_dir,
-                         data_root=data.resolve_root(cfg.data.root))
+    ctx = job.JobContext(settings=settings, run_dir=run_dir)
     job.load_model(ctx)
     return ctx
 

@@ -39,6 +39,7 @@ import torch
 from lsn_exp import compare, data, lmeval, lss, noops
 from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.record import ActivationRecorder, Batch, make_batches, prefix_token, tokenize
+from lsn_exp.settings import lss_settings
 from lsn_exp.specs import PatchSpec
 from lsn_exp.steer import intervene
 
@@ -89,8 +90,8 @@ def widened(artifact, share: float, seed: int = 0):
 
 def noop_stage(ctx, args):
     handle, artifact = ctx.model_handle, widened(ctx.artifact, args.noop_share)
-    lss_cfg = {"n_facts": args.n_facts, "sources": args.sources, "targets": args.targets, "bootstrap": 0}
-    stores = {name: ArtifactStore(args.cache / "noops" / ctx.cfg.model.name / name) for name in ("real", "dead")}
+    lss_cfg = lss_settings({"n_facts": args.n_facts, "sources": args.sources, "targets": args.targets, "bootstrap": 0})
+    stores = {name: ArtifactStore(args.cache / "noops" / ctx.settings.model.name / name) for name in ("real", "dead")}
     real, dead = (lss.LssEvaluator(handle, lss_cfg, ctx.data_root, stores[n]) for n in ("real", "dead"))
     kinds = noops.kinds(relu=handle.adapter.activation == "relu")
     rows = [("no-op layout; neurons", f"{'paired (16-bit)' if real.paired_layout() else 'cached columns (fp32)'}; "
@@ -176,7 +177,7 @@ def lss_roofline(ctx, args) -> tuple:
     from roofline import ScoringWork
 
     handle, target = ctx.model_handle, args.targets[0]
-    evaluator = lss.LssEvaluator(handle, {"n_facts": args.n_facts, "sources": args.sources, "bootstrap": 0},
+    evaluator = lss.LssEvaluator(handle, lss_settings({"n_facts": args.n_facts, "sources": args.sources, "bootstrap": 0}),
                                  ctx.data_root, None)
     _, _, scored = evaluator._requests_toward(target)
     work = ScoringWork.of(evaluator.lm, [inst.args for inst in scored])
@@ -196,7 +197,7 @@ def lss_roofline(ctx, args) -> tuple:
 def compare_stage(ctx, args):
     target = args.targets[0]
     sizes = QUICK["compare"] if args.quick else FULL["compare"]
-    cfg = checklib.composed(*base_overrides(ctx.cfg.model.name, args), "+experiment=compare_methods",
+    cfg = checklib.composed(*base_overrides(ctx.settings.model.name, args), "+experiment=compare_methods",
                             f"compare.targets=[{target}]", *sizes)
     start = time.time()
     found, _, tests = compare.compare(cfg, ctx.model_handle, ctx.artifact, ctx.data_root, ctx.store, ctx.artifact_key)

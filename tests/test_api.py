@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from lsn_exp import CONF_DIR, REPO_ROOT, api, identify, lss
 from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.errors import UserError
+from lsn_exp.settings import identify_settings, lss_settings
 from lsn_exp.specs import PatchSpec, parse_factor
 from lsn_exp.steer import intervene
 
@@ -41,7 +42,7 @@ def logits(model, tokenizer):
 def test_identify_runs_the_cli_code_path_and_cache(user_model, neurons, data_root, tmp_path):
     model, tokenizer = user_model
     assert neurons.languages == LANGS
-    cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "identify" / "lape.yaml"), {"languages": LANGS, "max_tokens": 300})
+    cfg = identify_settings({"languages": LANGS, "max_tokens": 300})
     store = ArtifactStore(tmp_path)
     built = identify.build(cfg, api.handle(model), data_root, store, seed=0)
     assert built.recorded
@@ -90,8 +91,7 @@ def test_lss_equals_the_stage(user_model, neurons, data_root, tmp_path):
     model, tokenizer = user_model
     got = api.lss(model, tokenizer, neurons, "fr", n_facts=4, sources=LANGS, bootstrap=0, data_root=data_root,
                   cache_dir=str(tmp_path))
-    cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "lss" / "default.yaml"),
-                          {"n_facts": 4, "sources": LANGS, "bootstrap": 0})
+    cfg = lss_settings({"n_facts": 4, "sources": LANGS, "bootstrap": 0})
     spec = PatchSpec.from_config(OmegaConf.load(CONF_DIR / "patch" / "default.yaml"), parse_factor("pmax"), "fr")
     want = lss.lss_for_target(api.handle(model), neurons, spec, cfg, data_root, None)
     assert [c.source for c in got.cells] == ["en", "ja"]

@@ -11,7 +11,7 @@ from scipy.stats import binomtest
 from lsn_exp import CONF_DIR, compare, data, generate, metrics, outputs, prompts
 from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.errors import UserError
-from lsn_exp.settings import generate_settings
+from lsn_exp.settings import generate_settings, parse_job
 
 SMALL = ["model=tiny", "+experiment=compare_methods", "compare.targets=[fr]", "compare.lss_n_facts=2",
          "compare.n_prompts=2", "compare.xcopa_limit=0", "compare.search.n_evals=2", "compare.search.n_prompts=1",
@@ -106,7 +106,7 @@ def test_compare_reports_each_domain_with_intervals_and_picks_the_winner_on_the_
                    "0.05}, search: {path: steer.alpha, lo: 0.01, hi: 1, log: true}}]")
     artifact = synthetic_artifact(tiny, ["en", "fr", "ja"])
     store = ArtifactStore(tmp_path)
-    rows, curve, tests = compare.compare(cfg, tiny, artifact_with_vectors(tiny, artifact), data_root, store, "k")
+    rows, curve, tests = compare.compare(parse_job(cfg), tiny, artifact_with_vectors(tiny, artifact), data_root, store, "k")
     assert [(r["method"], r["domain"]) for r in rows] == [(m, d) for m in ("unpatched", "lape_pmax", "diffmean")
                                                           for d in ("news", "everyday")]
     for row in rows:
@@ -115,7 +115,7 @@ def test_compare_reports_each_domain_with_intervals_and_picks_the_winner_on_the_
         assert row["lid_ceiling"] == 1.0 and 0 <= row["lid_agreement"] <= 1  # fr: every real piece labelled fr
     assert {r["final_score"] is not None for r in rows if r["method"] != "unpatched"} == {True}
     assert len(tests) == 6  # 3 methods -> 3 pairs, in each of 2 domains
-    saved = store.load(compare.BEST_METHOD_KIND, compare.winner_key(cfg, tiny.identity, "k", "fr"))
+    saved = store.load(compare.BEST_METHOD_KIND, compare.winner_key(parse_job(cfg), tiny.identity, "k", "fr"))
     ranking = saved.meta["ranking"]
     assert saved.meta["method"]["name"] == ranking[0]["name"]
     assert ranking[0]["final_score"] == max(r["final_score"] for r in ranking)

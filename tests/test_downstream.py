@@ -20,6 +20,7 @@ from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.engine import engine_of
 from lsn_exp.errors import UserError
 from lsn_exp.results import DownstreamResult, MetricDelta, TaskScore
+from lsn_exp.settings import eval_settings
 from lsn_exp.specs import PatchSpec, parse_factor
 from lsn_exp.taskindex import TASK_FAMILIES
 
@@ -143,7 +144,7 @@ def test_include_task_names_exist_in_lm_eval():
 
     root = Path(lm_eval.__file__).parent / "tasks" / "include" / "default"
     groups = {p.stem.lstrip("_") for p in root.glob("*/_include_base_44_*.yaml")}
-    names = [ref.name for ref in downstream.plan(downstream.settings({"tasks": ["include"]}))]
+    names = [ref.name for ref in downstream.plan(eval_settings({"tasks": ["include"]}))]
     assert len(names) == 13 and set(names) <= groups
 
 
@@ -198,7 +199,7 @@ def run(tiny, data_root, tmp_path_factory):
     """All local families in every language they cover (limit 2) and INCLUDE, patched toward id."""
     store = ArtifactStore(tmp_path_factory.mktemp("store"))
     cfg = {"tasks": "all", "limit": 2, "bootstrap": 50}
-    evaluator = downstream.DownstreamEvaluator(tiny, cfg, data_root, store)
+    evaluator = downstream.DownstreamEvaluator(tiny, eval_settings(cfg), data_root, store)
     spec = PatchSpec.from_config({"neuron_set": "lape"}, parse_factor("pmax"), "id")
     out_dir = tmp_path_factory.mktemp("job")
     result, mt_rows = evaluator.score(synthetic_artifact(tiny, list(data.LANG_ORDER)), spec)
@@ -210,7 +211,7 @@ def run(tiny, data_root, tmp_path_factory):
 def test_every_local_task_runs_offline_and_include_is_skipped(run):
     result = run["result"]
     assert isinstance(result, DownstreamResult)
-    expected = {ref.name for name in LOCAL for ref in downstream.plan(downstream.settings({"tasks": [name]}))}
+    expected = {ref.name for name in LOCAL for ref in downstream.plan(eval_settings({"tasks": [name]}))}
     assert set(result.tasks) == expected and len(expected) == 11 + 6 + 17 + 18
     assert "hub" in result.skipped["include"] and "offline" in result.skipped["include"]
     for name, task in result.tasks.items():
@@ -253,7 +254,7 @@ def test_our_scores_equal_lm_evals_aggregates(run):
 
 def test_cached_baseline_and_noop_patch(run, tiny, data_root, tmp_path):
     cfg = {**run["cfg"], "tasks": ["xcopa", "flores_mt", "flores_ppl"], "langs": ["id", "ja", "th"]}
-    evaluator = downstream.DownstreamEvaluator(tiny, cfg, data_root, run["store"])
+    evaluator = downstream.DownstreamEvaluator(tiny, eval_settings(cfg), data_root, run["store"])
     assert evaluator.unpatched_cached and all(evaluator.unpatched_cached.values())
     noop = PatchSpec.from_config({"neuron_set": "lape"}, parse_factor(1), "id")
     result, _ = evaluator.score(synthetic_artifact(tiny, list(data.LANG_ORDER)), noop)
@@ -265,14 +266,14 @@ def test_cached_baseline_and_noop_patch(run, tiny, data_root, tmp_path):
             # the cached baseline was scored in other batches (all tasks at once): fp32 noise only
             assert cell.delta == pytest.approx(0, abs=1e-4), (name, metric, cell)
     # a different limit is a different baseline
-    other = downstream.DownstreamEvaluator(tiny, {**cfg, "tasks": ["xcopa"], "langs": ["id"], "limit": 3}, data_root,
+    other = downstream.DownstreamEvaluator(tiny, eval_settings({**cfg, "tasks": ["xcopa"], "langs": ["id"], "limit": 3}), data_root,
                                            run["store"])
     assert other.unpatched_cached == {"xcopa_local_id": False}
 
 
 def test_translation_scores_do_not_depend_on_batch_size(tiny, data_root):
     cfg = {"tasks": ["flores_mt"], "langs": ["fr", "ja", "th", "zh"], "limit": 4}
-    runs = {bs: downstream.DownstreamEvaluator(tiny, {**cfg, "batch_size": bs}, data_root, None) for bs in (1, 8)}
+    runs = {bs: downstream.DownstreamEvaluator(tiny, eval_settings({**cfg, "batch_size": bs}), data_root, None) for bs in (1, 8)}
     assert runs[1].lm.batch_size == 1 and runs[8].lm.batch_size == 8
     for ref in runs[1].refs:
         one, eight = runs[1].unpatched[ref.name], runs[8].unpatched[ref.name]
@@ -296,7 +297,7 @@ def test_translation_scores_do_not_depend_on_batch_size(tiny, data_root):
 ])
 def test_settings_errors_are_one_line(cfg, needle):
     with pytest.raises(UserError) as err:
-        downstream.settings(cfg)
+        eval_settings(cfg)
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
@@ -310,9 +311,9 @@ def test_eval_config_group_composes():
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         default = compose("config", overrides=[("" if has_eval else "+") + "eval=default"])
         full = compose("config", overrides=[("" if has_eval else "+") + "eval=full"])
-    s = downstream.settings(default.eval)
+    s = eval_settings(default.eval)
     assert s.families == tuple(TASK_FAMILIES) and s.limit == 100 and s.mt_prompt == "untargeted"
-    assert downstream.settings(full.eval).limit is None
+    assert eval_settings(full.eval).limit is None
 
 
 def test_matrices_from_a_sweep(run, tmp_path):

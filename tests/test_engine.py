@@ -8,13 +8,12 @@ import dataclasses
 from collections import Counter
 
 import torch
-from omegaconf import OmegaConf
-
 from conftest import load_tiny
+
 from lsn_exp import REPO_ROOT, downstream, generate, identify, lss
 from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.engine import HFEngine, engine_of
-from lsn_exp.settings import generate_settings
+from lsn_exp.settings import eval_settings, generate_settings, identify_settings, lss_settings
 from lsn_exp.specs import PatchSpec
 
 IDENTIFY = {"languages": ["en", "fr", "ja"], "split": "dev", "max_tokens": 300, "n_stat_sentences": 8,
@@ -43,11 +42,11 @@ class CountingEngine(HFEngine):
 
 def run_stages(handle, data_root, tmp_path) -> dict:
     """Identification, LSS toward fr, XCOPA under the same patch and generation, on ``handle``."""
-    artifact = identify.build(OmegaConf.create(IDENTIFY), handle, data_root, ArtifactStore(tmp_path), seed=0).artifact
+    artifact = identify.build(identify_settings(IDENTIFY), handle, data_root, ArtifactStore(tmp_path), seed=0).artifact
     spec = PatchSpec("fr", op="set", source="pmax")
-    scored = lss.LssEvaluator(handle, {"n_facts": 3, "sources": ["en", "ja"], "bootstrap": 0}, data_root,
+    scored = lss.LssEvaluator(handle, lss_settings({"n_facts": 3, "sources": ["en", "ja"], "bootstrap": 0}), data_root,
                               None).score(artifact, spec)
-    tasks, _ = downstream.DownstreamEvaluator(handle, {"tasks": ["xcopa"], "langs": ["id"], "limit": 4}, data_root,
+    tasks, _ = downstream.DownstreamEvaluator(handle, eval_settings({"tasks": ["xcopa"], "langs": ["id"], "limit": 4}), data_root,
                                               None).score(artifact, spec)
     settings = generate_settings({"sources": ["en"], "n_prompts": 2, "max_new_tokens": 4})
     summary, rows = generate.steering(handle, generate.prompt_sets(settings, data_root), "fr", settings,

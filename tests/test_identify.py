@@ -8,11 +8,11 @@ import shutil
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from lsn_exp import identify
 from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.record import Recording
+from lsn_exp.settings import eval_settings, identify_settings, lss_settings
 
 
 def hand_recording() -> Recording:
@@ -80,7 +80,7 @@ def test_baseline_is_always_active_and_jaccard_is_symmetric():
 def _identify_cfg(**overrides):
     base = {"languages": ["en", "fr", "ja"], "split": "dev", "max_tokens": 600, "n_stat_sentences": 10,
             "prefix": "auto", "top_rate": 0.05, "filter_rate": 0.95, "bar_rate": 0.95, "batch_size": 8}
-    return OmegaConf.create({**base, **overrides})
+    return identify_settings({**base, **overrides})
 
 
 def test_artifact_cache_reuses_recomputes_on_key_change_and_recovers_from_damage(tiny, data_root, tmp_path):
@@ -109,8 +109,9 @@ def test_artifact_key_is_builds_key_computed_without_recording(tiny, data_root, 
 def test_cache_keys_hold_dtype_device_and_code_versions(tiny, data_root, tmp_path, monkeypatch):
     """An fp32 CPU recording is never reused by a bf16 job, and a change of recording or selection code
     (its version constant) records or selects again."""
-    from lsn_exp import record
     from conftest import load_tiny
+
+    from lsn_exp import record
 
     store = ArtifactStore(tmp_path)
     cfg = _identify_cfg(languages=["en", "fr"], max_tokens=300)
@@ -133,10 +134,10 @@ def test_cache_keys_hold_dtype_device_and_code_versions(tiny, data_root, tmp_pat
 def test_lss_and_downstream_unpatched_keys_hold_dtype_device_and_version(tiny, data_root):
     from lsn_exp import downstream, lss
 
-    evaluator = lss.LssEvaluator(tiny, {"n_facts": 2, "sources": ["en"]}, data_root, None)
+    evaluator = lss.LssEvaluator(tiny, lss_settings({"n_facts": 2, "sources": ["en"]}), data_root, None)
     spec = evaluator.unpatched.spec("en", "fr")
     assert (spec["dtype"], spec["device"], spec["lss_version"]) == ("torch.float32", "cpu", lss.LSS_VERSION)
-    task_eval = downstream.DownstreamEvaluator(tiny, {"tasks": ["xcopa"], "langs": ["id"], "limit": 2}, data_root,
+    task_eval = downstream.DownstreamEvaluator(tiny, eval_settings({"tasks": ["xcopa"], "langs": ["id"], "limit": 2}), data_root,
                                                None)
     spec = downstream.unpatched_spec(tiny, task_eval.refs[0], task_eval.root, task_eval.settings)
     assert (spec["dtype"], spec["device"], spec["version"]) == ("torch.float32", "cpu", downstream.DOWNSTREAM_VERSION)

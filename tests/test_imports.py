@@ -122,3 +122,40 @@ def test_validation_and_report_load_neither_torch_transformers_nor_lm_eval(modul
     assert out.returncode == 0, out.stderr[-3000:]
     heavy = ast.literal_eval(out.stdout.strip().splitlines()[-1])
     assert heavy == [], f"lsn_exp.{module} imports {sorted({m.split('.')[0] for m in heavy})}: {heavy[:10]}"
+
+
+STAGE_MODULES = ("identify", "lss", "downstream", "generate", "compare", "search", "job")
+PARSERS = {"identify_settings", "lss_settings", "eval_settings", "generate_settings", "compare_settings",
+           "factor_search_settings", "parse_job", "plain", "with_defaults", "to_container"}
+
+
+def settings_parsed_in(path: Path) -> list[str]:
+    """Where a module calls a settings parser or names DictConfig: each ``line: name``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        name = None
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            name = name if name in PARSERS else None
+        elif isinstance(node, (ast.Name, ast.Attribute)) and (getattr(node, "id", None) or node.attr) == "DictConfig":
+            name = "DictConfig"
+        elif isinstance(node, ast.ImportFrom) and any(alias.name == "DictConfig" for alias in node.names):
+            name = "DictConfig"
+        if name:
+            found.append(f"{path.name}:{node.lineno}: {name}")
+    return sorted(found, key=lambda hit: int(hit.split(":")[1]))
+
+
+def test_settings_are_parsed_once_and_stages_take_them_typed():
+    """preflight.validate parses the config once into JobSettings; no stage parses a config node again."""
+    found = [hit for module in STAGE_MODULES for hit in settings_parsed_in(PACKAGE / f"{module}.py")]
+    allowed = [hit for hit in found if hit.startswith("job.py") and hit.endswith("DictConfig")]  # run_job's input
+    assert sorted(set(found) - set(allowed)) == [] and len(allowed) <= 4
+
+
+def test_the_settings_walk_sees_parser_calls(tmp_path):
+    module = tmp_path / "stage.py"
+    module.write_text("from omegaconf import DictConfig\n\n\ndef f(cfg: DictConfig):\n    return settings.lss_settings(cfg)\n")
+    assert settings_parsed_in(module) == ["stage.py:1: DictConfig", "stage.py:4: DictConfig",
+                                          "stage.py:5: lss_settings"]

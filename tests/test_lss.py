@@ -7,6 +7,7 @@ import contextlib
 import csv
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.errors import UserError
 from lsn_exp.patch import Patch
 from lsn_exp.results import FactorSearchResult, LssCell, LssMatrix, LssResult
-from lsn_exp.settings import default_tol, lss_settings
+from lsn_exp.settings import default_tol, factor_search_settings, lss_settings
 from lsn_exp.specs import PatchSpec
 
 SOURCES = ["en", "ja", "th"]  # a spaced language and two written without spaces before the object
@@ -213,7 +214,7 @@ def test_paper_format_requests_put_a_space_before_the_object_where_ours_do_not(t
     docs = data.lss_docs(data_root, "ja", 3)
     assert all(c == " " + o.lstrip() and not o.startswith(" ") for d in docs
                for c, o in zip(d["paper_choices"], d["choices"]))
-    evaluator = lss.LssEvaluator(tiny, {"n_facts": 3, "sources": ["en", "ja"]}, data_root, None)
+    evaluator = lss.LssEvaluator(tiny, lss_settings({"n_facts": 3, "sources": ["en", "ja"]}), data_root, None)
     keep, plain, _ = evaluator._requests_toward("fr")
     facts = data.sample_facts(data.read_mlama(data_root).facts, 3, 0)
     ours = [(facts[i].prompts[s], facts[i].continuation(s, o)) for s in ("en", "ja") for i in keep[s] for o in (s, "fr")]
@@ -256,7 +257,7 @@ def logprob(handle, prompt: str, continuation: str) -> float:
 
 def test_three_hand_made_facts_match_lss_computed_by_hand(tiny, artifact, hand_root):
     langs = ["en", "fr", "ja"]
-    cfg = {"n_facts": "all", "sources": langs, "targets": langs, "bootstrap": 200, "batch_size": 4}
+    cfg = lss_settings({"n_facts": "all", "sources": langs, "targets": langs, "bootstrap": 200, "batch_size": 4})
     spec_for = lambda t: PatchSpec(t, op="mul", value=8.0)  # noqa: E731
     result = lss.lss_matrix(tiny, artifact, spec_for, cfg, hand_root, store=None)
     assert isinstance(result, LssMatrix)
@@ -302,14 +303,14 @@ NOOPS = [PatchSpec("x", op="mul", value=1.0),  # installs nothing
 
 def test_noop_patch_gives_lss_zero_everywhere_with_the_cached_baseline(tiny, artifact, data_root, tmp_path):
     store = ArtifactStore(tmp_path)
-    cfg = {"n_facts": 4, "sources": SOURCES, "targets": SOURCES, "bootstrap": 100}
-    first = lss.LssEvaluator(tiny, {**cfg, "batch_size": 16}, data_root, store)
+    cfg = lss_settings({"n_facts": 4, "sources": SOURCES, "targets": SOURCES, "bootstrap": 100})
+    first = lss.LssEvaluator(tiny, replace(cfg, batch_size=16), data_root, store)
     first.unpatched.ensure(["en"])  # a job toward en: the en column and each source's own
     assert first.unpatched.cached == {s: False for s in SOURCES}
     assert len(list((tmp_path / lss.UNPATCHED_KIND).glob("*/meta.json"))) == 5  # en<-en, ja<-en/ja, th<-en/th
     assert np.isnan(first.unpatched.columns["en"][:, data.LSS_LANGS.index("ja")]).all()
     first.unpatched.ensure(SOURCES)
-    cached = lss.LssEvaluator(tiny, {**cfg, "batch_size": 3}, data_root, store)  # another batch layout
+    cached = lss.LssEvaluator(tiny, replace(cfg, batch_size=3), data_root, store)  # another batch layout
     cached.unpatched.ensure(SOURCES)
     assert cached.unpatched.cached == {s: True for s in SOURCES}
     for s in SOURCES:
@@ -325,9 +326,9 @@ def test_noop_patch_gives_lss_zero_everywhere_with_the_cached_baseline(tiny, art
 
 
 def test_batch_size_1_and_16_differ_only_within_the_tolerance(tiny, artifact, data_root):
-    cfg = {"n_facts": 5, "sources": SOURCES, "bootstrap": 0}
-    one = lss.LssEvaluator(tiny, {**cfg, "batch_size": 1}, data_root, store=None)
-    sixteen = lss.LssEvaluator(tiny, {**cfg, "batch_size": 16}, data_root, store=None)
+    cfg = lss_settings({"n_facts": 5, "sources": SOURCES, "bootstrap": 0})
+    one = lss.LssEvaluator(tiny, replace(cfg, batch_size=1), data_root, store=None)
+    sixteen = lss.LssEvaluator(tiny, replace(cfg, batch_size=16), data_root, store=None)
     tol = one.settings.tol
     for evaluator in (one, sixteen):
         evaluator.unpatched.ensure(data.LSS_LANGS)
@@ -359,15 +360,16 @@ SEARCH_CFG = {"n_facts": 10, "bootstrap": 50, "search": {
     "n_facts": 3, "sources": ["en", "ja"], "targets": ["en", "ja"],
     "grid": [{"name": "x5", "factor": 5}, {"name": "set0", "op": "set", "value": 0.0},
              {"name": "pmax", "factor": "pmax"}, {"name": "noop", "factor": 1}]}}
+SEARCH = factor_search_settings(SEARCH_CFG)
 
 
 def test_factor_search_ranks_the_grid_and_saves_the_best(tiny, artifact, data_root, tmp_path):
     store = ArtifactStore(tmp_path / "cache")
     lape = {"neuron_set": "lape"}
     with pytest.raises(UserError, match="run `python -m lsn_exp stage=factor_search model=tiny` first"):
-        search.resolve_best(tiny.identity, store, lape, SEARCH_CFG, "neurons", "python -m lsn_exp stage="
+        search.resolve_best(tiny.identity, store, lape, SEARCH, "neurons", "python -m lsn_exp stage="
                             "factor_search model=tiny")
-    out, matrices = search.factor_search(tiny, artifact, lape, SEARCH_CFG, data_root, store, artifact_key="neurons")
+    out, matrices = search.factor_search(tiny, artifact, lape, SEARCH, data_root, store, artifact_key="neurons")
     assert isinstance(out, FactorSearchResult) and list(matrices) == ["x5", "set0", "pmax", "noop"]
     for name, matrix in matrices.items():  # what the factor_search job step writes (lsn_exp.job)
         assert isinstance(matrix, LssMatrix)
@@ -384,7 +386,7 @@ def test_factor_search_ranks_the_grid_and_saves_the_best(tiny, artifact, data_ro
     assert len(searched) == 3 and not searched & reported  # the scored facts, not only the label, are disjoint
     table = (tmp_path / "factor_ranking.csv").read_text()
     assert "disjoint from the 10-fact reporting sample" in table and "mean_offdiag_lss_paper" in table
-    (patch_cfg, factor), _ = search.resolve_best(tiny.identity, store, lape, SEARCH_CFG, "neurons", "")
+    (patch_cfg, factor), _ = search.resolve_best(tiny.identity, store, lape, SEARCH, "neurons", "")
     spec = PatchSpec.from_config(patch_cfg, factor, "ja")
     assert spec == search.entry_spec(out.best["entry"], lape, "ja")
 
@@ -401,15 +403,16 @@ def test_factor_best_never_resolves_a_search_run_with_other_settings(change, tin
 
     store = ArtifactStore(tmp_path)
     lape = {"neuron_set": "lape"}
-    search.factor_search(tiny, artifact, lape, SEARCH_CFG, data_root, store, artifact_key="neurons")
-    patch_cfg = OmegaConf.merge(lape, change.get("patch", {}))
+    search.factor_search(tiny, artifact, lape, SEARCH, data_root, store, artifact_key="neurons")
+    patch_cfg = OmegaConf.to_container(OmegaConf.merge(lape, change.get("patch", {})))
     lss_cfg = OmegaConf.merge(SEARCH_CFG, change.get("lss", {}))
     if "grid" in str(change):
         lss_cfg.search.grid = change["lss"]["search"]["grid"]
     identity = {**tiny.identity, **change.get("model", {})}
     with pytest.raises(UserError, match="no factor search matches"):
-        search.resolve_best(identity, store, patch_cfg, lss_cfg, change.get("neurons", "neurons"), "")
-    search.resolve_best(tiny.identity, store, lape, SEARCH_CFG, "neurons", "")  # the search's own settings do
+        search.resolve_best(identity, store, patch_cfg, factor_search_settings(lss_cfg), change.get("neurons", "neurons"),
+                            "")
+    search.resolve_best(tiny.identity, store, lape, SEARCH, "neurons", "")  # the search's own settings do
 
 
 def test_search_sample_is_disjoint_from_the_reporting_sample(data_root):
@@ -425,7 +428,7 @@ def test_search_sample_is_disjoint_from_the_reporting_sample(data_root):
 
 
 def test_matrix_outputs_and_user_errors(tiny, artifact, data_root, tmp_path):
-    cfg = {"n_facts": 2, "sources": ["en", "fr"], "targets": ["fr"], "bootstrap": 20}
+    cfg = lss_settings({"n_facts": 2, "sources": ["en", "fr"], "targets": ["fr"], "bootstrap": 20})
     result = lss.lss_matrix(tiny, artifact, lambda t: PatchSpec(t, op="mul", value=5.0), cfg, data_root, None)
     assert isinstance(result, LssMatrix)
     tables, images = outputs.lss_matrix_files(result, tmp_path, "tiny x5")
@@ -503,7 +506,7 @@ def test_bf16_noop_is_exactly_zero_with_the_paired_layout(data_root, tmp_path):
     handle.model.to(torch.bfloat16)
     store = ArtifactStore(tmp_path)
     art = synthetic_artifact(handle, list(data.LSS_LANGS))
-    cfg = {"n_facts": 4, "sources": SOURCES, "targets": ["en", "ja"], "bootstrap": 0}
+    cfg = lss_settings({"n_facts": 4, "sources": SOURCES, "targets": ["en", "ja"], "bootstrap": 0})
     evaluator = lss.LssEvaluator(handle, cfg, data_root, store)
     assert evaluator.paired_layout()
     noop = lss.lss_matrix(handle, art, lambda t: PatchSpec(t, op="mul", value=1.0), cfg, data_root, store,
@@ -532,7 +535,7 @@ def bf16_dead(data_root, tmp_path_factory):
     handle.model.to(torch.bfloat16)
     shape = (len(data.LSS_LANGS), handle.adapter.n_layers, handle.adapter.d_ff)
     lape = torch.rand(shape, generator=torch.Generator().manual_seed(0)) < 0.03
-    cfg = {"n_facts": 8, "sources": SOURCES, "targets": ["ja"], "bootstrap": 0}
+    cfg = lss_settings({"n_facts": 8, "sources": SOURCES, "targets": ["ja"], "bootstrap": 0})
     evaluator = lss.LssEvaluator(handle, cfg, data_root, ArtifactStore(tmp_path_factory.mktemp("bf16_store")))
     with noops.dead_neurons(handle, lape, data.LSS_LANGS) as art:
         yield evaluator, art

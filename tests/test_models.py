@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import FAMILY_ARCH, load_tiny
 from omegaconf import OmegaConf
 
 from lsn_exp import CONF_DIR, models
 from lsn_exp.errors import UserError
-from conftest import FAMILY_ARCH, load_tiny
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_ARCH))
@@ -81,12 +81,12 @@ def _cache_keys(handle, data_root) -> dict:
     """The key of every 16-bit-sensitive cache entry a job writes: recordings, LSS, downstream and generation."""
     from lsn_exp import downstream, generate, identify, lss
     from lsn_exp.artifacts import key_of
-    from lsn_exp.settings import eval_settings, generate_settings, identify_settings
+    from lsn_exp.settings import eval_settings, generate_settings, identify_settings, lss_settings
 
     settings = identify_settings(OmegaConf.merge(OmegaConf.load(CONF_DIR / "identify" / "lape.yaml"),
                                                  {"languages": ["en", "fr"]}))
     evaluated = eval_settings({"tasks": ["xcopa"], "limit": 2})
-    scores = lss.LssEvaluator(handle, {"n_facts": 2, "sources": ["en"]}, data_root, None).unpatched
+    scores = lss.LssEvaluator(handle, lss_settings({"n_facts": 2, "sources": ["en"]}), data_root, None).unpatched
     return {"recording": key_of(identify.recording_plan(settings, handle, data_root)[2]["en"]),
             "lss": key_of(scores.spec("en", "fr")),
             "downstream": key_of(downstream.unpatched_spec(handle, downstream.plan(evaluated)[0], data_root,

@@ -74,16 +74,16 @@ def test_a_best_cell_reruns_when_a_new_winner_is_stored(tmp_path):
 
 def test_the_job_records_the_winner_factor_best_resolved_to(tmp_path, tiny):
     from lsn_exp.job import JobContext
-    from lsn_exp.specs import parse_factor
+    from lsn_exp.settings import parse_job
 
     cfg = composed("lang=fr", "factor=best")
     store = ArtifactStore(tmp_path / "store")
-    store_winner(store, search_key(tiny.identity, "neurons-key", cfg.patch, cfg.lss), {"factor": 3})
-    ctx = JobContext(cfg=cfg, factor=parse_factor("best"), run_dir=tmp_path, data_root=None, model_handle=tiny,
-                     store=store, artifact_key="neurons-key")
+    job = parse_job(cfg)
+    store_winner(store, search_key(tiny.identity, "neurons-key", job.config["patch"], job.factor_search), {"factor": 3})
+    ctx = JobContext(settings=job, run_dir=tmp_path, model_handle=tiny, store=store, artifact_key="neurons-key")
     assert ctx.intervention("fr").patch.describe().startswith("fr:lape:mul=3")
     assert ctx.winners["fr"]["kind"] == BEST_FACTOR_KIND and ctx.winners["fr"]["winner"] == {"factor": 3}
     with pytest.raises(Exception, match="no factor search matches.*run `python -m lsn_exp stage=factor_search "
                        "model=tiny`"):
-        JobContext(cfg=cfg, factor=parse_factor("best"), run_dir=tmp_path, data_root=None, model_handle=tiny,
-                   store=store, artifact_key="other", overrides=("model=tiny", "factor=best")).intervention("fr")
+        JobContext(settings=job, run_dir=tmp_path, model_handle=tiny, store=store, artifact_key="other",
+                   overrides=("model=tiny", "factor=best")).intervention("fr")

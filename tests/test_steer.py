@@ -9,6 +9,7 @@ from conftest import load_tiny
 from lsn_exp import identify, neuronset
 from lsn_exp.artifacts import ArtifactStore
 from lsn_exp.errors import UserError
+from lsn_exp.settings import identify_settings, lss_settings
 from lsn_exp.specs import Intervention, PatchSpec, SteerSpec
 from lsn_exp.steer import intervene, steering_vectors
 
@@ -22,12 +23,9 @@ def handle():
 
 @pytest.fixture(scope="module")
 def artifact(handle, data_root, tmp_path_factory):
-    from omegaconf import OmegaConf
 
-    from lsn_exp import CONF_DIR
 
-    cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "identify" / "lape.yaml"),
-                          {"languages": LANGS, "max_tokens": 400, "n_stat_sentences": 5})
+    cfg = identify_settings({"languages": LANGS, "max_tokens": 400, "n_stat_sentences": 5})
     store = ArtifactStore(tmp_path_factory.mktemp("store"))
     return identify.build(cfg, handle, data_root, store, seed=0).artifact
 
@@ -198,7 +196,7 @@ def test_a_prompt_baseline_scores_prefixed_prompts_against_the_plain_unpatched_o
 
     from lsn_exp import data, lmeval, lss
 
-    evaluator = lss.LssEvaluator(handle, {"n_facts": 4, "sources": ["en", "fr"]}, data_root, None)
+    evaluator = lss.LssEvaluator(handle, lss_settings({"n_facts": 4, "sources": ["en", "fr"]}), data_root, None)
     prefix = data.prompt_prefix("priming", "ja", data_root)
     spec = Intervention(PatchSpec("ja", op="mul", value=1.0), prompt="priming", prefix=prefix)
     shifts, summary, _, _ = evaluator.deltas(artifact, spec)
