@@ -35,20 +35,20 @@ from omegaconf import OmegaConf
 from roofline import ScoringWork
 
 from lsn_exp import CONF_DIR, data, lss, models
-from lsn_exp.artifacts import ArtifactStore
+from lsn_exp.cache import CacheStore
 from lsn_exp.forkmap import processes_for
-from lsn_exp.neuronset import NeuronArtifact
+from lsn_exp.neuronset import NeuronSet
 from lsn_exp.patch import Patch
 from lsn_exp.settings import lss_settings
 from lsn_exp.specs import PatchSpec, parse_factor
 
 
-def synthetic_artifact(handle, per_lang: float, seed: int = 0) -> NeuronArtifact:
+def synthetic_artifact(handle, per_lang: float, seed: int = 0) -> NeuronSet:
     gen = torch.Generator().manual_seed(seed)
     shape = (len(data.LSS_LANGS), handle.adapter.n_layers, handle.adapter.d_ff)
     masks = {name: torch.rand(shape, generator=gen) < per_lang for name in ("lape", "baseline", "random")}
     p_max = torch.rand(shape, generator=gen) + 0.5
-    return NeuronArtifact(list(data.LSS_LANGS), masks, p_max, p_max / 3, torch.rand(shape, generator=gen),
+    return NeuronSet(list(data.LSS_LANGS), masks, p_max, p_max / 3, torch.rand(shape, generator=gen),
                           meta={"synthetic": True})
 
 
@@ -143,7 +143,7 @@ def main() -> None:
           f"facts={args.n_facts} langs={len(langs)} factor={factor} batch_size={args.batch_size}")
 
     with tempfile.TemporaryDirectory() as cache:
-        store = ArtifactStore(Path(cache))
+        store = CacheStore(Path(cache))
         roofline_run(handle, artifact, spec_for(args.roofline_target), cfg, store)
         handle.scoring_processes = processes_for(args.processes, handle.device)
         if args.only_roofline:

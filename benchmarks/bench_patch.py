@@ -23,7 +23,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lsn_exp.models import ModelHandle, load
-from lsn_exp.neuronset import NeuronArtifact
+from lsn_exp.neuronset import NeuronSet
 from lsn_exp.patch import Patch
 from lsn_exp.specs import PatchSpec
 
@@ -31,17 +31,17 @@ REPO = Path(__file__).resolve().parents[1]
 LANGS = ["en", "id"]
 
 
-def synthetic_artifact(handle: ModelHandle, rate: float, seed: int = 0) -> NeuronArtifact:
+def synthetic_artifact(handle: ModelHandle, rate: float, seed: int = 0) -> NeuronSet:
     """About ``rate`` of each layer's neurons per language (LAPE sets are ~1%); p_max > p_median > 0."""
     shape = (len(LANGS), handle.adapter.n_layers, handle.adapter.d_ff)
     gen = torch.Generator().manual_seed(seed)
     mask = torch.rand(shape, generator=gen) < rate
     p_max = torch.rand(shape, generator=gen) + 0.5
-    return NeuronArtifact(languages=LANGS, masks={"lape": mask, "baseline": mask, "random": mask}, p_max=p_max,
+    return NeuronSet(languages=LANGS, masks={"lape": mask, "baseline": mask, "random": mask}, p_max=p_max,
                           p_median=p_max / 2, activation_prob=torch.rand(shape, generator=gen), meta={})
 
 
-def variants(handle: ModelHandle, artifact: NeuronArtifact) -> dict[str, object]:
+def variants(handle: ModelHandle, artifact: NeuronSet) -> dict[str, object]:
     """name -> a context manager factory; the first is the baseline."""
     def patch(spec: PatchSpec, **kwargs):
         return lambda: Patch(handle, artifact, spec, **kwargs)

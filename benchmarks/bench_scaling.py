@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from roofline import bench_parser
 
 from lsn_exp import CONF_DIR, data, lss, models
-from lsn_exp.artifacts import ArtifactStore
+from lsn_exp.cache import CacheStore
 from lsn_exp.forkmap import processes_for
 from lsn_exp.record import language_stats, prefix_token
 from lsn_exp.settings import lss_settings
@@ -58,7 +58,7 @@ def matrix_points(handle, langs: list[str], facts: int) -> list[tuple[float, flo
     for scale in (1, 2, 4):
         cfg = lss_settings({"n_facts": facts * scale, "sources": langs, "targets": langs, "bootstrap": 0})
         with tempfile.TemporaryDirectory() as cache:
-            store = ArtifactStore(Path(cache))
+            store = CacheStore(Path(cache))
             start = time.perf_counter()
             evaluator = lss.LssEvaluator(handle, cfg, None, store)  # lm-eval task building: a fixed cost
             setup = time.perf_counter() - start

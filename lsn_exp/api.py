@@ -45,15 +45,15 @@ def handle(model, tokenizer=None, name: str | None = None):
 
 
 def store(model_handle, cache_dir: str | None = None):
-    from lsn_exp.artifacts import ArtifactStore
+    from lsn_exp.cache import CacheStore
 
-    return ArtifactStore.for_model(model_handle.name, cache_dir)
+    return CacheStore.for_model(model_handle.name, cache_dir)
 
 
 def identify(model, tokenizer, texts: str | dict[str, list[str]] = "flores", *, languages: list[str] | None = None,
              data_root: str | Path | None = None, cache_dir: str | None = None, seed: int = 0, force: bool = False,
              **settings):
-    """LAPE, baseline and random neuron sets with p_max / p_median and DiffMean vectors (a NeuronArtifact).
+    """LAPE, baseline and random neuron sets with p_max / p_median and DiffMean vectors (a NeuronSet).
 
     ``texts``: "flores" (FLORES-200 ``split`` of ``languages``, default the paper's 18) or {language: sentences}."""
     from lsn_exp import identify as identify_stage

@@ -12,7 +12,7 @@ The local tasks live in lsn_exp/tasks/ and read the data root (TaskManager metad
 A job scores the patched model on the selected tasks and reports, per task and metric, a MetricDelta
 (lsn_exp.metrics.paired_delta); the DownstreamResult summarises self vs cross-language deltas.
 
-The unpatched model's per-document outputs are cached in the ArtifactStore once per (model, task, limit,
+The unpatched model's per-document outputs are cached in the CacheStore once per (model, task, limit,
 split, prompt, task files and data files, versions) and reused by every patch. No lm-eval response cache
 is used (``lmeval.run_tasks``): a cached response would belong to whatever patch was active when it was
 written.
@@ -47,9 +47,9 @@ from lsn_exp.taskindex import TASK_FAMILIES, TaskFamily
 from lsn_exp.tracking import provenance
 
 if TYPE_CHECKING:
-    from lsn_exp.artifacts import ArtifactStore
+    from lsn_exp.cache import CacheStore
     from lsn_exp.models import ModelHandle
-    from lsn_exp.neuronset import NeuronArtifact
+    from lsn_exp.neuronset import NeuronSet
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class DownstreamEvaluator:
     """One LM and TaskManager for a model; the unpatched outputs loaded (or computed and cached) once;
     ``score(artifact, spec)`` runs the selected tasks under the patch and compares."""
 
-    def __init__(self, handle: ModelHandle, settings: EvalSettings, data_root, store: ArtifactStore | None):
+    def __init__(self, handle: ModelHandle, settings: EvalSettings, data_root, store: CacheStore | None):
         self.handle, self.store = handle, store
         self.settings = replace(settings, batch_size=settings.batch_size or handle.batch_size)
         self.root = data.resolve_root(data_root)
@@ -306,7 +306,7 @@ class DownstreamEvaluator:
     def data_files(self) -> list[Path]:
         return sorted({p for r in self.refs for p in _data_files(r, self.root, self.settings)})
 
-    def score(self, artifact: NeuronArtifact | None,
+    def score(self, artifact: NeuronSet | None,
               spec: PatchSpec | Intervention | None) -> tuple[DownstreamResult, list]:
         """Every selected task under the engine's ``intervene(artifact, spec)`` (spec None: unpatched) vs the unpatched
         outputs; also the MT output rows (outputs.MT_OUTPUT_FIELDS)."""
@@ -345,9 +345,9 @@ class DownstreamEvaluator:
                          bleu_tokenizer=metrics.bleu_tokenizer(ref.lang) if ref.family.kind == "mt" else None)
 
 
-def evaluate_downstream(handle: ModelHandle, artifact: NeuronArtifact | None,
+def evaluate_downstream(handle: ModelHandle, artifact: NeuronSet | None,
                         patch_spec: PatchSpec | Intervention | None, settings: EvalSettings,
-                        data_root, store: ArtifactStore | None) -> tuple[DownstreamResult, list, list[Path]]:
+                        data_root, store: CacheStore | None) -> tuple[DownstreamResult, list, list[Path]]:
     """A job: the patched model on ``eval.tasks`` for every task language, against the (cached) unpatched
     model. Returns the result, the MT output rows and the data files read."""
     evaluator = DownstreamEvaluator(handle, settings, data_root, store)

@@ -25,7 +25,7 @@ from lsn_exp.steer import intervene
 
 if TYPE_CHECKING:
     from lsn_exp.models import ModelHandle
-    from lsn_exp.neuronset import NeuronArtifact
+    from lsn_exp.neuronset import NeuronSet
     from lsn_exp.specs import Intervention, PatchSpec
 
 NLL_ROWS = 16  # continuations scored per forward in continuation_nll
@@ -45,7 +45,7 @@ class Engine(Protocol):
     def record(self, sentences: list[str], max_tokens: int | None, n_stat: int, prefix: Prefix, batch_size: int,
                desc: str = "record", progress: RecordingBar | None = None) -> dict[str, torch.Tensor]: ...
 
-    def intervene(self, artifact: NeuronArtifact, spec: PatchSpec | Intervention) -> ContextManager: ...
+    def intervene(self, artifact: NeuronSet, spec: PatchSpec | Intervention) -> ContextManager: ...
 
 
 @dataclass(frozen=True)
@@ -124,5 +124,5 @@ class HFEngine:
                desc: str = "record", progress: RecordingBar | None = None) -> dict[str, torch.Tensor]:
         return language_stats(self.handle, sentences, max_tokens, n_stat, prefix, batch_size, desc, progress)
 
-    def intervene(self, artifact: NeuronArtifact, spec: PatchSpec | Intervention) -> ContextManager:
+    def intervene(self, artifact: NeuronSet, spec: PatchSpec | Intervention) -> ContextManager:
         return intervene(self.handle, artifact, spec)

@@ -16,11 +16,11 @@ import torch
 from omegaconf import OmegaConf
 
 from lsn_exp import CONF_DIR, data, models, outputs, record
-from lsn_exp.artifacts import ArtifactStore, key_of
+from lsn_exp.cache import CacheStore, key_of
 from lsn_exp.engine import engine_of
 from lsn_exp.files import sha256_file
 from lsn_exp.models import device_key
-from lsn_exp.neuronset import NeuronArtifact, artifact_from_tensors, artifact_to_tensors
+from lsn_exp.neuronset import NeuronSet, artifact_from_tensors, artifact_to_tensors
 from lsn_exp.record import Recording, RecordingBar, prefix_token, stack_languages
 from lsn_exp.settings import IdentifySettings
 
@@ -73,13 +73,13 @@ def random_masks(reference: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def identify(recording: Recording, top_rate: float, filter_rate: float, bar_rate: float,
-             seed: int) -> NeuronArtifact:
+             seed: int) -> NeuronSet:
     prob = activation_probability(recording)
     lape, thresholds = lape_masks(prob, top_rate, filter_rate, bar_rate)
     masks = {"lape": lape, "baseline": recording.always_active.clone(), "random": random_masks(lape, seed)}
     meta = {"thresholds": thresholds, "rates": {"top": top_rate, "filter": filter_rate, "bar": bar_rate},
             "seed": seed, "tokens": recording.tokens.tolist(), "sentences": recording.sentences.tolist()}
-    return NeuronArtifact(languages=list(recording.languages), masks=masks, p_max=recording.p_max,
+    return NeuronSet(languages=list(recording.languages), masks=masks, p_max=recording.p_max,
                           p_median=recording.p_median, activation_prob=prob, meta=meta,
                           resid_mean=recording.resid_mean, resid_norm=recording.resid_norm)
 
@@ -88,7 +88,7 @@ def identify(recording: Recording, top_rate: float, filter_rate: float, bar_rate
 
 @dataclass(frozen=True)
 class IdentifyResult:
-    artifact: NeuronArtifact
+    artifact: NeuronSet
     recorded: bool  # False when the recording came from the cache
     key: str
     data_files: list
@@ -198,13 +198,13 @@ def jaccard(masks: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))
 
 
-def write_outputs(artifact: NeuronArtifact, out_dir) -> tuple[dict, dict]:
+def write_outputs(artifact: NeuronSet, out_dir) -> tuple[dict, dict]:
     """CSV of neurons per language x layer for each set, a per-layer plot and the LAPE overlap heatmap."""
     per_layer = {name: artifact.counts_per_layer(name).tolist() for name in ("lape", "baseline")}
     return outputs.neuron_tables(artifact.languages, per_layer, jaccard(artifact.masks["lape"]).numpy(), Path(out_dir))
 
 
-def summary(artifact: NeuronArtifact, top_overlaps: int = 5) -> dict:
+def summary(artifact: NeuronSet, top_overlaps: int = 5) -> dict:
     lape = artifact.masks["lape"]
     overlap = jaccard(lape)
     langs = artifact.languages
@@ -226,5 +226,5 @@ def load_with_artifact(model_name: str, identify_overrides: dict | None = None, 
     """(handle, artifact) for a model config with the default identify settings: for scripts and tests."""
     handle = models.load(OmegaConf.load(CONF_DIR / "model" / f"{model_name}.yaml"))
     cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "identify" / "lape.yaml"), identify_overrides or {})
-    store = ArtifactStore.for_model(model_name)
+    store = CacheStore.for_model(model_name)
     return handle, build(cfg, handle, data.resolve_root(None), store, seed=seed).artifact

@@ -1,4 +1,4 @@
-"""One job: cfg -> settings -> ModelHandle -> NeuronArtifact -> Patch -> typed results -> RunRecord.
+"""One job: cfg -> settings -> ModelHandle -> NeuronSet -> Patch -> typed results -> RunRecord.
 
 A stage is a list of steps; each step reads the job context and returns a StageOutput (typed results,
 tables, images, data files) that the job merges into the run record. The record is saved (atomically)
@@ -27,9 +27,9 @@ from lsn_exp.specs import Intervention
 from lsn_exp.tracking import WANDB_LOGGED, RunRecord, log_to_wandb, provenance
 
 if TYPE_CHECKING:
-    from lsn_exp.artifacts import ArtifactStore
+    from lsn_exp.cache import CacheStore
     from lsn_exp.models import ModelHandle
-    from lsn_exp.neuronset import NeuronArtifact
+    from lsn_exp.neuronset import NeuronSet
 
 log = logging.getLogger(__name__)
 CELL_LOCK = "cell.lock"  # held while a process works on the cell
@@ -66,8 +66,8 @@ class JobContext:
     settings: JobSettings
     run_dir: Path
     model_handle: ModelHandle | None = None
-    store: ArtifactStore | None = None
-    artifact: NeuronArtifact | None = None
+    store: CacheStore | None = None
+    artifact: NeuronSet | None = None
     artifact_key: str | None = None  # the neuron artifact's cache key (factor=best looks the search up by it)
     winners: dict = field(default_factory=dict)  # target -> the factor / method best resolved to (resume.winner)
     overrides: tuple[str, ...] = ()  # the command line's (Launch.overrides): factor=best names its search with them
@@ -89,7 +89,7 @@ class JobContext:
         patch_cfg, steer_cfg, prompt_cfg = job.intervention_config
         factor = job.factor
         if factor.kind == "best":
-            from lsn_exp.search import resolve_best
+            from lsn_exp.factorsearch import resolve_best
 
             (patch_cfg, factor), self.winners[target] = resolve_best(
                 self.model_handle.identity, self.store, patch_cfg, job.factor_search, self.artifact_key,
@@ -98,7 +98,7 @@ class JobContext:
 
 
 def load_model(ctx: JobContext) -> StageOutput:
-    from lsn_exp.artifacts import ArtifactStore
+    from lsn_exp.cache import CacheStore
     from lsn_exp.forkmap import processes_for
 
     job = ctx.settings
@@ -110,7 +110,7 @@ def load_model(ctx: JobContext) -> StageOutput:
     processes = processes_for(job.scoring_processes, models.resolve_device(job.model.device))
     ctx.model_handle = models.load(job.model, job.cache_dir)
     ctx.model_handle.scoring_processes = processes
-    ctx.store = ArtifactStore.for_model(job.model.name, job.cache_dir)
+    ctx.store = CacheStore.for_model(job.model.name, job.cache_dir)
     return StageOutput()
 
 
@@ -150,7 +150,7 @@ def require_winners(ctx: JobContext, artifact_key: str) -> None:
         for each in job.lss.targets if job.stage == "lss_matrix" else (target,):
             compare.best_method(job, ctx.model_handle.identity, ctx.store, artifact_key, each)
     elif job.factor.kind == "best":
-        from lsn_exp.search import resolve_best
+        from lsn_exp.factorsearch import resolve_best
 
         resolve_best(ctx.model_handle.identity, ctx.store, job.config["patch"], job.factor_search, artifact_key,
                      search_command(ctx.overrides))
@@ -205,9 +205,9 @@ def lss_matrix(ctx: JobContext) -> StageOutput:
 
 
 def factor_search(ctx: JobContext) -> StageOutput:
-    from lsn_exp import lss, search
+    from lsn_exp import factorsearch, lss
 
-    result, matrices = search.factor_search(ctx.model_handle, ctx.artifact, ctx.settings.config["patch"],
+    result, matrices = factorsearch.factor_search(ctx.model_handle, ctx.artifact, ctx.settings.config["patch"],
                                             ctx.settings.factor_search, ctx.data_root, ctx.store,
                                             artifact_key=ctx.artifact_key)
     images = {f"factor_search/{name}": outputs.lss_matrix_files(

@@ -54,9 +54,9 @@ from lsn_exp.specs import Intervention, PatchSpec
 from lsn_exp.tracking import provenance
 
 if TYPE_CHECKING:
-    from lsn_exp.artifacts import ArtifactStore
+    from lsn_exp.cache import CacheStore
     from lsn_exp.models import ModelHandle
-    from lsn_exp.neuronset import NeuronArtifact
+    from lsn_exp.neuronset import NeuronSet
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class UnpatchedScores:
     loaded from the artifact cache or scored once (``ensure``: 15 objects share a prompt; benchmarks)."""
 
     def __init__(self, handle: ModelHandle, lm, requests: LssRequests, settings: LssSettings, batch_size: int,
-                 store: ArtifactStore | None, data_files):
+                 store: CacheStore | None, data_files):
         self.handle, self.lm, self.requests, self.settings = handle, lm, requests, settings
         self.batch_size, self.store, self.data_files = batch_size, store, data_files
         self.n = len(requests.fact_ids)
@@ -204,7 +204,7 @@ class LssEvaluator:
     leaves out the first facts of the draw (a compare search's, so its final sample is fresh).
     """
 
-    def __init__(self, handle: ModelHandle, settings: LssSettings, data_root, store: ArtifactStore | None,
+    def __init__(self, handle: ModelHandle, settings: LssSettings, data_root, store: CacheStore | None,
                  sources: tuple[str, ...] | None = None, exclude_n_facts: int | str | None = None,
                  skip_n_facts: int = 0):
         self.handle = handle
@@ -249,7 +249,7 @@ class LssEvaluator:
             lists.append(out)
         return keep, lists[0], lists[1]
 
-    def shifts(self, artifact: NeuronArtifact, spec: PatchSpec | Intervention) -> LssShifts:
+    def shifts(self, artifact: NeuronSet, spec: PatchSpec | Intervention) -> LssShifts:
         """Per source s ≠ t: the shift Δ(patched toward t) − Δ(unpatched) of every sampled fact, ours and in the
         paper's format; the patched requests of all sources go to lm-eval in one batched call."""
         target = spec.target
@@ -282,12 +282,12 @@ class LssEvaluator:
         assert offset == delta.size, (offset, delta.size)
         return out[0], {source: out[1].get(source, out[0][source]) for source in keep}
 
-    def deltas(self, artifact: NeuronArtifact, spec: PatchSpec | Intervention):
+    def deltas(self, artifact: NeuronSet, spec: PatchSpec | Intervention):
         """(our shifts per source, patch summary, patched seconds, requests): ``shifts`` without the paper's."""
         found = self.shifts(artifact, spec)
         return found.ours, found.patch, found.seconds, found.requests
 
-    def score(self, artifact: NeuronArtifact, spec: PatchSpec | Intervention) -> LssResult:
+    def score(self, artifact: NeuronSet, spec: PatchSpec | Intervention) -> LssResult:
         """LSS(s→t) for every source s ≠ t = spec.target, scored under ``engine_of(handle).intervene(artifact, spec)``.
         """
         found, s = self.shifts(artifact, spec), self.settings
@@ -303,14 +303,14 @@ def data_files(data_root) -> list:
     return list(data.read_mlama(data.mlama_root(data_root)).files)
 
 
-def lss_for_target(handle: ModelHandle, artifact: NeuronArtifact, spec: PatchSpec | Intervention,
-                   settings: LssSettings, data_root, store: ArtifactStore | None) -> LssResult:
+def lss_for_target(handle: ModelHandle, artifact: NeuronSet, spec: PatchSpec | Intervention,
+                   settings: LssSettings, data_root, store: CacheStore | None) -> LssResult:
     """A job with ``lang=t``: LSS(s→t) for every source s ≠ t (``lss.sources``)."""
     return LssEvaluator(handle, settings, data_root, store).score(artifact, spec)
 
 
-def lss_matrix(handle: ModelHandle, artifact: NeuronArtifact, spec_for: Callable[[str], PatchSpec | Intervention],
-               settings: LssSettings | None, data_root, store: ArtifactStore | None,
+def lss_matrix(handle: ModelHandle, artifact: NeuronSet, spec_for: Callable[[str], PatchSpec | Intervention],
+               settings: LssSettings | None, data_root, store: CacheStore | None,
                evaluator: LssEvaluator | None = None) -> LssMatrix:
     """The sources x targets LSS matrix in one model load: one unpatched (cached) and one patched run per target.
 

@@ -12,6 +12,7 @@ Nothing outside this module names model internals: the rest of the code goes thr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib
@@ -24,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 from lsn_exp import manifest
 from lsn_exp.errors import UserError
@@ -242,7 +245,14 @@ def gguf_file(cfg, cache_dir: str | None = None) -> Path:
         return shipped
     module = importlib.import_module(cfg.package)  # chunked packages assemble their file
     target = cache_root(cache_dir) / "gguf" / cfg.gguf_file
-    return Path(module.assemble(target))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{target}.lock"):  # jobs sharing a fresh cache: one assembles, the others wait for its file
+        if target.exists():
+            with contextlib.suppress(FileExistsError):  # a damaged file (the package checks its sha256): replaced
+                return Path(module.assemble(target))
+        tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+        os.replace(module.assemble(tmp, overwrite=True), target)  # never a half-written file under the final name
+    return target
 
 
 def converted_dir(cfg, cache_dir: str | None = None) -> Path:
@@ -290,10 +300,8 @@ def _dist_version(module_name: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
     for candidate in (module_name, module_name.replace("_", "-")):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             return version(candidate)
-        except PackageNotFoundError:
-            continue
     return None
 
 

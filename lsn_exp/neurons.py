@@ -107,7 +107,7 @@ def _short(identity: dict) -> str:
 
 
 def load(folder, identity: dict | None = None):
-    """(NeuronArtifact, card) from a folder; with ``identity``, refuses another model's neurons."""
+    """(NeuronSet, card) from a folder; with ``identity``, refuses another model's neurons."""
     from safetensors.torch import load_file
 
     from lsn_exp.neuronset import artifact_from_tensors
@@ -172,14 +172,14 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args) -> None:
-    from lsn_exp.artifacts import ArtifactStore
+    from lsn_exp.cache import CacheStore
 
     if args.command == "export":
-        store = ArtifactStore.for_model(args.model, args.cache_dir)
+        store = CacheStore.for_model(args.model, args.cache_dir)
         out = export(store, args.key or newest_key(store), args.folder)
         print(f"exported to {out}\n{describe(read_card(out))}")
     elif args.command == "import":
-        print(f"imported into {import_folder(args.folder, ArtifactStore.for_model(args.model, args.cache_dir))}")
+        print(f"imported into {import_folder(args.folder, CacheStore.for_model(args.model, args.cache_dir))}")
     elif args.command == "show":
         print(describe(read_card(args.folder)))
     else:

@@ -12,7 +12,7 @@ from lsn_exp.errors import UserError
 
 
 @dataclass
-class NeuronArtifact:
+class NeuronSet:
     """Neuron sets and patch values for every recorded language. Masks are bool [K, L, d_ff]."""
 
     languages: list[str]
@@ -60,16 +60,16 @@ class NeuronArtifact:
         return self.masks[set_name].sum(dim=2)
 
 
-def artifact_to_tensors(art: NeuronArtifact) -> tuple[dict, dict]:
+def artifact_to_tensors(art: NeuronSet) -> tuple[dict, dict]:
     tensors = {f"mask.{name}": mask for name, mask in art.masks.items()}
     tensors.update(p_max=art.p_max, p_median=art.p_median, activation_prob=art.activation_prob)
     tensors.update({k: v for k, v in (("resid_mean", art.resid_mean), ("resid_norm", art.resid_norm)) if v is not None})
     return tensors, {"languages": art.languages, **art.meta}
 
 
-def artifact_from_tensors(tensors: dict, meta: dict) -> NeuronArtifact:
+def artifact_from_tensors(tensors: dict, meta: dict) -> NeuronSet:
     masks = {name.split(".", 1)[1]: t for name, t in tensors.items() if name.startswith("mask.")}
     meta = dict(meta)
-    return NeuronArtifact(languages=meta.pop("languages"), masks=masks, p_max=tensors["p_max"],
+    return NeuronSet(languages=meta.pop("languages"), masks=masks, p_max=tensors["p_max"],
                           p_median=tensors["p_median"], activation_prob=tensors["activation_prob"], meta=meta,
                           resid_mean=tensors.get("resid_mean"), resid_norm=tensors.get("resid_norm"))

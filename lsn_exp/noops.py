@@ -56,14 +56,14 @@ def _fixed() -> dict[str, Callable]:
 def _grid() -> dict[str, Callable]:
     """The factor search's grid (conf/lss/default.yaml), each entry as it is except that a statistic's coef is 0
     (the percentile's coef is the percentile itself)."""
-    from lsn_exp import search
+    from lsn_exp import factorsearch
     from lsn_exp.settings import factor_search_settings
 
     out = {}
     for entry in factor_search_settings({}).grid:
         if entry.get("stat") not in (None, "percentile"):
             entry = {**entry, "coef": 0.0}
-        out[f"grid_{entry['name']}"] = lambda t, e=entry: search.entry_spec(e, {"neuron_set": "lape"}, t)
+        out[f"grid_{entry['name']}"] = lambda t, e=entry: factorsearch.entry_spec(e, {"neuron_set": "lape"}, t)
     return out
 
 
@@ -108,11 +108,11 @@ def dead_neurons(handle, masks, languages):
     baseline = the same, random empty; p_max = p_median = 0."""
     import torch
 
-    from lsn_exp.neuronset import NeuronArtifact
+    from lsn_exp.neuronset import NeuronSet
 
     masks = masks.bool().cpu()
     zeros = torch.zeros(masks.shape)
-    artifact = NeuronArtifact(languages=list(languages), masks={"lape": masks, "baseline": masks.clone(),
+    artifact = NeuronSet(languages=list(languages), masks={"lape": masks, "baseline": masks.clone(),
                               "random": torch.zeros_like(masks)}, p_max=zeros, p_median=zeros,
                               activation_prob=zeros, meta={"dead_neurons": True})
     hooks = []

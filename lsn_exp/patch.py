@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import torch
 
     from lsn_exp.models import ModelHandle
-    from lsn_exp.neuronset import NeuronArtifact
+    from lsn_exp.neuronset import NeuronSet
 
 
 # --- the plan: what each layer does, computed once on the host ------------------------------------------
@@ -56,7 +56,7 @@ class _LayerPlan:
         return not self.actions and self.edit_idx is None
 
 
-def _stored_values(artifact: NeuronArtifact, spec: PatchSpec, idx, value, source, layer: int) -> torch.Tensor:
+def _stored_values(artifact: NeuronSet, spec: PatchSpec, idx, value, source, layer: int) -> torch.Tensor:
     """float32 [n]: the constant, or each neuron's stored value (pmax / pmedian) for the target."""
     import torch
 
@@ -66,7 +66,7 @@ def _stored_values(artifact: NeuronArtifact, spec: PatchSpec, idx, value, source
     return stored[artifact.lang_index(spec.target), layer, idx].to(torch.float32)
 
 
-def plan_layer(handle: ModelHandle, artifact: NeuronArtifact, spec: PatchSpec, layer: int,
+def plan_layer(handle: ModelHandle, artifact: NeuronSet, spec: PatchSpec, layer: int,
                weight_edit: bool) -> _LayerPlan:
     """How ``spec`` patches ``layer``: down_proj column scales where exact, else gate-hook actions."""
     import torch
@@ -99,7 +99,7 @@ def plan_layer(handle: ModelHandle, artifact: NeuronArtifact, spec: PatchSpec, l
     return plan
 
 
-def check_artifact(handle: ModelHandle, artifact: NeuronArtifact, spec: PatchSpec) -> None:
+def check_artifact(handle: ModelHandle, artifact: NeuronSet, spec: PatchSpec) -> None:
     """The artifact fits the model and holds the spec's neuron set and target language."""
     adapter = handle.adapter
     if (artifact.n_layers, artifact.d_ff) != (adapter.n_layers, adapter.d_ff):
@@ -121,7 +121,7 @@ class Patch:
     ``weight_edit=False`` runs multiply and set-0 in the hook instead (for tests and benchmarks).
     """
 
-    def __init__(self, handle: ModelHandle, artifact: NeuronArtifact, spec: PatchSpec, *,
+    def __init__(self, handle: ModelHandle, artifact: NeuronSet, spec: PatchSpec, *,
                  weight_edit: bool = True) -> None:
         check_artifact(handle, artifact, spec)
         self.handle, self.artifact, self.spec, self.weight_edit = handle, artifact, spec, weight_edit

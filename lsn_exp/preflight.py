@@ -23,10 +23,10 @@ from omegaconf import DictConfig
 
 from lsn_exp import checks
 from lsn_exp.errors import UserError, exit_with
+from lsn_exp.factorsearch import grid_specs
 from lsn_exp.models import ARCHITECTURES, model_layers
 from lsn_exp.neurons import read_card
 from lsn_exp.prompts import check_blocks
-from lsn_exp.search import grid_specs
 from lsn_exp.settings import JobSettings, parse_job
 from lsn_exp.specs import PatchSpec, SteerSpec, check_layers, parse_factor
 from lsn_exp.taskindex import TASK_FAMILIES, check_lm_eval_tasks

@@ -62,14 +62,14 @@ def best_under(store, kind: str, spec: dict, field: str, missing: str) -> tuple[
 def winner(root: Path, kind: str, spec: dict, field: str) -> dict:
     """What a job records of the winner it resolved: the cache entry (``kind``, key of ``spec``) and its
     ``field`` (the factor search's ``entry``, the compare run's ``method``)."""
-    from lsn_exp.artifacts import key_of
+    from lsn_exp.cache import key_of
 
     key = key_of(spec)
     return {"kind": kind, "key": key, "field": field, "winner": _stored(Path(root), kind, key, field)}
 
 
 def _stored(root: Path, kind: str, key: str, field: str):
-    from lsn_exp.artifacts import META_FILE
+    from lsn_exp.cache import META_FILE
 
     return json.loads((root / kind / key / META_FILE).read_text())["meta"][field]
 

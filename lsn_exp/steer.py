@@ -1,7 +1,7 @@
 """Steering vectors: DiffMean on the residual stream, alone or with a neuron patch.
 
 For target t and layer l, v_l = mean residual stream after layer l over t's recorded FLORES tokens minus the
-average of the other recorded languages' means (``NeuronArtifact.diffmean``; recorded in the same pass as the
+average of the other recorded languages' means (``NeuronSet.diffmean``; recorded in the same pass as the
 neuron statistics, padding and prefix excluded). A steer adds alpha * v_l (scaled, see ``SCALES``) to the
 ``resid_post`` site of each chosen layer, at every position, in scoring and in generation; alpha = 0 installs
 nothing, so it is bit-identical to no intervention.
@@ -23,12 +23,12 @@ from lsn_exp.specs import Intervention, PatchSpec, SteerSpec, check_layers
 
 if TYPE_CHECKING:
     from lsn_exp.models import ModelHandle
-    from lsn_exp.neuronset import NeuronArtifact
+    from lsn_exp.neuronset import NeuronSet
 
 log = logging.getLogger(__name__)
 
 
-def steering_vectors(artifact: NeuronArtifact, spec: SteerSpec, n_layers: int) -> dict:
+def steering_vectors(artifact: NeuronSet, spec: SteerSpec, n_layers: int) -> dict:
     """layer -> float32 [d_model]: alpha x the scaled DiffMean vector of the target, for every chosen layer."""
     import torch
 
@@ -51,7 +51,7 @@ class Steer:
     ``norm_ratio``: per layer, the mean over steered positions of ||(h + αv) − h|| / ||αv||, h + αv as the model's
     dtype computed it: in bf16 a vector far smaller than the residual partly rounds away (one warning per block)."""
 
-    def __init__(self, handle: ModelHandle, artifact: NeuronArtifact, spec: SteerSpec):
+    def __init__(self, handle: ModelHandle, artifact: NeuronSet, spec: SteerSpec):
         self.handle, self.spec = handle, spec
         self.vectors = {} if spec.is_noop else steering_vectors(artifact, spec, handle.adapter.n_layers)
         self._hooks: list = []
@@ -116,7 +116,7 @@ def _adder(vector, requested: float, tally: list | None):
 class Intervened:
     """The active form of an Intervention: the neuron patch and the steer, entered and left together."""
 
-    def __init__(self, handle: ModelHandle, artifact: NeuronArtifact, spec: Intervention):
+    def __init__(self, handle: ModelHandle, artifact: NeuronSet, spec: Intervention):
         self.spec = spec
         self.patch = Patch(handle, artifact, spec.patch)
         self.steer = None if spec.steer is None or spec.steer.is_noop else Steer(handle, artifact, spec.steer)
@@ -146,6 +146,6 @@ class Intervened:
                        steer=None if self.steer is None else self.spec.steer.describe(), steer_norm_ratio=ratio)
 
 
-def intervene(handle: ModelHandle, artifact: NeuronArtifact, spec: PatchSpec | Intervention):
+def intervene(handle: ModelHandle, artifact: NeuronSet, spec: PatchSpec | Intervention):
     """The context manager that applies ``spec`` (a neuron patch, or a patch plus a steering vector)."""
     return Patch(handle, artifact, spec) if isinstance(spec, PatchSpec) else Intervened(handle, artifact, spec)

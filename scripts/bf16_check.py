@@ -19,7 +19,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from lsn_exp import CONF_DIR, identify, lss, metrics, models
-from lsn_exp.artifacts import ArtifactStore
+from lsn_exp.cache import CacheStore
 from lsn_exp.results import mean_over
 from lsn_exp.settings import default_tol, lss_settings
 from lsn_exp.specs import PatchSpec
@@ -58,7 +58,7 @@ def main() -> None:
     fp32, artifact = identify.load_with_artifact(args.model)
     bf16 = models.load(OmegaConf.merge(model_cfg, {"dtype": "bfloat16", "device": "cpu"}))
     cfg = lss_settings({"n_facts": args.n_facts, "targets": args.targets.split(","), "bootstrap": 0})
-    store = ArtifactStore.for_model(args.model)
+    store = CacheStore.for_model(args.model)
     results = {}
     for name, handle, names in (("float32", fp32, args.fp32_specs.split(",")), ("bfloat16", bf16, list(SPECS))):
         print(f"{name}:")

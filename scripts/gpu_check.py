@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from lsn_exp import compare, data, lmeval, lss, noops
-from lsn_exp.artifacts import ArtifactStore
+from lsn_exp.cache import CacheStore
 from lsn_exp.record import ActivationRecorder, Batch, make_batches, prefix_token, tokenize
 from lsn_exp.settings import lss_settings
 from lsn_exp.specs import PatchSpec
@@ -91,7 +91,7 @@ def widened(artifact, share: float, seed: int = 0):
 def noop_stage(ctx, args):
     handle, artifact = ctx.model_handle, widened(ctx.artifact, args.noop_share)
     lss_cfg = lss_settings({"n_facts": args.n_facts, "sources": args.sources, "targets": args.targets, "bootstrap": 0})
-    stores = {name: ArtifactStore(args.cache / "noops" / ctx.settings.model.name / name) for name in ("real", "dead")}
+    stores = {name: CacheStore(args.cache / "noops" / ctx.settings.model.name / name) for name in ("real", "dead")}
     real, dead = (lss.LssEvaluator(handle, lss_cfg, ctx.data_root, stores[n]) for n in ("real", "dead"))
     kinds = noops.kinds(relu=handle.adapter.activation == "relu")
     rows = [("no-op layout; neurons", f"{'paired (16-bit)' if real.paired_layout() else 'cached columns (fp32)'}; "

@@ -88,13 +88,13 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subpro
 
 def synthetic_artifact(handle, languages: list[str], rate: float = 0.1, seed: int = 0):
     """Random neuron sets (about ``rate`` of each layer) for ``languages``, p_max > p_median > 0."""
-    from lsn_exp.neuronset import NeuronArtifact
+    from lsn_exp.neuronset import NeuronSet
 
     gen = torch.Generator().manual_seed(seed)
     shape = (len(languages), handle.adapter.n_layers, handle.adapter.d_ff)
     masks = {name: torch.rand(shape, generator=gen) < rate for name in ("lape", "baseline", "random")}
     p_max = torch.rand(shape, generator=gen) + 0.5
-    return NeuronArtifact(languages=list(languages), masks=masks, p_max=p_max, p_median=p_max / 3,
+    return NeuronSet(languages=list(languages), masks=masks, p_max=p_max, p_median=p_max / 3,
                           activation_prob=torch.rand(shape, generator=gen), meta={"synthetic": True})
 
 

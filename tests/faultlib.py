@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lsn_exp import CONF_DIR, REPO_ROOT, models
-from lsn_exp.artifacts import LEDGER_FILE, META_FILE, ArtifactStore
+from lsn_exp.cache import LEDGER_FILE, META_FILE, CacheStore
 
 # A 2 x 2 sweep that runs every stage a cell has (record, select, generate, score, write, W&B) in seconds.
 TINY = ["model=tiny", "identify.languages=[en,fr,ja]", "identify.max_tokens=1500", "lss.n_facts=4",
@@ -48,7 +48,7 @@ def start(args: list[str], log_path: Path, extra_env: dict | None = None) -> sub
     out = open(log_path, "ab")
     try:
         # each cache entry's line is at DEBUG: the phase a kill landed in is read from them (phase_of)
-        return subprocess.Popen([sys.executable, "-m", "lsn_exp", *args, "hydra.verbose=lsn_exp.artifacts"],
+        return subprocess.Popen([sys.executable, "-m", "lsn_exp", *args, "hydra.verbose=lsn_exp.cache"],
                                 cwd=REPO_ROOT,
                                 env={**env(), **(extra_env or {})}, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -140,8 +140,8 @@ def temp_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if ".tmp" in p.name and "wandb" not in p.parts)
 
 
-def stores(cache: Path) -> list[ArtifactStore]:
-    return [ArtifactStore(p) for p in sorted((cache / "artifacts").glob("*")) if p.is_dir()]
+def stores(cache: Path) -> list[CacheStore]:
+    return [CacheStore(p) for p in sorted((cache / "artifacts").glob("*")) if p.is_dir()]
 
 
 def damaged_entries(cache: Path) -> list[str]:
@@ -150,7 +150,7 @@ def damaged_entries(cache: Path) -> list[str]:
     for store in stores(cache):
         for entry in sorted(store.root.glob(f"*/*/{META_FILE}")):
             try:
-                ArtifactStore.read_entry(entry.parent, json.loads(entry.read_text())["key"])
+                CacheStore.read_entry(entry.parent, json.loads(entry.read_text())["key"])
             except Exception as err:  # noqa: BLE001
                 bad.append(f"{entry.parent}: {err}")
     return bad

@@ -11,7 +11,7 @@ from conftest import load_tiny
 from omegaconf import OmegaConf
 
 from lsn_exp import CONF_DIR, REPO_ROOT, api, identify, lss
-from lsn_exp.artifacts import ArtifactStore
+from lsn_exp.cache import CacheStore
 from lsn_exp.errors import UserError
 from lsn_exp.settings import identify_settings, lss_settings
 from lsn_exp.specs import PatchSpec, parse_factor
@@ -43,7 +43,7 @@ def test_identify_runs_the_cli_code_path_and_cache(user_model, neurons, data_roo
     model, tokenizer = user_model
     assert neurons.languages == LANGS
     cfg = identify_settings({"languages": LANGS, "max_tokens": 300})
-    store = ArtifactStore(tmp_path)
+    store = CacheStore(tmp_path)
     built = identify.build(cfg, api.handle(model), data_root, store, seed=0)
     assert built.recorded
     for name in ("lape", "baseline", "random"):

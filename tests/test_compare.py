@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from scipy.stats import binomtest
 
 from lsn_exp import CONF_DIR, compare, data, generate, metrics, outputs, prompts
-from lsn_exp.artifacts import ArtifactStore
+from lsn_exp.cache import CacheStore
 from lsn_exp.errors import UserError
 from lsn_exp.settings import generate_settings, parse_job
 
@@ -105,7 +105,7 @@ def test_compare_reports_each_domain_with_intervals_and_picks_the_winner_on_the_
     cfg = composed("compare.methods=[{name: lape_pmax, factor: pmax},{name: diffmean, factor: 1, steer: {alpha: "
                    "0.05}, search: {path: steer.alpha, lo: 0.01, hi: 1, log: true}}]")
     artifact = synthetic_artifact(tiny, ["en", "fr", "ja"])
-    store = ArtifactStore(tmp_path)
+    store = CacheStore(tmp_path)
     rows, curve, tests = compare.compare(parse_job(cfg), tiny, artifact_with_vectors(tiny, artifact), data_root, store, "k")
     assert [(r["method"], r["domain"]) for r in rows] == [(m, d) for m in ("unpatched", "lape_pmax", "diffmean")
                                                           for d in ("news", "everyday")]
@@ -131,12 +131,12 @@ def artifact_with_vectors(handle, artifact):
     """The synthetic artifact plus per-language residual means (what DiffMean reads)."""
     import torch
 
-    from lsn_exp.neuronset import NeuronArtifact
+    from lsn_exp.neuronset import NeuronSet
 
     gen = torch.Generator().manual_seed(1)
     means = torch.randn(len(artifact.languages), handle.adapter.n_layers, handle.model.config.hidden_size,
                         generator=gen)
-    return NeuronArtifact(languages=artifact.languages, masks=artifact.masks, p_max=artifact.p_max,
+    return NeuronSet(languages=artifact.languages, masks=artifact.masks, p_max=artifact.p_max,
                           p_median=artifact.p_median, activation_prob=artifact.activation_prob,
                           meta=artifact.meta, resid_mean=means, resid_norm=means.norm(dim=-1))
 

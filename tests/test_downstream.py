@@ -16,7 +16,7 @@ import torch
 from conftest import synthetic_artifact
 
 from lsn_exp import data, downstream, lmeval, metrics, outputs
-from lsn_exp.artifacts import ArtifactStore
+from lsn_exp.cache import CacheStore
 from lsn_exp.engine import engine_of
 from lsn_exp.errors import UserError
 from lsn_exp.results import DownstreamResult, MetricDelta, TaskScore
@@ -197,7 +197,7 @@ def test_rolling_loglikelihood_scores_the_sentence_after_one_bos(tiny):
 @pytest.fixture(scope="module")
 def run(tiny, data_root, tmp_path_factory):
     """All local families in every language they cover (limit 2) and INCLUDE, patched toward id."""
-    store = ArtifactStore(tmp_path_factory.mktemp("store"))
+    store = CacheStore(tmp_path_factory.mktemp("store"))
     cfg = {"tasks": "all", "limit": 2, "bootstrap": 50}
     evaluator = downstream.DownstreamEvaluator(tiny, eval_settings(cfg), data_root, store)
     spec = PatchSpec.from_config({"neuron_set": "lape"}, parse_factor("pmax"), "id")

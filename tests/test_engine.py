@@ -11,7 +11,7 @@ import torch
 from conftest import load_tiny
 
 from lsn_exp import REPO_ROOT, downstream, generate, identify, lss
-from lsn_exp.artifacts import ArtifactStore
+from lsn_exp.cache import CacheStore
 from lsn_exp.engine import HFEngine, engine_of
 from lsn_exp.settings import eval_settings, generate_settings, identify_settings, lss_settings
 from lsn_exp.specs import PatchSpec
@@ -42,7 +42,7 @@ class CountingEngine(HFEngine):
 
 def run_stages(handle, data_root, tmp_path) -> dict:
     """Identification, LSS toward fr, XCOPA under the same patch and generation, on ``handle``."""
-    artifact = identify.build(identify_settings(IDENTIFY), handle, data_root, ArtifactStore(tmp_path), seed=0).artifact
+    artifact = identify.build(identify_settings(IDENTIFY), handle, data_root, CacheStore(tmp_path), seed=0).artifact
     spec = PatchSpec("fr", op="set", source="pmax")
     scored = lss.LssEvaluator(handle, lss_settings({"n_facts": 3, "sources": ["en", "ja"], "bootstrap": 0}), data_root,
                               None).score(artifact, spec)
@@ -66,7 +66,7 @@ def test_an_engine_attached_to_the_handle_runs_every_stage(data_root, tmp_path):
     assert plain == routed
 
 
-STAGES = ("identify", "lss", "downstream", "generate", "compare", "search", "api", "job")
+STAGES = ("identify", "lss", "downstream", "generate", "compare", "factorsearch", "api", "job")
 RUNTIME = {"record": {"language_stats", "record_language"}, "steer": {"intervene"}, "lmeval": {"hflm"},
            "decoding": {"greedy_generate"}, "patch": {"Patch"}}
 

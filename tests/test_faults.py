@@ -19,7 +19,7 @@ import faultlib as fl
 from conftest import run_cli
 from test_slurm import slurm_cluster  # noqa: F401 - the fixture
 from lsn_exp import CONF_DIR, models
-from lsn_exp.artifacts import META_FILE, TENSORS_FILE
+from lsn_exp.cache import META_FILE, TENSORS_FILE
 from lsn_exp.report import build_report
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]

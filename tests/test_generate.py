@@ -137,9 +137,9 @@ def test_by_source_splits_one_batch_back_in_order():
 
 
 def test_unpatched_continuations_are_cached_once_per_model_prompts_and_settings(tmp_path):
-    from lsn_exp.artifacts import ArtifactStore
+    from lsn_exp.cache import CacheStore
 
-    handle, store = load_tiny("llama"), ArtifactStore(tmp_path)
+    handle, store = load_tiny("llama"), CacheStore(tmp_path)
     prompts = {"en": ["The weather today is", "Yesterday I"], "fr": ["Il était une fois"]}
     settings = generate_settings({"max_new_tokens": 5})
     fresh = generate.fill_unpatched(handle, prompts, settings, {}, store)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lsn_exp import identify
-from lsn_exp.artifacts import ArtifactStore
+from lsn_exp.cache import CacheStore
 from lsn_exp.record import Recording
 from lsn_exp.settings import eval_settings, identify_settings, lss_settings
 
@@ -84,7 +84,7 @@ def _identify_cfg(**overrides):
 
 
 def test_artifact_cache_reuses_recomputes_on_key_change_and_recovers_from_damage(tiny, data_root, tmp_path):
-    store = ArtifactStore(tmp_path)
+    store = CacheStore(tmp_path)
     first = identify.build(_identify_cfg(), tiny, data_root, store, seed=0)
     again = identify.build(_identify_cfg(), tiny, data_root, store, seed=0)
     assert first.recorded and not again.recorded
@@ -97,7 +97,7 @@ def test_artifact_cache_reuses_recomputes_on_key_change_and_recovers_from_damage
 
 def test_artifact_key_is_builds_key_computed_without_recording(tiny, data_root, tmp_path):
     """factor=best / method=best look their search up by this key before a job records (lsn_exp.job)."""
-    store = ArtifactStore(tmp_path)
+    store = CacheStore(tmp_path)
     for cfg, seed in ((_identify_cfg(), 0), (_identify_cfg(languages=["en", "fr"], top_rate=0.02), 3)):
         key = identify.artifact_key(cfg, tiny, data_root, seed)
         assert not any(tmp_path.iterdir())
@@ -113,7 +113,7 @@ def test_cache_keys_hold_dtype_device_and_code_versions(tiny, data_root, tmp_pat
 
     from lsn_exp import record
 
-    store = ArtifactStore(tmp_path)
+    store = CacheStore(tmp_path)
     cfg = _identify_cfg(languages=["en", "fr"], max_tokens=300)
     fp32 = identify.build(cfg, tiny, data_root, store, seed=0)
     bf16_handle = load_tiny("llama")
@@ -144,7 +144,7 @@ def test_lss_and_downstream_unpatched_keys_hold_dtype_device_and_version(tiny, d
 
 
 def test_recordings_are_cached_per_language_and_damage_is_recomputed(tiny, data_root, tmp_path):
-    store = ArtifactStore(tmp_path)
+    store = CacheStore(tmp_path)
     identify.build(_identify_cfg(languages=["en", "fr"]), tiny, data_root, store, seed=0)
     assert len(list((tmp_path / "recording").glob("*/meta.json"))) == 2
     grown = identify.build(_identify_cfg(), tiny, data_root, store, seed=0)  # + ja: records only ja
@@ -159,7 +159,7 @@ def test_recordings_are_cached_per_language_and_damage_is_recomputed(tiny, data_
 
 
 def test_sentence_statistics_span_real_sentences(tiny, data_root, tmp_path):
-    result = identify.build(_identify_cfg(), tiny, data_root, ArtifactStore(tmp_path), seed=0)
+    result = identify.build(_identify_cfg(), tiny, data_root, CacheStore(tmp_path), seed=0)
     art = result.artifact
     assert art.languages == ["en", "fr", "ja"]
     assert (art.p_max >= art.p_median).all()
@@ -168,7 +168,7 @@ def test_sentence_statistics_span_real_sentences(tiny, data_root, tmp_path):
 
 
 def test_one_bar_shows_the_whole_recording_and_nothing_when_it_is_cached(tiny, data_root, tmp_path, capsys):
-    store = ArtifactStore(tmp_path)
+    store = CacheStore(tmp_path)
     identify.build(_identify_cfg(max_tokens=300), tiny, data_root, store, seed=0)
     shown = capsys.readouterr().err
     final = [part for part in shown.replace("\r", "\n").splitlines() if part.startswith("record:")][-1]

@@ -124,7 +124,7 @@ def test_validation_and_report_load_neither_torch_transformers_nor_lm_eval(modul
     assert heavy == [], f"lsn_exp.{module} imports {sorted({m.split('.')[0] for m in heavy})}: {heavy[:10]}"
 
 
-STAGE_MODULES = ("identify", "lss", "downstream", "generate", "compare", "search", "job")
+STAGE_MODULES = ("identify", "lss", "downstream", "generate", "compare", "factorsearch", "job")
 PARSERS = {"identify_settings", "lss_settings", "eval_settings", "generate_settings", "compare_settings",
            "factor_search_settings", "parse_job", "plain", "with_defaults", "to_container"}
 

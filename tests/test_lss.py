@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import synthetic_artifact
 
-from lsn_exp import data, lmeval, lss, metrics, noops, outputs, search, sharedprompts
-from lsn_exp.artifacts import ArtifactStore
+from lsn_exp import data, factorsearch, lmeval, lss, metrics, noops, outputs, sharedprompts
+from lsn_exp.cache import CacheStore
 from lsn_exp.errors import UserError
 from lsn_exp.patch import Patch
 from lsn_exp.results import FactorSearchResult, LssCell, LssMatrix, LssResult
@@ -302,7 +302,7 @@ NOOPS = [PatchSpec("x", op="mul", value=1.0),  # installs nothing
 
 
 def test_noop_patch_gives_lss_zero_everywhere_with_the_cached_baseline(tiny, artifact, data_root, tmp_path):
-    store = ArtifactStore(tmp_path)
+    store = CacheStore(tmp_path)
     cfg = lss_settings({"n_facts": 4, "sources": SOURCES, "targets": SOURCES, "bootstrap": 100})
     first = lss.LssEvaluator(tiny, replace(cfg, batch_size=16), data_root, store)
     first.unpatched.ensure(["en"])  # a job toward en: the en column and each source's own
@@ -364,12 +364,12 @@ SEARCH = factor_search_settings(SEARCH_CFG)
 
 
 def test_factor_search_ranks_the_grid_and_saves_the_best(tiny, artifact, data_root, tmp_path):
-    store = ArtifactStore(tmp_path / "cache")
+    store = CacheStore(tmp_path / "cache")
     lape = {"neuron_set": "lape"}
     with pytest.raises(UserError, match="run `python -m lsn_exp stage=factor_search model=tiny` first"):
-        search.resolve_best(tiny.identity, store, lape, SEARCH, "neurons", "python -m lsn_exp stage="
+        factorsearch.resolve_best(tiny.identity, store, lape, SEARCH, "neurons", "python -m lsn_exp stage="
                             "factor_search model=tiny")
-    out, matrices = search.factor_search(tiny, artifact, lape, SEARCH, data_root, store, artifact_key="neurons")
+    out, matrices = factorsearch.factor_search(tiny, artifact, lape, SEARCH, data_root, store, artifact_key="neurons")
     assert isinstance(out, FactorSearchResult) and list(matrices) == ["x5", "set0", "pmax", "noop"]
     for name, matrix in matrices.items():  # what the factor_search job step writes (lsn_exp.job)
         assert isinstance(matrix, LssMatrix)
@@ -386,9 +386,9 @@ def test_factor_search_ranks_the_grid_and_saves_the_best(tiny, artifact, data_ro
     assert len(searched) == 3 and not searched & reported  # the scored facts, not only the label, are disjoint
     table = (tmp_path / "factor_ranking.csv").read_text()
     assert "disjoint from the 10-fact reporting sample" in table and "mean_offdiag_lss_paper" in table
-    (patch_cfg, factor), _ = search.resolve_best(tiny.identity, store, lape, SEARCH, "neurons", "")
+    (patch_cfg, factor), _ = factorsearch.resolve_best(tiny.identity, store, lape, SEARCH, "neurons", "")
     spec = PatchSpec.from_config(patch_cfg, factor, "ja")
-    assert spec == search.entry_spec(out.best["entry"], lape, "ja")
+    assert spec == factorsearch.entry_spec(out.best["entry"], lape, "ja")
 
 
 @pytest.mark.parametrize("change", [
@@ -401,18 +401,18 @@ def test_factor_best_never_resolves_a_search_run_with_other_settings(change, tin
     """The winner is keyed by everything that shaped its search, so any difference finds no winner."""
     from omegaconf import OmegaConf
 
-    store = ArtifactStore(tmp_path)
+    store = CacheStore(tmp_path)
     lape = {"neuron_set": "lape"}
-    search.factor_search(tiny, artifact, lape, SEARCH, data_root, store, artifact_key="neurons")
+    factorsearch.factor_search(tiny, artifact, lape, SEARCH, data_root, store, artifact_key="neurons")
     patch_cfg = OmegaConf.to_container(OmegaConf.merge(lape, change.get("patch", {})))
     lss_cfg = OmegaConf.merge(SEARCH_CFG, change.get("lss", {}))
     if "grid" in str(change):
         lss_cfg.search.grid = change["lss"]["search"]["grid"]
     identity = {**tiny.identity, **change.get("model", {})}
     with pytest.raises(UserError, match="no factor search matches"):
-        search.resolve_best(identity, store, patch_cfg, factor_search_settings(lss_cfg), change.get("neurons", "neurons"),
+        factorsearch.resolve_best(identity, store, patch_cfg, factor_search_settings(lss_cfg), change.get("neurons", "neurons"),
                             "")
-    search.resolve_best(tiny.identity, store, lape, SEARCH, "neurons", "")  # the search's own settings do
+    factorsearch.resolve_best(tiny.identity, store, lape, SEARCH, "neurons", "")  # the search's own settings do
 
 
 def test_search_sample_is_disjoint_from_the_reporting_sample(data_root):
@@ -504,7 +504,7 @@ def test_bf16_noop_is_exactly_zero_with_the_paired_layout(data_root, tmp_path):
 
     handle = load_tiny("llama")
     handle.model.to(torch.bfloat16)
-    store = ArtifactStore(tmp_path)
+    store = CacheStore(tmp_path)
     art = synthetic_artifact(handle, list(data.LSS_LANGS))
     cfg = lss_settings({"n_facts": 4, "sources": SOURCES, "targets": ["en", "ja"], "bootstrap": 0})
     evaluator = lss.LssEvaluator(handle, cfg, data_root, store)
@@ -536,7 +536,7 @@ def bf16_dead(data_root, tmp_path_factory):
     shape = (len(data.LSS_LANGS), handle.adapter.n_layers, handle.adapter.d_ff)
     lape = torch.rand(shape, generator=torch.Generator().manual_seed(0)) < 0.03
     cfg = lss_settings({"n_facts": 8, "sources": SOURCES, "targets": ["ja"], "bootstrap": 0})
-    evaluator = lss.LssEvaluator(handle, cfg, data_root, ArtifactStore(tmp_path_factory.mktemp("bf16_store")))
+    evaluator = lss.LssEvaluator(handle, cfg, data_root, CacheStore(tmp_path_factory.mktemp("bf16_store")))
     with noops.dead_neurons(handle, lape, data.LSS_LANGS) as art:
         yield evaluator, art
 

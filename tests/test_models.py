@@ -80,7 +80,7 @@ def test_cached_gemma_gives_the_same_logits_as_the_gguf():
 def _cache_keys(handle, data_root) -> dict:
     """The key of every 16-bit-sensitive cache entry a job writes: recordings, LSS, downstream and generation."""
     from lsn_exp import downstream, generate, identify, lss
-    from lsn_exp.artifacts import key_of
+    from lsn_exp.cache import key_of
     from lsn_exp.settings import eval_settings, generate_settings, identify_settings, lss_settings
 
     settings = identify_settings(OmegaConf.merge(OmegaConf.load(CONF_DIR / "identify" / "lape.yaml"),
@@ -113,3 +113,19 @@ def test_16_bit_cache_keys_name_the_accelerator_and_fp32_keys_stay_as_they_were(
         assert here["device"] == "cpu" and here["kernels"]["torch"] == torch.__version__ and here["kernels"]["name"]
         assert models.device_key(one)["kernels"]["name"] == "Card A"
         assert all(keys_one[k] != keys_other[k] for k in keys_one), (keys_one, keys_other)
+
+
+def test_jobs_sharing_a_fresh_cache_assemble_the_gguf_once_and_a_damaged_one_again(tmp_path):
+    """Two jobs on a fresh cache used to race: the second read the first's half-written GGUF and stopped."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lsn_exp.files import sha256_file
+
+    cfg = OmegaConf.load(CONF_DIR / "model" / "gemma3_270m.yaml")
+    with ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: models.gguf_file(cfg, str(tmp_path)), range(2)))
+    assert paths[0] == paths[1] and not list(paths[0].parent.glob("*.tmp*"))
+    good = sha256_file(paths[0])
+    with open(paths[0], "r+b") as f:  # a killed or damaged assembly
+        f.truncate(1000)
+    assert models.gguf_file(cfg, str(tmp_path)) == paths[0] and sha256_file(paths[0]) == good

@@ -6,14 +6,16 @@ from __future__ import annotations
 import torch
 from omegaconf import OmegaConf
 
-from lsn_exp import CONF_DIR, data, noops, search
+from lsn_exp import CONF_DIR, data, noops
+from lsn_exp.settings import factor_search_settings
 from lsn_exp.specs import Intervention, PatchSpec, SteerSpec
 
 
 def test_every_grid_entry_and_every_op_has_a_noop_kind_that_says_what_makes_it_one():
     kinds = noops.kinds()
     names = {kind.name for kind in kinds}
-    assert {f"grid_{e['name']}" for e in search.grid(OmegaConf.load(CONF_DIR / "lss" / "default.yaml"))} <= names
+    grid = factor_search_settings(OmegaConf.load(CONF_DIR / "lss" / "default.yaml")).grid
+    assert {f"grid_{e['name']}" for e in grid} <= names
     specs = [kind.build("id") for kind in kinds]
     patches = [s.patch if isinstance(s, Intervention) else s for s in specs]
     assert {p.op for p in patches} == {"mul", "set", "add"} and {p.stat for p in patches} >= set(noops.ZERO_STATS)

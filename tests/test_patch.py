@@ -15,7 +15,7 @@ from transformers import DynamicCache
 from lsn_exp import identify
 from lsn_exp.errors import UserError
 from lsn_exp.models import ModelHandle, load
-from lsn_exp.neuronset import NeuronArtifact
+from lsn_exp.neuronset import NeuronSet
 from lsn_exp.patch import Patch
 from lsn_exp.specs import NEURON_SETS, STATS, PatchSpec, parse_factor, parse_layers
 from lsn_exp.teststat import sample_statistic
@@ -66,7 +66,7 @@ def tiny(model_type: str) -> ModelHandle:
     return load(tiny_config(model_type))
 
 
-def make_artifact(handle: ModelHandle, rate: float = 0.1, seed: int = 0) -> NeuronArtifact:
+def make_artifact(handle: ModelHandle, rate: float = 0.1, seed: int = 0) -> NeuronSet:
     """Random sets (about ``rate`` of the neurons per language), positive p_max > p_median; xx is empty."""
     n_layers, d_ff = handle.adapter.n_layers, handle.adapter.d_ff
     gen = torch.Generator().manual_seed(seed)
@@ -75,12 +75,12 @@ def make_artifact(handle: ModelHandle, rate: float = 0.1, seed: int = 0) -> Neur
     for mask in masks.values():
         mask[LANGS.index("xx")] = False
     p_max = torch.rand(shape, generator=gen) + 0.5
-    return NeuronArtifact(languages=list(LANGS), masks=masks, p_max=p_max, p_median=p_max / 3,
+    return NeuronSet(languages=list(LANGS), masks=masks, p_max=p_max, p_median=p_max / 3,
                           activation_prob=torch.rand(shape, generator=gen), meta={"synthetic": True})
 
 
 @functools.cache
-def artifact_for(model_type: str) -> NeuronArtifact:
+def artifact_for(model_type: str) -> NeuronSet:
     return make_artifact(tiny(model_type))
 
 

@@ -9,8 +9,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from lsn_exp import CONF_DIR, REPO_ROOT, resume
-from lsn_exp.artifacts import ArtifactStore
-from lsn_exp.search import BEST_FACTOR_KIND, search_key
+from lsn_exp.cache import CacheStore
+from lsn_exp.factorsearch import BEST_FACTOR_KIND, search_key
 from lsn_exp.tracking import RunRecord
 
 
@@ -26,7 +26,7 @@ def finished(run_dir, cfg, **results) -> None:
     record.save()
 
 
-def store_winner(store: ArtifactStore, spec: dict, entry: dict) -> None:
+def store_winner(store: CacheStore, spec: dict, entry: dict) -> None:
     store.save(BEST_FACTOR_KIND, spec, {"mean_offdiag_lss": torch.tensor([0.5])}, {"name": "w", "entry": entry})
 
 
@@ -58,7 +58,7 @@ def test_a_completed_cell_is_skipped_for_the_same_code_and_recomputed_for_new_co
 
 def test_a_best_cell_reruns_when_a_new_winner_is_stored(tmp_path):
     cfg = composed("lang=fr", "factor=best")
-    store, spec, digest = ArtifactStore(tmp_path / "store"), {"model": "m", "search": 1}, resume.config_hash(cfg)
+    store, spec, digest = CacheStore(tmp_path / "store"), {"model": "m", "search": 1}, resume.config_hash(cfg)
     store_winner(store, spec, {"factor": "pmax"})
     winners = {"fr": resume.winner(store.root, BEST_FACTOR_KIND, spec, "entry")}
     assert winners["fr"]["winner"] == {"factor": "pmax"}
@@ -77,7 +77,7 @@ def test_the_job_records_the_winner_factor_best_resolved_to(tmp_path, tiny):
     from lsn_exp.settings import parse_job
 
     cfg = composed("lang=fr", "factor=best")
-    store = ArtifactStore(tmp_path / "store")
+    store = CacheStore(tmp_path / "store")
     job = parse_job(cfg)
     store_winner(store, search_key(tiny.identity, "neurons-key", job.config["patch"], job.factor_search), {"factor": 3})
     ctx = JobContext(settings=job, run_dir=tmp_path, model_handle=tiny, store=store, artifact_key="neurons-key")

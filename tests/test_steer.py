@@ -7,7 +7,7 @@ import torch
 from conftest import load_tiny
 
 from lsn_exp import identify, neuronset
-from lsn_exp.artifacts import ArtifactStore
+from lsn_exp.cache import CacheStore
 from lsn_exp.errors import UserError
 from lsn_exp.settings import identify_settings, lss_settings
 from lsn_exp.specs import Intervention, PatchSpec, SteerSpec
@@ -26,7 +26,7 @@ def artifact(handle, data_root, tmp_path_factory):
 
 
     cfg = identify_settings({"languages": LANGS, "max_tokens": 400, "n_stat_sentences": 5})
-    store = ArtifactStore(tmp_path_factory.mktemp("store"))
+    store = CacheStore(tmp_path_factory.mktemp("store"))
     return identify.build(cfg, handle, data_root, store, seed=0).artifact
 
 
@@ -128,7 +128,7 @@ def test_bad_steer_settings_are_one_line_errors(artifact):
         SteerSpec("ja", alpha=1.0, scale="cube")
     with pytest.raises(UserError, match="steer.alpha='x' is not a number"):
         SteerSpec.from_config({"alpha": "x"}, "ja")
-    old = neuronset.NeuronArtifact(artifact.languages, artifact.masks, artifact.p_max, artifact.p_median,
+    old = neuronset.NeuronSet(artifact.languages, artifact.masks, artifact.p_max, artifact.p_median,
                                   artifact.activation_prob)
     with pytest.raises(UserError, match="holds no residual means"):
         old.diffmean("ja")

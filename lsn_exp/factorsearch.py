@@ -19,9 +19,9 @@ from lsn_exp.settings import GRID_ENTRY_KEYS, FactorSearchSettings
 from lsn_exp.specs import Factor, PatchSpec, parse_factor, parse_layers
 
 if TYPE_CHECKING:
-    from lsn_exp.artifacts import ArtifactStore
+    from lsn_exp.cache import CacheStore
     from lsn_exp.models import ModelHandle
-    from lsn_exp.neuronset import NeuronArtifact
+    from lsn_exp.neuronset import NeuronSet
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def search_key(model_identity: dict, artifact_key: str | None, patch_cfg: dict, 
             "sources": list(scored.sources), "targets": list(scored.targets), "tol": scored.tol_written}
 
 
-def resolve_best(model_identity: dict, store: ArtifactStore, patch_cfg: dict, search: FactorSearchSettings,
+def resolve_best(model_identity: dict, store: CacheStore, patch_cfg: dict, search: FactorSearchSettings,
                  artifact_key: str | None, search_command: str) -> tuple[tuple[dict, Factor], dict]:
     """``factor=best``: ((patch config with the winner's op/value/stat/coef, Factor) for PatchSpec.from_config,
     the winner as the job records it)."""
@@ -70,8 +70,8 @@ def resolve_best(model_identity: dict, store: ArtifactStore, patch_cfg: dict, se
     return entry_patch(meta["entry"], patch_cfg), ran
 
 
-def factor_search(handle: ModelHandle, artifact: NeuronArtifact, patch_cfg: dict, search: FactorSearchSettings,
-                  data_root, store: ArtifactStore | None,
+def factor_search(handle: ModelHandle, artifact: NeuronSet, patch_cfg: dict, search: FactorSearchSettings,
+                  data_root, store: CacheStore | None,
                   artifact_key: str | None = None) -> tuple[FactorSearchResult, dict]:
     """Score every grid entry on mean off-diagonal LSS, rank them and save the winner for ``factor=best``.
 
@@ -117,7 +117,7 @@ def rank(rows: list[dict], sample: str) -> list[dict]:
     return ranked
 
 
-def save_winner(store: ArtifactStore, key: dict, ranked: list[dict], best: dict):
+def save_winner(store: CacheStore, key: dict, ranked: list[dict], best: dict):
     import torch
 
     scores = torch.tensor([_sortable(r["mean_offdiag_lss"]) for r in ranked], dtype=torch.float64)

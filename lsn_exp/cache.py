@@ -66,7 +66,7 @@ class DamagedEntry(ValueError):
     """A cache entry that exists but cannot be trusted."""
 
 
-class ArtifactStore:
+class CacheStore:
     """One model's cache: ``root``/<kind>/<key>/ (tensors + meta) and the ledger."""
 
     def __init__(self, root: Path):
@@ -80,7 +80,7 @@ class ArtifactStore:
                 f"({self.root / kind})" for kind in kinds]
 
     @classmethod
-    def for_model(cls, model_name: str, cache_dir: str | None = None) -> ArtifactStore:
+    def for_model(cls, model_name: str, cache_dir: str | None = None) -> CacheStore:
         """The store of the model named ``model_name`` (conf/model/<name>.yaml) under the cache root."""
         return cls(store_dir(model_name, cache_dir))
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lsn_exp import manifest, preflight
-from lsn_exp.artifacts import ArtifactStore
+from lsn_exp.cache import CacheStore
 
 SPEC = {"what": "test", "n": 1}
 
@@ -23,7 +23,7 @@ def _flip(path, where: float = 0.75) -> None:
 
 @pytest.mark.parametrize("damage", ["truncate", "bitflip", "meta"])
 def test_a_damaged_entry_is_reported_in_one_line_and_recomputed(tmp_path, caplog, damage):
-    store = ArtifactStore(tmp_path)
+    store = CacheStore(tmp_path)
     store.get_or_compute("kind", SPEC, lambda: ({"x": torch.arange(1000.0)}, {"m": 1}))
     entry = store.entry_dir("kind", SPEC)
     if damage == "truncate":
@@ -32,7 +32,7 @@ def test_a_damaged_entry_is_reported_in_one_line_and_recomputed(tmp_path, caplog
         _flip(entry / "tensors.safetensors")
     else:
         (entry / "meta.json").write_text("{")
-    with caplog.at_level(logging.WARNING, logger="lsn_exp.artifacts"):
+    with caplog.at_level(logging.WARNING, logger="lsn_exp.cache"):
         again = store.get_or_compute("kind", SPEC, lambda: ({"x": torch.arange(1000.0)}, {"m": 1}))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert again.computed and len(warnings) == 1 and "is damaged" in warnings[0] and "\n" not in warnings[0]
@@ -41,7 +41,7 @@ def test_a_damaged_entry_is_reported_in_one_line_and_recomputed(tmp_path, caplog
 
 
 def test_an_entry_written_before_checksums_is_adopted(tmp_path):
-    store = ArtifactStore(tmp_path)
+    store = CacheStore(tmp_path)
     store.save("kind", SPEC, {"x": torch.ones(3)}, {})
     meta_path = store.entry_dir("kind", SPEC) / "meta.json"
     meta = json.loads(meta_path.read_text())
@@ -53,7 +53,7 @@ def test_an_entry_written_before_checksums_is_adopted(tmp_path):
 
 
 def test_many_computes_only_the_missing_entries_in_one_call(tmp_path):
-    store = ArtifactStore(tmp_path)
+    store = CacheStore(tmp_path)
     specs = {name: {"name": name} for name in "abc"}
     store.get_or_compute("kind", specs["b"], lambda: ({"x": torch.zeros(1)}, {}))
     calls = []
@@ -68,7 +68,7 @@ def test_many_computes_only_the_missing_entries_in_one_call(tmp_path):
 
 
 def test_two_threads_on_one_entry_compute_it_once(tmp_path):
-    store, computed = ArtifactStore(tmp_path), []
+    store, computed = CacheStore(tmp_path), []
 
     def compute():
         computed.append(1)
@@ -82,7 +82,7 @@ def test_two_threads_on_one_entry_compute_it_once(tmp_path):
 
 
 def test_a_killed_writers_temp_dir_is_removed_by_the_next_lock_holder(tmp_path):
-    store = ArtifactStore(tmp_path)
+    store = CacheStore(tmp_path)
     stale = store.entry_dir("kind", SPEC).with_name(store.entry_dir("kind", SPEC).name + ".tmp12345")
     stale.mkdir(parents=True)
     (stale / "tensors.safetensors").write_bytes(b"half")
