@@ -5,7 +5,7 @@
 ours   LssEvaluator + lss_matrix: lm-eval loglikelihood requests through LsnHFLM (batch size --batch-size),
        each prompt run once with its objects read from the KV cache, the unpatched scores once for all
        targets, then one batched call per target under the patch. "cold": the baseline is computed inside
-       the timing; "warm": it comes from the artifact cache, as it does for every later job, target and
+       the timing; "warm": it comes from the cache, as it does for every later job, target and
        factor of the same model and sample. "warm, whole rows": the same with prompt sharing off (one row
        per request, as HFLM batches them), to show what the KV-cache sharing alone brings.
 paper  for every target, every source s != t and every fact: 4 forward passes at batch size 1 (unpatched
@@ -43,7 +43,7 @@ from lsn_exp.settings import lss_settings
 from lsn_exp.specs import PatchSpec, parse_factor
 
 
-def synthetic_artifact(handle, per_lang: float, seed: int = 0) -> NeuronSet:
+def synthetic_neurons(handle, per_lang: float, seed: int = 0) -> NeuronSet:
     gen = torch.Generator().manual_seed(seed)
     shape = (len(data.LSS_LANGS), handle.adapter.n_layers, handle.adapter.d_ff)
     masks = {name: torch.rand(shape, generator=gen) < per_lang for name in ("lape", "baseline", "random")}
@@ -62,7 +62,7 @@ def logprob_bs1(handle, prompt: str, continuation: str) -> float:
     return logits.float().log_softmax(-1).gather(1, cont[:, None].to(logits.device)).sum().item()
 
 
-def paper_loop(handle, artifact, spec_for, facts, langs, tol: float) -> tuple[dict, dict]:
+def paper_loop(handle, neurons, spec_for, facts, langs, tol: float) -> tuple[dict, dict]:
     """LSS(s→t) per cell and the per-fact shifts, the straightforward way: per target, the baseline pass
     over every (source, fact), then the same pass under the patch."""
     matrix, shifts = {}, {}
@@ -76,7 +76,7 @@ def paper_loop(handle, artifact, spec_for, facts, langs, tol: float) -> tuple[di
                     for source, fact in pairs]
 
         base = deltas()
-        with Patch(handle, artifact, spec_for(target)):
+        with Patch(handle, neurons, spec_for(target)):
             after = deltas()
         for source in (s for s in langs if s != target):
             rows = np.asarray([a - b for (s, _), a, b in zip(pairs, after, base) if s == source])
@@ -85,7 +85,7 @@ def paper_loop(handle, artifact, spec_for, facts, langs, tol: float) -> tuple[di
     return matrix, shifts
 
 
-def roofline_run(handle, artifact, spec, cfg, store, processes_list=(1, 2)) -> None:
+def roofline_run(handle, neurons, spec, cfg, store, processes_list=(1, 2)) -> None:
     """One patched run toward spec.target from every source (unpatched columns cached first), and its share of
     the roofline."""
     evaluator = lss.LssEvaluator(handle, cfg, None, store)
@@ -97,7 +97,7 @@ def roofline_run(handle, artifact, spec, cfg, store, processes_list=(1, 2)) -> N
                                                   with_kwargs=True)  # positions fed, padding included
     for processes in processes_list:
         evaluator.lm.scoring_processes = processes
-        result = evaluator.score(artifact, spec)
+        result = evaluator.score(neurons, spec)
         seconds[processes], cells[processes] = result.wall_time_s, result.cells
         hook.remove()  # counted on the one-process run only (a forked worker's calls are not seen here)
     roof_s, figures = work.roofline_seconds(handle.model)
@@ -132,7 +132,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     handle = models.load(OmegaConf.load(CONF_DIR / "model" / f"{args.model}.yaml"))
-    artifact = synthetic_artifact(handle, args.neurons_per_lang)
+    neurons = synthetic_neurons(handle, args.neurons_per_lang)
     factor = parse_factor(args.factor)
     spec_for = lambda t: PatchSpec.from_config({"neuron_set": "lape"}, factor, t)  # noqa: E731
     cfg = {"n_facts": args.n_facts, "sources": args.langs, "targets": args.langs, "batch_size": args.batch_size,
@@ -144,7 +144,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as cache:
         store = CacheStore(Path(cache))
-        roofline_run(handle, artifact, spec_for(args.roofline_target), cfg, store)
+        roofline_run(handle, neurons, spec_for(args.roofline_target), cfg, store)
         handle.scoring_processes = processes_for(args.processes, handle.device)
         if args.only_roofline:
             return
@@ -152,19 +152,19 @@ def main() -> None:
         evaluator = lss.LssEvaluator(handle, cfg, None, store)
         evaluator.unpatched.ensure(langs)  # every column, cold cache
         baseline_s = time.perf_counter() - start
-        result = lss.lss_matrix(handle, artifact, spec_for, cfg, None, store, evaluator=evaluator)
+        result = lss.lss_matrix(handle, neurons, spec_for, cfg, None, store, evaluator=evaluator)
         ours_s = time.perf_counter() - start
         print(f"ours (cold): {ours_s:8.1f} s  (setup + baseline {baseline_s:.1f} s, {len(langs)} patched runs "
               f"{result.patched_wall_time_s:.1f} s)  mean off-diagonal LSS {result.mean_offdiag:.3f}")
         start = time.perf_counter()
-        warm = lss.lss_matrix(handle, artifact, spec_for, cfg, None, store)  # baseline from the cache
+        warm = lss.lss_matrix(handle, neurons, spec_for, cfg, None, store)  # baseline from the cache
         warm_s = time.perf_counter() - start
         assert all(warm.unpatched_cached.values())
         print(f"ours (warm): {warm_s:8.1f} s  (baseline loaded from the cache, as for every later target/factor)")
         whole = lss.LssEvaluator(handle, cfg, None, store)
         whole.lm.share_prompts = False
         start = time.perf_counter()
-        rows = lss.lss_matrix(handle, artifact, spec_for, cfg, None, store, evaluator=whole)
+        rows = lss.lss_matrix(handle, neurons, spec_for, cfg, None, store, evaluator=whole)
         whole_s = time.perf_counter() - start
         same = sum(a.lss == b.lss or (a.n == 0 and b.n == 0) for a, b in zip(rows.cells, warm.cells))
         print(f"ours (warm, whole rows): {whole_s:8.1f} s  (no KV-cache sharing; {same}/{len(rows.cells)} cells "
@@ -172,7 +172,7 @@ def main() -> None:
 
     facts = data.sample_facts(data.read_mlama(data.mlama_root(None)).facts, args.n_facts, 0)
     start = time.perf_counter()
-    paper, paper_shifts = paper_loop(handle, artifact, spec_for, facts, langs, evaluator.settings.tol)
+    paper, paper_shifts = paper_loop(handle, neurons, spec_for, facts, langs, evaluator.settings.tol)
     paper_s = time.perf_counter() - start
     paper_mean = float(np.nanmean(list(paper.values())))
     print(f"paper      : {paper_s:8.1f} s  (batch size 1, baseline rescored per target)  mean off-diagonal LSS "

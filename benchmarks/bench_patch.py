@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 LANGS = ["en", "id"]
 
 
-def synthetic_artifact(handle: ModelHandle, rate: float, seed: int = 0) -> NeuronSet:
+def synthetic_neurons(handle: ModelHandle, rate: float, seed: int = 0) -> NeuronSet:
     """About ``rate`` of each layer's neurons per language (LAPE sets are ~1%); p_max > p_median > 0."""
     shape = (len(LANGS), handle.adapter.n_layers, handle.adapter.d_ff)
     gen = torch.Generator().manual_seed(seed)
@@ -41,10 +41,10 @@ def synthetic_artifact(handle: ModelHandle, rate: float, seed: int = 0) -> Neuro
                           p_median=p_max / 2, activation_prob=torch.rand(shape, generator=gen), meta={})
 
 
-def variants(handle: ModelHandle, artifact: NeuronSet) -> dict[str, object]:
+def variants(handle: ModelHandle, neurons: NeuronSet) -> dict[str, object]:
     """name -> a context manager factory; the first is the baseline."""
     def patch(spec: PatchSpec, **kwargs):
-        return lambda: Patch(handle, artifact, spec, **kwargs)
+        return lambda: Patch(handle, neurons, spec, **kwargs)
 
     return {
         "unpatched": nullcontext,
@@ -76,15 +76,15 @@ def run(repeats: int, batch: int, tokens: int, rate: float, full: bool, threads:
     handle = load(OmegaConf.load(REPO / "conf" / "model" / "gemma3_270m.yaml"))
     if handle.device.type == "cpu" and threads > 0:
         torch.set_num_threads(threads)
-    artifact = synthetic_artifact(handle, rate)
-    counts = artifact.mask("lape", "id").sum(dim=1)
+    neurons = synthetic_neurons(handle, rate)
+    counts = neurons.mask("lape", "id").sum(dim=1)
     print(f"{handle.name}: {handle.adapter.n_layers} layers x d_ff {handle.adapter.d_ff}, {handle.device}, "
           f"{next(handle.model.parameters()).dtype}, {torch.get_num_threads()} threads; target neurons "
           f"{int(counts.sum())} ({int(counts.min())}-{int(counts.max())} per layer); batch {batch} x {tokens}; "
           f"{'full model' if full else 'decoder without LM head'}")
     forward = handle.model if full else handle.adapter.decoder
     inputs = make_batch(handle, batch, tokens)
-    contexts = variants(handle, artifact)
+    contexts = variants(handle, neurons)
     names = list(contexts)
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(repeats + 1):  # round 0 warms every variant up

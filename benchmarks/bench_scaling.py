@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_lss import synthetic_artifact
+from bench_lss import synthetic_neurons
 from omegaconf import OmegaConf
 from roofline import bench_parser
 
@@ -52,7 +52,7 @@ def recording_points(handle, lang: str, tokens: int) -> list[tuple[float, float]
 
 
 def matrix_points(handle, langs: list[str], facts: int) -> list[tuple[float, float, float]]:
-    artifact = synthetic_artifact(handle, 0.002)
+    neurons = synthetic_neurons(handle, 0.002)
     spec_for = lambda t: PatchSpec.from_config({"neuron_set": "lape"}, parse_factor("pmax"), t)  # noqa: E731
     points = []
     for scale in (1, 2, 4):
@@ -62,7 +62,7 @@ def matrix_points(handle, langs: list[str], facts: int) -> list[tuple[float, flo
             start = time.perf_counter()
             evaluator = lss.LssEvaluator(handle, cfg, None, store)  # lm-eval task building: a fixed cost
             setup = time.perf_counter() - start
-            lss.lss_matrix(handle, artifact, spec_for, cfg, None, store, evaluator=evaluator)
+            lss.lss_matrix(handle, neurons, spec_for, cfg, None, store, evaluator=evaluator)
             seconds = time.perf_counter() - start
         work = facts * scale * len(langs) * len(langs)  # patched prompts: facts x sources x targets
         points.append((work, seconds, seconds - setup))

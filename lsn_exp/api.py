@@ -1,6 +1,6 @@
 """lsn_exp from your own code, on a Hugging Face causal LM and tokenizer you already have in memory.
 
-The same code paths and cache as the CLI (recordings and artifacts under ``~/.cache/lsn_exp/artifacts/<name>``)::
+The same code paths and cache as the CLI (recordings and neuron sets under ``~/.cache/lsn_exp/artifacts/<name>``)::
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from lsn_exp import api
@@ -65,7 +65,7 @@ def identify(model, tokenizer, texts: str | dict[str, list[str]] = "flores", *, 
     root = data.resolve_root(None if data_root is None else str(data_root)) if texts == "flores" else None
     found = identify_stage.build(parsed, own, root, store(own, cache_dir), seed=seed, force=force,
                                  texts=None if texts == "flores" else dict(texts))
-    return found.artifact
+    return found.neurons
 
 
 def intervention(neurons, lang: str, factor="pmax", *, alpha: float = 0.0, steer_layers=None,
@@ -74,7 +74,7 @@ def intervention(neurons, lang: str, factor="pmax", *, alpha: float = 0.0, steer
     from lsn_exp.specs import Intervention, parse_factor
 
     if lang not in neurons.languages:
-        raise UserError(f"lang={lang} has no neurons here: the artifact covers {' '.join(neurons.languages)}")
+        raise UserError(f"lang={lang} has no neurons here: the neuron set covers {' '.join(neurons.languages)}")
     patch_cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "patch" / "default.yaml"), patch)
     steer = {"alpha": alpha, "layers": steer_layers, "scale": scale}
     root = data.resolve_root(data_root) if prompt != "none" else None

@@ -1,4 +1,4 @@
-"""Content-keyed artifact cache: safetensors tensors + JSON metadata, one dir per key.
+"""Content-keyed cache: safetensors tensors + JSON metadata, one dir per key.
 
 The key is a hash of everything that determines the content (model identity, corpus hashes,
 settings, format version). Every job of a sweep shares the cache; the first one computes under a

@@ -51,11 +51,11 @@ def method_intervention(job: JobSettings, method: dict, target: str, root) -> In
                                       merged["steer"], merged["prompt"], root)
 
 
-def winner_key(job: JobSettings, identity: dict, artifact_key: str | None, target: str) -> dict:
+def winner_key(job: JobSettings, identity: dict, neurons_key: str | None, target: str) -> dict:
     """Everything that chose the best method toward ``target``, as the config wrote it; ``method=best`` recomputes
     it from its own config."""
     written, generated = job.config["compare"], job.config["generate"]
-    key = {"version": WINNER_VERSION, "model": identity, "neurons": artifact_key, "target": target,
+    key = {"version": WINNER_VERSION, "model": identity, "neurons": neurons_key, "target": target,
            "methods": written["methods"], "search": written["search"], "final": written["final"],
            "generate": {k: generated.get(k) for k in GENERATE_KEYS},
            "base": {k: job.config[k] for k in ("patch", "steer", "prompt")}}
@@ -66,11 +66,11 @@ def winner_key(job: JobSettings, identity: dict, artifact_key: str | None, targe
     return key
 
 
-def best_method(job: JobSettings, identity: dict, store, artifact_key: str | None, target: str) -> tuple[dict, dict]:
+def best_method(job: JobSettings, identity: dict, store, neurons_key: str | None, target: str) -> tuple[dict, dict]:
     """``method=best``: (the method entry, at its searched coefficient, a matching compare run chose for ``target``;
     the winner as the job records it)."""
-    meta, ran = best_under(store, BEST_METHOD_KIND, winner_key(job, identity, artifact_key, target), "method",
-                           f"method=best: no compare run matches this model, neuron artifact, compare.methods and "
+    meta, ran = best_under(store, BEST_METHOD_KIND, winner_key(job, identity, neurons_key, target), "method",
+                           f"method=best: no compare run matches this model, neuron set, compare.methods and "
                            f"compare.search toward {target}; run `python -m lsn_exp +experiment=compare_methods "
                            f"model={job.model.name} compare.targets=[{target}]` first, or name a method "
                            f"(method=neurons, method=diffmean, method=prompt)")
@@ -85,8 +85,8 @@ class Comparison:
     (lsn_exp.prompts: never overlapping). LSS: the reported facts, and for the lss objective search facts outside
     them (``lss.n_facts`` and ``compare.lss_n_facts``, whichever is larger)."""
 
-    def __init__(self, job: JobSettings, handle, artifact, root, store):
-        self.job, self.handle, self.artifact, self.root, self.store = job, handle, artifact, root, store
+    def __init__(self, job: JobSettings, handle, neurons, root, store):
+        self.job, self.handle, self.neurons, self.root, self.store = job, handle, neurons, root, store
         opts = job.compare
         self.search, self.n_final = opts.search, opts.n_final
         self.gen_settings = replace(job.generate, n_prompts=opts.n_prompts)
@@ -114,7 +114,7 @@ class Comparison:
         patched continuations it counts."""
         prompts = getattr(self.splits[domain], block)
         summary, rows = generate.steering(self.handle, prompts, target, self.gen_settings,
-                                          engine_of(self.handle).intervene(self.artifact, spec), spec.prefix,
+                                          engine_of(self.handle).intervene(self.neurons, spec), spec.prefix,
                                           self.unpatched.setdefault((domain, block), {}), self.store)
         counted = [row[5] for row in rows if row[0] != target] or [row[5] for row in rows]
         return summary["all"], counted
@@ -134,7 +134,7 @@ class Comparison:
         """The search score of ``method`` toward ``target`` on the search (or the final) sample."""
         spec = method_intervention(self.job, method, target, self.root)
         if self.search_lss is not None:
-            lss = (self.final_lss if block == "final" else self.search_lss).score(self.artifact, spec).mean
+            lss = (self.final_lss if block == "final" else self.search_lss).score(self.neurons, spec).mean
             return {"score": lss, "lss": lss, "steering_success": None, "ppl": None}
         found, _ = self.steering(spec, target, self.search_domain, block)
         patched, base = found["patched"], found["unpatched"]
@@ -163,7 +163,7 @@ class Comparison:
         """One row per reported domain: LSS and XCOPA (domain-free) with each domain's steering measures."""
         start = time.time()
         spec = method_intervention(self.job, method, target, self.root)
-        lss = self.lss.score(self.artifact, spec) if target in data.LSS_LANGS else None
+        lss = self.lss.score(self.neurons, spec) if target in data.LSS_LANGS else None
         xcopa = self._xcopa(spec) if self.xcopa is not None and not spec.prefix else {}
         shared = {"method": method["name"], "target": target, "intervention": spec.describe(),
                   "coefficient": method.get("coefficient"), "search_score": scores[0], "final_score": scores[1],
@@ -178,7 +178,7 @@ class Comparison:
         return rows
 
     def _xcopa(self, spec) -> dict:
-        result, _ = self.xcopa.score(self.artifact, spec)
+        result, _ = self.xcopa.score(self.neurons, spec)
         return result.summary().get("xcopa", {}).get("acc", {})
 
     def unpatched_rows(self, target: str) -> list[dict]:
@@ -229,13 +229,13 @@ def paired_tests(rows: list[dict]) -> list[dict]:
     return tests
 
 
-def compare(job: JobSettings, handle, artifact, root, store, artifact_key: str | None = None,
+def compare(job: JobSettings, handle, neurons, root, store, neurons_key: str | None = None,
             progress=None) -> tuple[list[dict], list[dict], list[dict]]:
     """(every (method, target, domain) row, the unpatched model's rows first; every search evaluation; the paired
     tests). Each target's finalists (every method at its searched coefficient) are re-scored on the final prompts,
     and the best there is saved for ``method=best``; ``progress(rows, curve)`` gets what is done after each target
     (the job writes it, so a killed run keeps its finished targets)."""
-    comparison = Comparison(job, handle, artifact, root, store)
+    comparison = Comparison(job, handle, neurons, root, store)
     targets, methods = list(job.compare.targets), [dict(m) for m in job.compare.methods]
     rows, curve, cells = [r for t in targets for r in comparison.unpatched_rows(t)], [], {}
     for target in targets:
@@ -244,7 +244,7 @@ def compare(job: JobSettings, handle, artifact, root, store, artifact_key: str |
         finals = [comparison.objective(entry, target, "final")["score"] for entry, _, _ in tuned]
         for (entry, score, _), final in zip(tuned, finals):
             cells[(entry["name"], target)] = comparison.cells(entry, target, (score, final))
-        save_winner(job, handle, store, artifact_key, target, tuned, finals)
+        save_winner(job, handle, store, neurons_key, target, tuned, finals)
         if progress is not None:
             progress(rows + [r for group in cells.values() for r in group], curve)
     rows += [r for m in methods for t in targets for r in cells[(m["name"], t)]]  # grouped by method, as before
@@ -259,14 +259,14 @@ def pick_winner(tuned: list, finals: list[float]) -> tuple[dict, list[dict]]:
     return next(e for e, _, _ in tuned if e["name"] == ranking[0]["name"]), ranking
 
 
-def save_winner(job: JobSettings, handle, store, artifact_key, target: str, tuned: list, finals: list[float]) -> None:
+def save_winner(job: JobSettings, handle, store, neurons_key, target: str, tuned: list, finals: list[float]) -> None:
     """The winner on the final prompts goes to ``method=best``, with both scores of every finalist."""
     import torch
 
     winner, ranking = pick_winner(tuned, finals)
     score = ranking[0]["final_score"]
     if store is not None:
-        store.get_or_compute(BEST_METHOD_KIND, winner_key(job, handle.identity, artifact_key, target),
+        store.get_or_compute(BEST_METHOD_KIND, winner_key(job, handle.identity, neurons_key, target),
                              lambda: ({"score": torch.tensor([score])},
                                       {"method": winner, "score": score, "ranking": ranking}), force=True)
     log.info("best method toward %s on the final prompts: %s (%.3f; search score %.3f)", target, winner["name"],

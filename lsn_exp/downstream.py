@@ -221,7 +221,7 @@ def _outputs_from_entry(entry) -> DocOutputs:
 
 class DownstreamEvaluator:
     """One LM and TaskManager for a model; the unpatched outputs loaded (or computed and cached) once;
-    ``score(artifact, spec)`` runs the selected tasks under the patch and compares."""
+    ``score(neurons, spec)`` runs the selected tasks under the patch and compares."""
 
     def __init__(self, handle: ModelHandle, settings: EvalSettings, data_root, store: CacheStore | None):
         self.handle, self.store = handle, store
@@ -306,9 +306,9 @@ class DownstreamEvaluator:
     def data_files(self) -> list[Path]:
         return sorted({p for r in self.refs for p in _data_files(r, self.root, self.settings)})
 
-    def score(self, artifact: NeuronSet | None,
+    def score(self, neurons: NeuronSet | None,
               spec: PatchSpec | Intervention | None) -> tuple[DownstreamResult, list]:
-        """Every selected task under the engine's ``intervene(artifact, spec)`` (spec None: unpatched) vs the unpatched
+        """Every selected task under the engine's ``intervene(neurons, spec)`` (spec None: unpatched) vs the unpatched
         outputs; also the MT output rows (outputs.MT_OUTPUT_FIELDS)."""
         if getattr(spec, "prefix", ""):
             raise UserError("prompt baselines are scored on LSS and generation, not on downstream tasks")
@@ -316,7 +316,7 @@ class DownstreamEvaluator:
         if spec is None:
             patched, patch_summary = self.run(self.refs), None
         else:
-            with engine_of(self.handle).intervene(artifact, spec) as patch:
+            with engine_of(self.handle).intervene(neurons, spec) as patch:
                 patched, patch_summary = self.run(self.refs), patch.summary()
         seconds = time.time() - start
         target = spec.target if spec is not None else None
@@ -345,13 +345,13 @@ class DownstreamEvaluator:
                          bleu_tokenizer=metrics.bleu_tokenizer(ref.lang) if ref.family.kind == "mt" else None)
 
 
-def evaluate_downstream(handle: ModelHandle, artifact: NeuronSet | None,
+def evaluate_downstream(handle: ModelHandle, neurons: NeuronSet | None,
                         patch_spec: PatchSpec | Intervention | None, settings: EvalSettings,
                         data_root, store: CacheStore | None) -> tuple[DownstreamResult, list, list[Path]]:
     """A job: the patched model on ``eval.tasks`` for every task language, against the (cached) unpatched
     model. Returns the result, the MT output rows and the data files read."""
     evaluator = DownstreamEvaluator(handle, settings, data_root, store)
-    result, rows = evaluator.score(artifact, patch_spec)
+    result, rows = evaluator.score(neurons, patch_spec)
     return result, rows, evaluator.data_files()
 
 

@@ -45,7 +45,7 @@ class Engine(Protocol):
     def record(self, sentences: list[str], max_tokens: int | None, n_stat: int, prefix: Prefix, batch_size: int,
                desc: str = "record", progress: RecordingBar | None = None) -> dict[str, torch.Tensor]: ...
 
-    def intervene(self, artifact: NeuronSet, spec: PatchSpec | Intervention) -> ContextManager: ...
+    def intervene(self, neurons: NeuronSet, spec: PatchSpec | Intervention) -> ContextManager: ...
 
 
 @dataclass(frozen=True)
@@ -124,5 +124,5 @@ class HFEngine:
                desc: str = "record", progress: RecordingBar | None = None) -> dict[str, torch.Tensor]:
         return language_stats(self.handle, sentences, max_tokens, n_stat, prefix, batch_size, desc, progress)
 
-    def intervene(self, artifact: NeuronSet, spec: PatchSpec | Intervention) -> ContextManager:
-        return intervene(self.handle, artifact, spec)
+    def intervene(self, neurons: NeuronSet, spec: PatchSpec | Intervention) -> ContextManager:
+        return intervene(self.handle, neurons, spec)

@@ -2,7 +2,7 @@
 
 The search scores every entry of ``lss.search.grid`` on the mean off-diagonal LSS of a sample of facts drawn
 disjoint from the reporting sample (``lss.n_facts`` with ``lss.seed``), ranks them and saves the winner under
-a key made of everything that shaped the search: model, neuron artifact, neuron set, layers, the other
+a key made of everything that shaped the search: model, neuron set, neuron set, layers, the other
 languages' op, the grid, the sample, sources, targets and tolerance. ``factor=best`` recomputes that key from
 its own config, so it only ever resolves a search run with the same settings.
 """
@@ -47,10 +47,10 @@ def grid_specs(search: FactorSearchSettings, patch_cfg: dict, target: str) -> li
     return [entry_spec(entry, patch_cfg, target) for entry in search.grid]
 
 
-def search_key(model_identity: dict, artifact_key: str | None, patch_cfg: dict, search: FactorSearchSettings) -> dict:
+def search_key(model_identity: dict, neurons_key: str | None, patch_cfg: dict, search: FactorSearchSettings) -> dict:
     """Everything that shaped a search; the saved winner is stored under it and ``factor=best`` looks it up."""
     scored = search.sample
-    return {"model": model_identity, "neurons": artifact_key, "search_version": SEARCH_VERSION,
+    return {"model": model_identity, "neurons": neurons_key, "search_version": SEARCH_VERSION,
             "neuron_set": patch_cfg.get("neuron_set", "lape"), "layers": parse_layers(patch_cfg.get("layers")),
             "others_op": patch_cfg.get("others_op"), "others_value": patch_cfg.get("others_value"),
             "others_langs": patch_cfg.get("others_langs"),
@@ -60,31 +60,31 @@ def search_key(model_identity: dict, artifact_key: str | None, patch_cfg: dict, 
 
 
 def resolve_best(model_identity: dict, store: CacheStore, patch_cfg: dict, search: FactorSearchSettings,
-                 artifact_key: str | None, search_command: str) -> tuple[tuple[dict, Factor], dict]:
+                 neurons_key: str | None, search_command: str) -> tuple[tuple[dict, Factor], dict]:
     """``factor=best``: ((patch config with the winner's op/value/stat/coef, Factor) for PatchSpec.from_config,
     the winner as the job records it)."""
-    meta, ran = best_under(store, BEST_FACTOR_KIND, search_key(model_identity, artifact_key, patch_cfg, search),
-                           "entry", f"factor=best: no factor search matches this model, neuron artifact, patch "
+    meta, ran = best_under(store, BEST_FACTOR_KIND, search_key(model_identity, neurons_key, patch_cfg, search),
+                           "entry", f"factor=best: no factor search matches this model, neuron set, patch "
                            f"(neuron_set, layers, others) and lss.search settings; run `{search_command}` first, "
                            f"or name a factor (factor=5, factor=pmax)")
     return entry_patch(meta["entry"], patch_cfg), ran
 
 
-def factor_search(handle: ModelHandle, artifact: NeuronSet, patch_cfg: dict, search: FactorSearchSettings,
+def factor_search(handle: ModelHandle, neurons: NeuronSet, patch_cfg: dict, search: FactorSearchSettings,
                   data_root, store: CacheStore | None,
-                  artifact_key: str | None = None) -> tuple[FactorSearchResult, dict]:
+                  neurons_key: str | None = None) -> tuple[FactorSearchResult, dict]:
     """Score every grid entry on mean off-diagonal LSS, rank them and save the winner for ``factor=best``.
 
     Returns the ranking and each entry's LssMatrix (name -> matrix) for the job to write."""
     from lsn_exp import lss  # torch and lm-eval: only when a search runs (preflight imports this module)
 
     for entry in search.grid:
-        entry_spec(entry, patch_cfg, artifact.languages[0])  # fail on a bad entry before any scoring
+        entry_spec(entry, patch_cfg, neurons.languages[0])  # fail on a bad entry before any scoring
     evaluator = lss.LssEvaluator(handle, search.sample, data_root, store, exclude_n_facts=search.disjoint_from)
     rows, matrices = [], {}
     for entry in search.grid:
         start = time.time()
-        matrices[entry["name"]] = lss.lss_matrix(handle, artifact, lambda t, e=entry: entry_spec(e, patch_cfg, t),
+        matrices[entry["name"]] = lss.lss_matrix(handle, neurons, lambda t, e=entry: entry_spec(e, patch_cfg, t),
                                                  evaluator.settings, data_root, store, evaluator=evaluator)
         rows.append(_ranking_row(entry, matrices[entry["name"]], time.time() - start))
         log.info("factor search: %s -> mean off-diagonal LSS %.3f", entry["name"], rows[-1]["mean_offdiag_lss"])
@@ -94,7 +94,7 @@ def factor_search(handle: ModelHandle, artifact: NeuronSet, patch_cfg: dict, sea
     best = {"name": ranked[0]["name"], "entry": ranked[0]["entry"], "mean_offdiag_lss": ranked[0]["mean_offdiag_lss"],
             "sample": sample, "ranking": [{k: r[k] for k in ("rank", "name", "mean_offdiag_lss")} for r in ranked]}
     if store is not None:
-        best["path"] = str(save_winner(store, search_key(handle.identity, artifact_key, patch_cfg, search), ranked,
+        best["path"] = str(save_winner(store, search_key(handle.identity, neurons_key, patch_cfg, search), ranked,
                                        best))
     result = FactorSearchResult(ranking=ranked, best=best, sample=sample, n_facts=evaluator.n,
                                 fact_ids=list(evaluator.fact_ids), unpatched_cached=dict(evaluator.unpatched.cached))

@@ -41,11 +41,11 @@ def sha256_file(path: Path) -> str:
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
-    """The cache of converted models and artifacts: ``cache_dir``, else $LSN_CACHE, else ~/.cache/lsn_exp."""
+    """The cache of converted models and results: ``cache_dir``, else $LSN_CACHE, else ~/.cache/lsn_exp."""
     root = cache_dir or os.environ.get("LSN_CACHE") or Path.home() / ".cache" / "lsn_exp"
     return Path(root).expanduser()
 
 
 def store_dir(model_name: str, cache_dir: str | None = None) -> Path:
-    """Where the artifact store of the model named ``model_name`` (conf/model/<name>.yaml) lives."""
+    """Where the cache store of the model named ``model_name`` (conf/model/<name>.yaml) lives."""
     return cache_root(cache_dir) / "artifacts" / model_name

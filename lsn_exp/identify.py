@@ -88,13 +88,13 @@ def identify(recording: Recording, top_rate: float, filter_rate: float, bar_rate
 
 @dataclass(frozen=True)
 class IdentifyResult:
-    artifact: NeuronSet
+    neurons: NeuronSet
     recorded: bool  # False when the recording came from the cache
     key: str
     data_files: list
 
 
-IDENTIFY_VERSION = 2  # bump when selection (LAPE, baseline, random) or the artifact's layout changes
+IDENTIFY_VERSION = 2  # bump when selection (LAPE, baseline, random) or the neuron set's layout changes
 
 
 def recording_spec(handle, settings, prefix) -> dict:
@@ -137,13 +137,13 @@ def recording_plan(settings, handle, data_root, texts: dict[str, list[str]] | No
 
 
 def selection_spec(recording_keys: list[str], settings, seed: int) -> dict:
-    """The neuron artifact's cache spec: its recordings' keys and the selection's thresholds."""
+    """The neuron set's cache spec: its recordings' keys and the selection's thresholds."""
     return {"recordings": list(recording_keys), "identify_version": IDENTIFY_VERSION, "top_rate": settings.top_rate,
             "filter_rate": settings.filter_rate, "bar_rate": settings.bar_rate, "seed": seed}
 
 
-def artifact_key(settings: IdentifySettings, handle, data_root, seed: int) -> str:
-    """The key ``build`` gives the neuron artifact, computed without recording anything (factor=best and
+def neurons_key(settings: IdentifySettings, handle, data_root, seed: int) -> str:
+    """The key ``build`` gives the neuron set, computed without recording anything (factor=best and
     method=best look their search up by it before a job records)."""
     _, _, specs = recording_plan(settings, handle, data_root)
     return key_of(selection_spec([key_of(spec) for spec in specs.values()], settings, seed))
@@ -151,7 +151,7 @@ def artifact_key(settings: IdentifySettings, handle, data_root, seed: int) -> st
 
 def build(settings: IdentifySettings, handle, data_root, store, seed: int, force: bool = False,
           texts: dict[str, list[str]] | None = None) -> IdentifyResult:
-    """The neuron artifact for ``handle``: each language recorded once per key, selection once per thresholds.
+    """The neuron set for ``handle``: each language recorded once per key, selection once per thresholds.
 
     Recordings are cached per language, so an interrupted run resumes at the language it stopped in
     and adding a language records only that one. ``texts`` (language -> sentences) replaces FLORES and
@@ -184,9 +184,9 @@ def build(settings: IdentifySettings, handle, data_root, store, seed: int, force
                          "split": settings.split}
 
     art_entry = store.get_or_compute("neurons", select_spec, compute_artifact, force=force)
-    artifact = artifact_from_tensors(art_entry.tensors, art_entry.meta)
+    neurons = artifact_from_tensors(art_entry.tensors, art_entry.meta)
     files = [c.path for c in corpora.values() if c.path is not None]
-    return IdentifyResult(artifact, recorded=recorded, key=art_entry.path.name, data_files=files)
+    return IdentifyResult(neurons, recorded=recorded, key=art_entry.path.name, data_files=files)
 
 
 def jaccard(masks: torch.Tensor) -> torch.Tensor:
@@ -198,33 +198,33 @@ def jaccard(masks: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))
 
 
-def write_outputs(artifact: NeuronSet, out_dir) -> tuple[dict, dict]:
+def write_outputs(neurons: NeuronSet, out_dir) -> tuple[dict, dict]:
     """CSV of neurons per language x layer for each set, a per-layer plot and the LAPE overlap heatmap."""
-    per_layer = {name: artifact.counts_per_layer(name).tolist() for name in ("lape", "baseline")}
-    return outputs.neuron_tables(artifact.languages, per_layer, jaccard(artifact.masks["lape"]).numpy(), Path(out_dir))
+    per_layer = {name: neurons.counts_per_layer(name).tolist() for name in ("lape", "baseline")}
+    return outputs.neuron_tables(neurons.languages, per_layer, jaccard(neurons.masks["lape"]).numpy(), Path(out_dir))
 
 
-def summary(artifact: NeuronSet, top_overlaps: int = 5) -> dict:
-    lape = artifact.masks["lape"]
+def summary(neurons: NeuronSet, top_overlaps: int = 5) -> dict:
+    lape = neurons.masks["lape"]
     overlap = jaccard(lape)
-    langs = artifact.languages
+    langs = neurons.languages
     pairs = sorted(((overlap[i, j].item(), langs[i], langs[j]) for i in range(len(langs))
                     for j in range(i + 1, len(langs))), reverse=True)[:top_overlaps]
     return {
         "lape_neurons": {code: int(n) for code, n in zip(langs, lape.flatten(1).sum(1).tolist())},
         "lape_union": int(lape.any(dim=0).sum()),
         "baseline_neurons": {code: int(n) for code, n in
-                             zip(langs, artifact.masks["baseline"].flatten(1).sum(1).tolist())},
+                             zip(langs, neurons.masks["baseline"].flatten(1).sum(1).tolist())},
         "largest_overlaps": [{"pair": f"{a}-{b}", "jaccard": round(v, 4)} for v, a, b in pairs],
-        **{k: v for k, v in artifact.meta.get("thresholds", {}).items()},
-        **{k: artifact.meta[k] for k in ("prefix", "max_tokens", "split") if k in artifact.meta},
-        "tokens": dict(zip(langs, artifact.meta.get("tokens", []))),
+        **{k: v for k, v in neurons.meta.get("thresholds", {}).items()},
+        **{k: neurons.meta[k] for k in ("prefix", "max_tokens", "split") if k in neurons.meta},
+        "tokens": dict(zip(langs, neurons.meta.get("tokens", []))),
     }
 
 
-def load_with_artifact(model_name: str, identify_overrides: dict | None = None, seed: int = 0):
-    """(handle, artifact) for a model config with the default identify settings: for scripts and tests."""
+def load_with_neurons(model_name: str, identify_overrides: dict | None = None, seed: int = 0):
+    """(handle, neurons) for a model config with the default identify settings: for scripts and tests."""
     handle = models.load(OmegaConf.load(CONF_DIR / "model" / f"{model_name}.yaml"))
     cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "identify" / "lape.yaml"), identify_overrides or {})
     store = CacheStore.for_model(model_name)
-    return handle, build(cfg, handle, data.resolve_root(None), store, seed=seed).artifact
+    return handle, build(cfg, handle, data.resolve_root(None), store, seed=seed).neurons

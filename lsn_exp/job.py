@@ -61,14 +61,14 @@ def search_command(overrides: tuple[str, ...]) -> str:
 
 @dataclass
 class JobContext:
-    """What the steps of one job share: its settings (parsed once), the loaded model, the neuron artifact."""
+    """What the steps of one job share: its settings (parsed once), the loaded model, the neuron set."""
 
     settings: JobSettings
     run_dir: Path
     model_handle: ModelHandle | None = None
     store: CacheStore | None = None
-    artifact: NeuronSet | None = None
-    artifact_key: str | None = None  # the neuron artifact's cache key (factor=best looks the search up by it)
+    neurons: NeuronSet | None = None
+    neurons_key: str | None = None  # the neuron set's cache key (factor=best looks the search up by it)
     winners: dict = field(default_factory=dict)  # target -> the factor / method best resolved to (resume.winner)
     overrides: tuple[str, ...] = ()  # the command line's (Launch.overrides): factor=best names its search with them
 
@@ -84,7 +84,7 @@ class JobContext:
             from lsn_exp import compare
 
             entry, self.winners[target] = compare.best_method(job, self.model_handle.identity, self.store,
-                                                              self.artifact_key, target)
+                                                              self.neurons_key, target)
             return compare.method_intervention(job, entry, target, self.data_root)
         patch_cfg, steer_cfg, prompt_cfg = job.intervention_config
         factor = job.factor
@@ -92,7 +92,7 @@ class JobContext:
             from lsn_exp.factorsearch import resolve_best
 
             (patch_cfg, factor), self.winners[target] = resolve_best(
-                self.model_handle.identity, self.store, patch_cfg, job.factor_search, self.artifact_key,
+                self.model_handle.identity, self.store, patch_cfg, job.factor_search, self.neurons_key,
                 search_command(self.overrides))
         return Intervention.from_settings(target, factor, patch_cfg, steer_cfg, prompt_cfg, self.data_root)
 
@@ -115,31 +115,32 @@ def load_model(ctx: JobContext) -> StageOutput:
 
 
 def identify_neurons(ctx: JobContext) -> StageOutput:
-    """The neuron artifact: recorded and selected (cached), or read from ``identify.from`` (a neuron folder)."""
-    from lsn_exp import identify, neurons
+    """The neuron set: recorded and selected (cached), or read from ``identify.from`` (a neuron folder)."""
+    from lsn_exp import identify
+    from lsn_exp import neurons as folders
 
     job, folder = ctx.settings, ctx.settings.neurons_from
     if folder:
-        ctx.artifact, card = neurons.load(folder, ctx.model_handle.identity)
-        ctx.artifact_key, recorded, files = f"imported-{neurons.card_digest(folder)}", False, []
-        require_winners(ctx, ctx.artifact_key)
+        ctx.neurons, card = folders.load(folder, ctx.model_handle.identity)
+        ctx.neurons_key, recorded, files = f"imported-{folders.card_digest(folder)}", False, []
+        require_winners(ctx, ctx.neurons_key)
         neuron_dir = Path(folder).expanduser()
     else:
         if job.factor.kind == "best" or job.method == "best":  # before anything is recorded
-            require_winners(ctx, identify.artifact_key(job.identify, ctx.model_handle, ctx.data_root, job.seed))
+            require_winners(ctx, identify.neurons_key(job.identify, ctx.model_handle, ctx.data_root, job.seed))
         found = identify.build(job.identify, ctx.model_handle, ctx.data_root, ctx.store, seed=job.seed,
                                force=job.force)
-        ctx.artifact, ctx.artifact_key, recorded, files = found.artifact, found.key, found.recorded, found.data_files
-        neuron_dir = neurons.exported(ctx.store, found.key)
-    tables, images = identify.write_outputs(ctx.artifact, ctx.run_dir)
-    summary = {**identify.summary(ctx.artifact), "recorded": recorded, "artifact_key": ctx.artifact_key,
+        ctx.neurons, ctx.neurons_key, recorded, files = found.neurons, found.key, found.recorded, found.data_files
+        neuron_dir = folders.exported(ctx.store, found.key)
+    tables, images = identify.write_outputs(ctx.neurons, ctx.run_dir)
+    summary = {**identify.summary(ctx.neurons), "recorded": recorded, "neurons_key": ctx.neurons_key,
                "from": str(folder) if folder else None}
     return StageOutput({"identify": summary}, tables, images, list(files), {"neurons": neuron_dir})
 
 
-def require_winners(ctx: JobContext, artifact_key: str) -> None:
+def require_winners(ctx: JobContext, neurons_key: str) -> None:
     """factor=best and method=best: the factor search / compare run they read must exist (looked up by the neuron
-    artifact's key), or the job stops here in one line, before identification records anything."""
+    set's key), or the job stops here in one line, before identification records anything."""
     job, target = ctx.settings, ctx.settings.target
     if job.stage not in ("run", "generate", "lss", "lss_matrix", "downstream") or \
             (job.stage == "lss" and target not in data.LSS_LANGS):  # no intervention in this job
@@ -148,11 +149,11 @@ def require_winners(ctx: JobContext, artifact_key: str) -> None:
         from lsn_exp import compare
 
         for each in job.lss.targets if job.stage == "lss_matrix" else (target,):
-            compare.best_method(job, ctx.model_handle.identity, ctx.store, artifact_key, each)
+            compare.best_method(job, ctx.model_handle.identity, ctx.store, neurons_key, each)
     elif job.factor.kind == "best":
         from lsn_exp.factorsearch import resolve_best
 
-        resolve_best(ctx.model_handle.identity, ctx.store, job.config["patch"], job.factor_search, artifact_key,
+        resolve_best(ctx.model_handle.identity, ctx.store, job.config["patch"], job.factor_search, neurons_key,
                      search_command(ctx.overrides))
 
 
@@ -165,7 +166,7 @@ def generate_demo(ctx: JobContext) -> StageOutput:
     target, spec = ctx.settings.target, ctx.intervention()
     gen_settings = ctx.settings.generate
     prompts = generate.prompt_sets(gen_settings, ctx.data_root)
-    active = engine_of(ctx.model_handle).intervene(ctx.artifact, spec)
+    active = engine_of(ctx.model_handle).intervene(ctx.neurons, spec)
     summary, rows = generate.steering(ctx.model_handle, prompts, target, gen_settings, active, spec.prefix,
                                       store=ctx.store)
     for row in rows[:: max(1, len(rows) // 6)]:  # a few examples in the log
@@ -188,7 +189,7 @@ def lss_scores(ctx: JobContext) -> StageOutput:
     target = ctx.settings.target
     if target not in data.LSS_LANGS:
         return StageOutput({"lss": Skipped(f"mLAMA has no {target}: LSS covers {' '.join(data.LSS_LANGS)}")})
-    result = lss.lss_for_target(ctx.model_handle, ctx.artifact, ctx.intervention(), ctx.settings.lss, ctx.data_root,
+    result = lss.lss_for_target(ctx.model_handle, ctx.neurons, ctx.intervention(), ctx.settings.lss, ctx.data_root,
                                 ctx.store)
     table = outputs.cells_csv(list(result.cells), ctx.run_dir / f"lss_{target}_cells.csv")
     return StageOutput({"lss": result}, {"lss/cells": table}, data_files=lss.data_files(ctx.data_root))
@@ -199,7 +200,7 @@ def lss_matrix(ctx: JobContext) -> StageOutput:
     from lsn_exp import lss
 
     job = ctx.settings
-    result = lss.lss_matrix(ctx.model_handle, ctx.artifact, ctx.intervention, job.lss, ctx.data_root, ctx.store)
+    result = lss.lss_matrix(ctx.model_handle, ctx.neurons, ctx.intervention, job.lss, ctx.data_root, ctx.store)
     tables, images = outputs.lss_matrix_files(result, ctx.run_dir, f"LSS {job.model.name} factor={job.factor}")
     return StageOutput({"lss_matrix": result}, tables, images, lss.data_files(ctx.data_root))
 
@@ -207,9 +208,9 @@ def lss_matrix(ctx: JobContext) -> StageOutput:
 def factor_search(ctx: JobContext) -> StageOutput:
     from lsn_exp import factorsearch, lss
 
-    result, matrices = factorsearch.factor_search(ctx.model_handle, ctx.artifact, ctx.settings.config["patch"],
+    result, matrices = factorsearch.factor_search(ctx.model_handle, ctx.neurons, ctx.settings.config["patch"],
                                             ctx.settings.factor_search, ctx.data_root, ctx.store,
-                                            artifact_key=ctx.artifact_key)
+                                            neurons_key=ctx.neurons_key)
     images = {f"factor_search/{name}": outputs.lss_matrix_files(
         matrix, ctx.run_dir / "factor_search", f"LSS {name}", prefix=f"lss_{name}")[1][f"lss_{name}/heatmap"]
         for name, matrix in matrices.items()}
@@ -226,7 +227,7 @@ def downstream(ctx: JobContext) -> StageOutput:
     """XCOPA, XWinograd, INCLUDE (online), FLORES MT and perplexity: patched vs cached unpatched."""
     from lsn_exp.downstream import evaluate_downstream
 
-    result, mt_rows, files = evaluate_downstream(ctx.model_handle, ctx.artifact, ctx.intervention(),
+    result, mt_rows, files = evaluate_downstream(ctx.model_handle, ctx.neurons, ctx.intervention(),
                                                  ctx.settings.eval, ctx.data_root, ctx.store)
     return StageOutput({"downstream": result}, outputs.downstream_tables(result, mt_rows, ctx.run_dir),
                        data_files=files)
@@ -243,8 +244,8 @@ def compare_methods(ctx: JobContext) -> StageOutput:
         outputs.write_csv(ctx.run_dir / "compare_search_partial.csv", list(compare.CURVE_FIELDS),
                           [[row.get(k) for k in compare.CURVE_FIELDS] for row in curve])
 
-    rows, curve, tests = compare.compare(ctx.settings, ctx.model_handle, ctx.artifact, ctx.data_root, ctx.store,
-                                         ctx.artifact_key, progress)
+    rows, curve, tests = compare.compare(ctx.settings, ctx.model_handle, ctx.neurons, ctx.data_root, ctx.store,
+                                         ctx.neurons_key, progress)
     title = f"{ctx.settings.model['name']}: methods side by side"
     tables, images = outputs.comparison_files(rows, compare.FIELDS, ctx.run_dir, title, tests, compare.TEST_FIELDS)
     curve_table, curve_images = outputs.search_curve_files(curve, compare.CURVE_FIELDS, ctx.run_dir, title)

@@ -124,7 +124,7 @@ class LssShifts:
 class UnpatchedScores:
     """The unpatched model's scores. ``paired``: exactly a patched run's requests in its layout (what LSS
     compares with). ``columns[s][:, l]`` = log P(obj_l | prompt_s), each (source, object language) column
-    loaded from the artifact cache or scored once (``ensure``: 15 objects share a prompt; benchmarks)."""
+    loaded from the cache or scored once (``ensure``: 15 objects share a prompt; benchmarks)."""
 
     def __init__(self, handle: ModelHandle, lm, requests: LssRequests, settings: LssSettings, batch_size: int,
                  store: CacheStore | None, data_files):
@@ -199,7 +199,7 @@ class UnpatchedScores:
 class LssEvaluator:
     """One model load, one HFLM, the requests built once, each target's unpatched run shared by every patch.
 
-    ``score(artifact, spec)`` patches toward ``spec.target`` and returns LSS(s→t) for every source s ≠ t.
+    ``score(neurons, spec)`` patches toward ``spec.target`` and returns LSS(s→t) for every source s ≠ t.
     ``exclude_n_facts`` holds out the reporting sample of that size (a factor search's sample); ``skip_n_facts``
     leaves out the first facts of the draw (a compare search's, so its final sample is fresh).
     """
@@ -249,14 +249,14 @@ class LssEvaluator:
             lists.append(out)
         return keep, lists[0], lists[1]
 
-    def shifts(self, artifact: NeuronSet, spec: PatchSpec | Intervention) -> LssShifts:
+    def shifts(self, neurons: NeuronSet, spec: PatchSpec | Intervention) -> LssShifts:
         """Per source s ≠ t: the shift Δ(patched toward t) − Δ(unpatched) of every sampled fact, ours and in the
         paper's format; the patched requests of all sources go to lm-eval in one batched call."""
         target = spec.target
         if target not in LSS_LANGS:
             raise UserError(f"lang={target} is not an LSS language: LSS covers {' '.join(LSS_LANGS)}")
         keep, insts, scored = self._requests_toward(target, getattr(spec, "prefix", ""))
-        intervention = engine_of(self.handle).intervene(artifact, spec)
+        intervention = engine_of(self.handle).intervene(neurons, spec)
         whole_rows = bool(intervention.reads_whole_rows)  # the patched run's layout: the unpatched one's too
         unpatched = self.unpatched.paired(target, keep, insts, whole_rows)  # [requests / 2, 2]: obj_s, obj_t
         start = time.time()
@@ -282,15 +282,15 @@ class LssEvaluator:
         assert offset == delta.size, (offset, delta.size)
         return out[0], {source: out[1].get(source, out[0][source]) for source in keep}
 
-    def deltas(self, artifact: NeuronSet, spec: PatchSpec | Intervention):
+    def deltas(self, neurons: NeuronSet, spec: PatchSpec | Intervention):
         """(our shifts per source, patch summary, patched seconds, requests): ``shifts`` without the paper's."""
-        found = self.shifts(artifact, spec)
+        found = self.shifts(neurons, spec)
         return found.ours, found.patch, found.seconds, found.requests
 
-    def score(self, artifact: NeuronSet, spec: PatchSpec | Intervention) -> LssResult:
-        """LSS(s→t) for every source s ≠ t = spec.target, scored under ``engine_of(handle).intervene(artifact, spec)``.
+    def score(self, neurons: NeuronSet, spec: PatchSpec | Intervention) -> LssResult:
+        """LSS(s→t) for every source s ≠ t = spec.target, scored under ``engine_of(handle).intervene(neurons, spec)``.
         """
-        found, s = self.shifts(artifact, spec), self.settings
+        found, s = self.shifts(neurons, spec), self.settings
         cells = tuple(metrics.lss_cell(source, spec.target, shift, tol=s.tol, n_boot=s.bootstrap, seed=s.seed,
                                        paper_shift=found.paper[source]) for source, shift in found.ours.items())
         return LssResult(target=spec.target, patch=found.patch, cells=cells, tol=self.settings.tol, n_facts=self.n,
@@ -303,13 +303,13 @@ def data_files(data_root) -> list:
     return list(data.read_mlama(data.mlama_root(data_root)).files)
 
 
-def lss_for_target(handle: ModelHandle, artifact: NeuronSet, spec: PatchSpec | Intervention,
+def lss_for_target(handle: ModelHandle, neurons: NeuronSet, spec: PatchSpec | Intervention,
                    settings: LssSettings, data_root, store: CacheStore | None) -> LssResult:
     """A job with ``lang=t``: LSS(s→t) for every source s ≠ t (``lss.sources``)."""
-    return LssEvaluator(handle, settings, data_root, store).score(artifact, spec)
+    return LssEvaluator(handle, settings, data_root, store).score(neurons, spec)
 
 
-def lss_matrix(handle: ModelHandle, artifact: NeuronSet, spec_for: Callable[[str], PatchSpec | Intervention],
+def lss_matrix(handle: ModelHandle, neurons: NeuronSet, spec_for: Callable[[str], PatchSpec | Intervention],
                settings: LssSettings | None, data_root, store: CacheStore | None,
                evaluator: LssEvaluator | None = None) -> LssMatrix:
     """The sources x targets LSS matrix in one model load: one unpatched (cached) and one patched run per target.
@@ -320,7 +320,7 @@ def lss_matrix(handle: ModelHandle, artifact: NeuronSet, spec_for: Callable[[str
     sources, targets = list(evaluator.sources), list(evaluator.settings.targets)
     cells, per_target, seconds = [], {}, 0.0
     for target in targets:
-        result = evaluator.score(artifact, spec_for(target))
+        result = evaluator.score(neurons, spec_for(target))
         seconds += result.wall_time_s
         per_target[target] = {"mean_lss": result.mean, "mean_lss_paper": result.mean_paper,
                               "patch": result.patch.patch, "neurons": result.patch.neurons}

@@ -78,7 +78,7 @@ class ModelHandle:
     tokenizer: Any
     adapter: Adapter
     name: str
-    identity: dict  # stable description of the weights: goes into artifact keys and provenance
+    identity: dict  # stable description of the weights: goes into cache keys and provenance
     batch_size: int
     device: Any = field(default=None)
     scoring_processes: int = 1  # forked workers for lm-eval scoring on a CPU (lsn_exp.forkmap; job: auto)

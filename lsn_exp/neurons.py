@@ -1,6 +1,6 @@
 """Portable neuron sets: a self-describing folder (safetensors + a JSON card) to share between labs.
 
-    python -m lsn_exp.neurons export --model gemma3_270m OUT     # the model's newest neuron artifact -> OUT/
+    python -m lsn_exp.neurons export --model gemma3_270m OUT     # the model's newest neuron set -> OUT/
     python -m lsn_exp.neurons show OUT                           # what it holds
     python -m lsn_exp.neurons import OUT --model gemma3_270m     # into the cache (artifacts/<model>/neurons_imported)
     python -m lsn_exp.neurons push OUT user/repo                 # a Hugging Face dataset repo (online)
@@ -31,7 +31,7 @@ IMPORTED_KIND = "neurons_imported"
 
 
 def card(store, key: str) -> dict:
-    """The card of the store's neuron artifact ``key``: read from its entry and its recordings' entries."""
+    """The card of the store's neuron set ``key``: read from its entry and its recordings' entries."""
     return _card(store, key, *store.read("neurons", key))
 
 
@@ -51,7 +51,7 @@ def _card(store, key: str, stored: dict, tensors: dict) -> dict:
 
 
 def export(store, key: str, out: Path) -> Path:
-    """``out``/neurons.safetensors + card.json for the store's artifact ``key`` (read and checked by the store)."""
+    """``out``/neurons.safetensors + card.json for the store's neuron set ``key`` (read and checked by the store)."""
     import safetensors.torch
 
     stored, tensors = store.read("neurons", key)
@@ -62,7 +62,7 @@ def export(store, key: str, out: Path) -> Path:
 
 
 def exported(store, key: str) -> Path:
-    """The store's own export of artifact ``key`` (artifacts/<model>/neurons_export/<key>), made once; a
+    """The store's own export of neuron set ``key`` (artifacts/<model>/neurons_export/<key>), made once; a
     concurrent job that exported it first wins the rename."""
     target = store.root / "neurons_export" / key
     if (target / CARD_FILE).is_file():
@@ -132,7 +132,7 @@ def import_folder(folder: Path, store) -> Path:
 def newest_key(store) -> str:
     keys = store.keys("neurons")
     if not keys:
-        raise UserError(f"no neuron artifact under {store.root}: run `python -m lsn_exp stage=identify` first")
+        raise UserError(f"no neuron set under {store.root}: run `python -m lsn_exp stage=identify` first")
     return keys[-1]
 
 
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_argument("--model", required=True, help="a conf/model name, e.g. gemma3_270m")
         sub.add_argument("--cache-dir", default=None)
         if name == "export":
-            sub.add_argument("--key", default=None, help="the artifact's cache key (default: the newest)")
+            sub.add_argument("--key", default=None, help="the neuron set's cache key (default: the newest)")
     commands.add_parser("show").add_argument("folder", type=Path)
     push = commands.add_parser("push")
     push.add_argument("folder", type=Path)

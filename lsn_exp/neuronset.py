@@ -49,7 +49,7 @@ class NeuronSet:
         """float32 [L, d_model]: the DiffMean vector of ``code`` at every layer: its mean residual minus the average
         of the other recorded languages' means (each language weighs the same, whatever its token count)."""
         if self.resid_mean is None:
-            raise UserError("this neuron artifact holds no residual means (recorded before DiffMean vectors): "
+            raise UserError("this neuron set holds no residual means (recorded before DiffMean vectors): "
                             "record again (the current identify stage stores them)")
         k = self.lang_index(code)
         others = self.resid_mean[torch.arange(len(self.languages)) != k]

@@ -5,7 +5,7 @@ A kind builds its spec toward a target. What makes it a no-op (``needs``) decide
 - ``any``: the identity on any activations (multiply by 1, add 0, add 0 x a statistic, steer with alpha 0), so
   it runs on a real neuron set;
 - ``dead``: the identity on neurons that never fire when p_max = p_median = 0 (set 0, set pmax, multiply, the
-  grid's entries as they are, an empty set). ``dead_neurons`` builds such an artifact on any model;
+  grid's entries as they are, an empty set). ``dead_neurons`` builds such a neuron set on any model;
 - ``relu``: the same, and a row's low percentiles are exactly 0 (relu activations). On another activation
   (``kinds(relu=False)``) these kinds run in their ``mul`` form ("<name>_as_mul": 0 x the row's percentile),
   which goes through the same statistic and hook.
@@ -104,7 +104,7 @@ def kinds(relu: bool = True) -> list[NoopKind]:
 @contextmanager
 def dead_neurons(handle, masks, languages):
     """Inside the block the neurons of ``masks`` (bool [K, L, d_ff] over ``languages``) never fire: a hook on
-    each layer's gate site sets them to 0. Yields the artifact that makes every kind a no-op: lape = ``masks``,
+    each layer's gate site sets them to 0. Yields the neuron set that makes every kind a no-op: lape = ``masks``,
     baseline = the same, random empty; p_max = p_median = 0."""
     import torch
 
@@ -112,7 +112,7 @@ def dead_neurons(handle, masks, languages):
 
     masks = masks.bool().cpu()
     zeros = torch.zeros(masks.shape)
-    artifact = NeuronSet(languages=list(languages), masks={"lape": masks, "baseline": masks.clone(),
+    neurons = NeuronSet(languages=list(languages), masks={"lape": masks, "baseline": masks.clone(),
                               "random": torch.zeros_like(masks)}, p_max=zeros, p_median=zeros,
                               activation_prob=zeros, meta={"dead_neurons": True})
     hooks = []
@@ -122,7 +122,7 @@ def dead_neurons(handle, masks, languages):
             idx = idx.to(handle.adapter.site("mlp.down")[layer].weight.device)
             hooks.append(site.register_forward_hook(lambda m, a, gate, i=idx: gate.index_fill(-1, i, 0.0)))
     try:
-        yield artifact
+        yield neurons
     finally:
         for hook in hooks:
             hook.remove()

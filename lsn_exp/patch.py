@@ -56,26 +56,26 @@ class _LayerPlan:
         return not self.actions and self.edit_idx is None
 
 
-def _stored_values(artifact: NeuronSet, spec: PatchSpec, idx, value, source, layer: int) -> torch.Tensor:
+def _stored_values(neurons: NeuronSet, spec: PatchSpec, idx, value, source, layer: int) -> torch.Tensor:
     """float32 [n]: the constant, or each neuron's stored value (pmax / pmedian) for the target."""
     import torch
 
     if source is None:
         return torch.full((idx.numel(),), float(value), dtype=torch.float32)
-    stored = artifact.p_max if source == "pmax" else artifact.p_median  # [K, L, d_ff]
-    return stored[artifact.lang_index(spec.target), layer, idx].to(torch.float32)
+    stored = neurons.p_max if source == "pmax" else neurons.p_median  # [K, L, d_ff]
+    return stored[neurons.lang_index(spec.target), layer, idx].to(torch.float32)
 
 
-def plan_layer(handle: ModelHandle, artifact: NeuronSet, spec: PatchSpec, layer: int,
+def plan_layer(handle: ModelHandle, neurons: NeuronSet, spec: PatchSpec, layer: int,
                weight_edit: bool) -> _LayerPlan:
     """How ``spec`` patches ``layer``: down_proj column scales where exact, else gate-hook actions."""
     import torch
 
     weight = handle.adapter.site("mlp.down")[layer].weight
-    masks = artifact.masks[spec.neuron_set][:, layer].bool()  # [K, d_ff]
-    k = artifact.lang_index(spec.target)
+    masks = neurons.masks[spec.neuron_set][:, layer].bool()  # [K, d_ff]
+    k = neurons.lang_index(spec.target)
     target = masks[k]
-    chosen = [i for i, code in enumerate(artifact.languages) if i != k and (spec.others_langs is None or
+    chosen = [i for i, code in enumerate(neurons.languages) if i != k and (spec.others_langs is None or
                                                                            code in spec.others_langs)]
     others = masks[chosen].any(dim=0) & ~target  # a shared neuron is the target's
     groups = [(target, spec.op, spec.value, spec.source, spec.stat)]
@@ -87,7 +87,7 @@ def plan_layer(handle: ModelHandle, artifact: NeuronSet, spec: PatchSpec, layer:
         idx = mask.nonzero().flatten()  # int64 [n], CPU
         if idx.numel() == 0 or _is_identity(op, value, source, stat):
             continue
-        values = None if stat is not None else _stored_values(artifact, spec, idx, value, source, layer)
+        values = None if stat is not None else _stored_values(neurons, spec, idx, value, source, layer)
         if weight_edit and values is not None and (op == "mul" or (op == "set" and value == 0)):
             edit_idx.append(idx)
             edit_scale.append(values if op == "mul" else torch.zeros_like(values))
@@ -99,34 +99,34 @@ def plan_layer(handle: ModelHandle, artifact: NeuronSet, spec: PatchSpec, layer:
     return plan
 
 
-def check_artifact(handle: ModelHandle, artifact: NeuronSet, spec: PatchSpec) -> None:
-    """The artifact fits the model and holds the spec's neuron set and target language."""
+def check_artifact(handle: ModelHandle, neurons: NeuronSet, spec: PatchSpec) -> None:
+    """The neuron set fits the model and holds the spec's neuron set and target language."""
     adapter = handle.adapter
-    if (artifact.n_layers, artifact.d_ff) != (adapter.n_layers, adapter.d_ff):
-        raise UserError(f"the neuron artifact has {artifact.n_layers} layers x {artifact.d_ff} neurons but the "
+    if (neurons.n_layers, neurons.d_ff) != (adapter.n_layers, adapter.d_ff):
+        raise UserError(f"the neuron set has {neurons.n_layers} layers x {neurons.d_ff} neurons but the "
                         f"model has {adapter.n_layers} x {adapter.d_ff}: identify neurons for this model first")
-    if spec.neuron_set not in artifact.masks:
-        raise UserError(f"patch.neuron_set={spec.neuron_set} is not in the artifact: use one of "
-                        f"{', '.join(artifact.masks)}")
-    if spec.target not in artifact.languages:
-        raise UserError(f"lang={spec.target} has no neurons in the artifact: recorded languages are "
-                        f"{' '.join(artifact.languages)}")
+    if spec.neuron_set not in neurons.masks:
+        raise UserError(f"patch.neuron_set={spec.neuron_set} is not in the neuron set: use one of "
+                        f"{', '.join(neurons.masks)}")
+    if spec.target not in neurons.languages:
+        raise UserError(f"lang={spec.target} has no neurons in the neuron set: recorded languages are "
+                        f"{' '.join(neurons.languages)}")
 
 
 # --- the patch: a context manager ------------------------------------------------------------------------
 
 class Patch:
-    """``with Patch(handle, artifact, spec): ...`` patches the model inside the block, restores it on exit.
+    """``with Patch(handle, neurons, spec): ...`` patches the model inside the block, restores it on exit.
 
     ``weight_edit=False`` runs multiply and set-0 in the hook instead (for tests and benchmarks).
     """
 
-    def __init__(self, handle: ModelHandle, artifact: NeuronSet, spec: PatchSpec, *,
+    def __init__(self, handle: ModelHandle, neurons: NeuronSet, spec: PatchSpec, *,
                  weight_edit: bool = True) -> None:
-        check_artifact(handle, artifact, spec)
-        self.handle, self.artifact, self.spec, self.weight_edit = handle, artifact, spec, weight_edit
+        check_artifact(handle, neurons, spec)
+        self.handle, self.neurons, self.spec, self.weight_edit = handle, neurons, spec, weight_edit
         self.layers = check_layers(spec.layers, handle.adapter.n_layers)
-        all_plans = [plan_layer(handle, artifact, spec, layer, weight_edit) for layer in self.layers]
+        all_plans = [plan_layer(handle, neurons, spec, layer, weight_edit) for layer in self.layers]
         self.neurons_per_layer = [0] * handle.adapter.n_layers  # target neurons patched in each layer
         self.others_per_layer = [0] * handle.adapter.n_layers
         for plan in all_plans:

@@ -285,7 +285,7 @@ def record_language(handle: ModelHandle, sentences: list[str], max_tokens: int |
 def language_stats(handle: ModelHandle, sentences: list[str], max_tokens: int | None, n_stat: int,
                    prefix: Prefix, batch_size: int, desc: str = "record",
                    progress: RecordingBar | None = None) -> dict[str, torch.Tensor]:
-    """One language's statistics as tensors (the unit the artifact cache stores)."""
+    """One language's statistics as tensors (the unit the cache stores)."""
     found = record_language(handle, sentences, max_tokens, n_stat, prefix, batch_size, desc, progress)
     return {"counts": found.counts, "tokens": torch.tensor(found.tokens), "sentences": torch.tensor(found.sentences),
             "p_max": found.means.max(dim=0).values, "p_median": found.means.median(dim=0).values,

@@ -1,7 +1,7 @@
 """When a re-run may skip a cell: its results.json holds the same config hash (the resolved config, the code version
 left in, the machine settings left out) and, for factor=best / method=best, the winner the store still holds.
 
-The winner is resolved after the model loads (it is keyed by the model and neuron artifact), the skip is decided
+The winner is resolved after the model loads (it is keyed by the model and neuron set), the skip is decided
 before: so a cell records the winner it ran (kind, cache key, the entry) and a re-run compares it with that
 cache entry as it is now. No entry there (another machine's cache) leaves the recorded winner standing.
 Light imports only: a dry run and a skipped cell load no torch.

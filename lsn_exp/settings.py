@@ -216,7 +216,8 @@ def eval_settings(eval_cfg) -> EvalSettings:
                                                                                              cfg["limits"]).items()}
     bad = [f for f in limits if f not in TASK_FAMILIES and f not in families]
     if bad:
-        raise UserError(f"eval.limits names unknown tasks {bad}: use {', '.join(TASK_FAMILIES)} or a task of eval.tasks")
+        raise UserError(f"eval.limits names unknown tasks {bad}: use {', '.join(TASK_FAMILIES)} or a task of "
+                        f"eval.tasks")
     mt_prompt = str(cfg["mt_prompt"])
     if mt_prompt not in MT_PROMPTS:
         raise UserError(f"eval.mt_prompt={mt_prompt} is not allowed: use one of {', '.join(MT_PROMPTS)}")
@@ -350,9 +351,10 @@ def parse_job(cfg) -> JobSettings:
     if folder is not None:
         folder = checks.text("identify.from", folder, hint="a neuron folder (python -m lsn_exp.neurons export)")
     return JobSettings(
-        config=job, model=OmegaConf.create(job["model"]), stage=str(job.get("stage")), target=target, factor=parse_factor(job.get("factor")),
-        method=str(job.get("method_name", "neurons")), seed=int(job.get("seed", 0)),
-        force=bool(job.get("force", False)), dry_run=bool(job.get("dry_run", False)), identify=identify_settings(job["identify"]), neurons_from=folder,
+        config=job, model=OmegaConf.create(job["model"]), stage=str(job.get("stage")), target=target,
+        factor=parse_factor(job.get("factor")), method=str(job.get("method_name", "neurons")),
+        seed=int(job.get("seed", 0)), force=bool(job.get("force", False)), dry_run=bool(job.get("dry_run", False)),
+        identify=identify_settings(job["identify"]), neurons_from=folder,
         lss=lss_settings(job["lss"]), factor_search=factor_search_settings(job["lss"]),
         eval=eval_settings(job["eval"]), generate=generate_settings(job.get("generate")),
         compare=compare_settings(job["compare"]), threads=checks.threads(job.get("threads")),

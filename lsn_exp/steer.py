@@ -28,32 +28,32 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def steering_vectors(artifact: NeuronSet, spec: SteerSpec, n_layers: int) -> dict:
+def steering_vectors(neurons: NeuronSet, spec: SteerSpec, n_layers: int) -> dict:
     """layer -> float32 [d_model]: alpha x the scaled DiffMean vector of the target, for every chosen layer."""
     import torch
 
     layers = check_layers(spec.layers, n_layers, "steer.layers")
-    v = artifact.diffmean(spec.target)  # [L, d_model]
+    v = neurons.diffmean(spec.target)  # [L, d_model]
     out = {}
     for layer in layers:
         vector = v[layer].to(torch.float32)
         if spec.scale != "none":
             vector = vector / vector.norm().clamp(min=1e-12)
         if spec.scale == "resid_norm":
-            vector = vector * artifact.resid_norm[:, layer].mean()
+            vector = vector * neurons.resid_norm[:, layer].mean()
         out[layer] = spec.alpha * vector
     return out
 
 
 class Steer:
-    """``with Steer(handle, artifact, spec): ...`` adds the vectors inside the block, removes every hook on exit.
+    """``with Steer(handle, neurons, spec): ...`` adds the vectors inside the block, removes every hook on exit.
 
     ``norm_ratio``: per layer, the mean over steered positions of ||(h + αv) − h|| / ||αv||, h + αv as the model's
     dtype computed it: in bf16 a vector far smaller than the residual partly rounds away (one warning per block)."""
 
-    def __init__(self, handle: ModelHandle, artifact: NeuronSet, spec: SteerSpec):
+    def __init__(self, handle: ModelHandle, neurons: NeuronSet, spec: SteerSpec):
         self.handle, self.spec = handle, spec
-        self.vectors = {} if spec.is_noop else steering_vectors(artifact, spec, handle.adapter.n_layers)
+        self.vectors = {} if spec.is_noop else steering_vectors(neurons, spec, handle.adapter.n_layers)
         self._hooks: list = []
         self._tally = {layer: [0.0, 0] for layer, v in self.vectors.items() if v.norm() > 0}  # [ratio sum, positions]
         self._start: dict = {}
@@ -116,10 +116,10 @@ def _adder(vector, requested: float, tally: list | None):
 class Intervened:
     """The active form of an Intervention: the neuron patch and the steer, entered and left together."""
 
-    def __init__(self, handle: ModelHandle, artifact: NeuronSet, spec: Intervention):
+    def __init__(self, handle: ModelHandle, neurons: NeuronSet, spec: Intervention):
         self.spec = spec
-        self.patch = Patch(handle, artifact, spec.patch)
-        self.steer = None if spec.steer is None or spec.steer.is_noop else Steer(handle, artifact, spec.steer)
+        self.patch = Patch(handle, neurons, spec.patch)
+        self.steer = None if spec.steer is None or spec.steer.is_noop else Steer(handle, neurons, spec.steer)
         self._stack: ExitStack | None = None
 
     @property
@@ -146,6 +146,6 @@ class Intervened:
                        steer=None if self.steer is None else self.spec.steer.describe(), steer_norm_ratio=ratio)
 
 
-def intervene(handle: ModelHandle, artifact: NeuronSet, spec: PatchSpec | Intervention):
+def intervene(handle: ModelHandle, neurons: NeuronSet, spec: PatchSpec | Intervention):
     """The context manager that applies ``spec`` (a neuron patch, or a patch plus a steering vector)."""
-    return Patch(handle, artifact, spec) if isinstance(spec, PatchSpec) else Intervened(handle, artifact, spec)
+    return Patch(handle, neurons, spec) if isinstance(spec, PatchSpec) else Intervened(handle, neurons, spec)

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bf16_check.py [--model gemma3_270m] [--targets id,ja] [--n-facts 185]
 
-Loads the model twice (fp32, bf16) on the CPU, takes the fp32 neuron artifact (default identification, cached)
+Loads the model twice (fp32, bf16) on the CPU, takes the fp32 neuron set (default identification, cached)
 for both, and scores the 15-source x len(targets) LSS matrix with a no-op patch (x1) and with pmax. Both dtypes
 take the unpatched scores from a run in the patched run's own layout (LssEvaluator.paired_layout, every dtype
 since LSS_VERSION 4); the 1.63-nat bf16 figure in conf/lss/default.yaml is from the earlier shared columns.
@@ -27,7 +27,7 @@ from lsn_exp.specs import PatchSpec
 SPECS = {"noop": lambda t: PatchSpec(t, op="mul", value=1.0), "pmax": lambda t: PatchSpec(t, op="set", source="pmax")}
 
 
-def shifts(handle, artifact, cfg, store, names) -> dict:
+def shifts(handle, neurons, cfg, store, names) -> dict:
     """name -> (cells, {(source, target): per-fact shift [N] with NaN for skipped facts})."""
     evaluator = lss.LssEvaluator(handle, cfg, None, store)
     if not evaluator.paired_layout():
@@ -38,7 +38,7 @@ def shifts(handle, artifact, cfg, store, names) -> dict:
         start = time.time()
         cells, per_fact = [], {}
         for target in evaluator.settings.targets:
-            by_source, _, _, _ = evaluator.deltas(artifact, spec_for(target))
+            by_source, _, _, _ = evaluator.deltas(neurons, spec_for(target))
             for source, shift in by_source.items():
                 per_fact[(source, target)] = shift
                 cells.append(metrics.lss_cell(source, target, shift, evaluator.settings.tol, 0, 0))
@@ -55,14 +55,14 @@ def main() -> None:
     parser.add_argument("--fp32-specs", default="noop,pmax")
     args = parser.parse_args()
     model_cfg = OmegaConf.load(CONF_DIR / "model" / f"{args.model}.yaml")
-    fp32, artifact = identify.load_with_artifact(args.model)
+    fp32, neurons = identify.load_with_neurons(args.model)
     bf16 = models.load(OmegaConf.merge(model_cfg, {"dtype": "bfloat16", "device": "cpu"}))
     cfg = lss_settings({"n_facts": args.n_facts, "targets": args.targets.split(","), "bootstrap": 0})
     store = CacheStore.for_model(args.model)
     results = {}
     for name, handle, names in (("float32", fp32, args.fp32_specs.split(",")), ("bfloat16", bf16, list(SPECS))):
         print(f"{name}:")
-        results[name] = shifts(handle, artifact, cfg, store, names)
+        results[name] = shifts(handle, neurons, cfg, store, names)
     tols = {name: default_tol(name) for name in results}
     for name, by_spec in results.items():
         if "noop" not in by_spec:

@@ -5,7 +5,7 @@
     .venv/bin/python scripts/bf16_table.py --quick    # smoke run: 3 languages at 150 tokens, 2 facts, 1 prompt
 
 Per model, each dtype runs the job's own steps (a composed config with model.dtype=float32 | bfloat16 on the CPU,
-one fresh artifact cache, so nothing recorded before is reused):
+one fresh cache, so nothing recorded before is reused):
 - identification of all 18 languages at --max-tokens per language; the two dtypes alternate in chunks of --chunk
   languages (each chunk's build records only its new languages), so both see the same machine state;
 - the Jaccard overlap of each language's LAPE set, bf16 against fp32;
@@ -45,7 +45,7 @@ QUICK = {"languages": "en,id,fr", "max_tokens": 150, "n_facts": 2, "targets": "i
 
 
 def contexts(model: str, args) -> dict:
-    """dtype -> the job's context after load_model (fp32 and bf16 of ``model`` on the CPU, one artifact cache)."""
+    """dtype -> the job's context after load_model (fp32 and bf16 of ``model`` on the CPU, one cache)."""
     found = {}
     for dtype in DTYPES:
         overrides = [f"model={model}", f"model.dtype={dtype}", "model.device=cpu", f"cache_dir={args.cache}",
@@ -59,7 +59,7 @@ def contexts(model: str, args) -> dict:
 
 
 def identify_side_by_side(ctxs: dict, args) -> dict:
-    """dtype -> identification seconds; each context gets its artifact through the job's identify step."""
+    """dtype -> identification seconds; each context gets its neuron set through the job's identify step."""
     langs = list(ctxs[DTYPES[0]].settings.identify.languages)
     seconds = dict.fromkeys(ctxs, 0.0)
     for stop in range(max(args.chunk, 2), len(langs) + args.chunk, args.chunk):
@@ -94,7 +94,7 @@ def lss_side_by_side(ctxs: dict, args) -> tuple[dict, dict]:
     for target in args.targets:
         for dtype, ctx in ctxs.items():
             start = time.perf_counter()
-            cells[dtype][target] = evaluators[dtype].score(ctx.artifact, spec_for(ctx, target)).cells
+            cells[dtype][target] = evaluators[dtype].score(ctx.neurons, spec_for(ctx, target)).cells
             seconds[dtype] += time.perf_counter() - start
     means = {d: {t: checklib.lss_mean(c) for t, c in by.items()} for d, by in cells.items()}
     for dtype, by in cells.items():
@@ -112,7 +112,7 @@ def steering_side_by_side(ctxs: dict, args) -> tuple[dict, dict]:
             prompts = prompt_split(settings, ctx.data_root).report
             start = time.perf_counter()
             summary, _ = generate.steering(ctx.model_handle, prompts, target, settings,
-                                           intervene(ctx.model_handle, ctx.artifact, spec_for(ctx, target)), "",
+                                           intervene(ctx.model_handle, ctx.neurons, spec_for(ctx, target)), "",
                                            unpatched[dtype], None)
             seconds[dtype] += time.perf_counter() - start
             found[dtype][target] = summary["all"]["patched"]
@@ -133,7 +133,7 @@ def model_rows(model: str, args) -> list[list]:
     """The table's rows for one model (every measure, fp32 | bf16 | difference or speed-up)."""
     ctxs = contexts(model, args)
     id_s = identify_side_by_side(ctxs, args)
-    art = {d: ctxs[d].artifact for d in DTYPES}
+    art = {d: ctxs[d].neurons for d in DTYPES}
     tokens = {d: int(sum(art[d].meta.get("tokens", []))) for d in DTYPES}
     sizes = {d: "{} / {}".format(*checklib.lape_size(art[d])) for d in DTYPES}
     overlap = jaccard(art["float32"].masks["lape"], art["bfloat16"].masks["lape"])

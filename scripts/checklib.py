@@ -1,4 +1,4 @@
-"""What scripts/gpu_check.py and scripts/bf16_table.py share: a job's config composed in-process, a fresh artifact
+"""What scripts/gpu_check.py and scripts/bf16_table.py share: a job's config composed in-process, a fresh
 cache beside the converted models, stages that fail alone, LSS means with fact-bootstrap CIs, the machine's name,
 markdown."""
 
@@ -60,15 +60,15 @@ def identify_timed(ctx: job.JobContext) -> dict:
     job.identify_neurons(ctx)
     synchronize(ctx.model_handle.device)
     seconds = time.perf_counter() - start
-    tokens = int(sum(ctx.artifact.meta.get("tokens", [])))
-    distinct, summed = lape_size(ctx.artifact)
+    tokens = int(sum(ctx.neurons.meta.get("tokens", [])))
+    distinct, summed = lape_size(ctx.neurons)
     return {"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
-            "lape_distinct": distinct, "lape_summed": summed, "languages": len(ctx.artifact.languages)}
+            "lape_distinct": distinct, "lape_summed": summed, "languages": len(ctx.neurons.languages)}
 
 
-def lape_size(artifact) -> tuple[int, int]:
+def lape_size(neurons) -> tuple[int, int]:
     """(distinct neurons in any language's LAPE set, neurons summed over languages)."""
-    lape = artifact.masks["lape"]
+    lape = neurons.masks["lape"]
     return int(lape.any(dim=0).sum()), int(lape.sum())
 
 

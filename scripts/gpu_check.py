@@ -5,7 +5,7 @@
 
 Per model, each stage guarded (a failure is a row of the table and the next stage runs):
   identify  the job's load_model and identify_neurons steps (composed config, model.dtype=bfloat16, all 18
-            languages at identify.max_tokens per language, a fresh artifact cache): tokens/s, LAPE set size
+            languages at identify.max_tokens per language, a fresh cache): tokens/s, LAPE set size
   no-ops    every patch kind of lsn_exp.noops in its no-op form, LSS shifts over --n-facts facts from every source
             toward each of --targets, on the LAPE sets widened by --noop-share of each layer at random: "any" kinds
             on those neurons live, the others on them made dead (noops.dead_neurons); every shift must be exactly
@@ -80,16 +80,16 @@ def identify_stage(model: str, args):
     return rows, ctx
 
 
-def widened(artifact, share: float, seed: int = 0):
-    """``artifact`` with every language's LAPE set widened by a random ``share`` of each layer's neurons (a no-op
+def widened(neurons, share: float, seed: int = 0):
+    """``neurons`` with every language's LAPE set widened by a random ``share`` of each layer's neurons (a no-op
     must stay exact however many neurons its hooks touch; a 300-token LAPE set may have none for a target)."""
     gen = torch.Generator().manual_seed(seed)
-    lape = artifact.masks["lape"] | (torch.rand(artifact.masks["lape"].shape, generator=gen) < share)
-    return dataclasses.replace(artifact, masks={**artifact.masks, "lape": lape})
+    lape = neurons.masks["lape"] | (torch.rand(neurons.masks["lape"].shape, generator=gen) < share)
+    return dataclasses.replace(neurons, masks={**neurons.masks, "lape": lape})
 
 
 def noop_stage(ctx, args):
-    handle, artifact = ctx.model_handle, widened(ctx.artifact, args.noop_share)
+    handle, neurons = ctx.model_handle, widened(ctx.neurons, args.noop_share)
     lss_cfg = lss_settings({"n_facts": args.n_facts, "sources": args.sources, "targets": args.targets, "bootstrap": 0})
     stores = {name: CacheStore(args.cache / "noops" / ctx.settings.model.name / name) for name in ("real", "dead")}
     real, dead = (lss.LssEvaluator(handle, lss_cfg, ctx.data_root, stores[n]) for n in ("real", "dead"))
@@ -98,8 +98,8 @@ def noop_stage(ctx, args):
              f"LAPE + {args.noop_share:.0%} of each layer at random, live or dead", None)]
     found = {}  # kind -> (max |shift|, wins, scored facts, what the patch installed)
     for kind in (k for k in kinds if k.needs == noops.ANY):
-        found[kind.name] = noop_shifts(real, artifact, kind)
-    with noops.dead_neurons(handle, artifact.masks["lape"], artifact.languages) as dead_artifact:
+        found[kind.name] = noop_shifts(real, neurons, kind)
+    with noops.dead_neurons(handle, neurons.masks["lape"], neurons.languages) as dead_artifact:
         for kind in (k for k in kinds if k.needs != noops.ANY):
             found[kind.name] = noop_shifts(dead, dead_artifact, kind)
     exact = real.paired_layout()
@@ -111,12 +111,12 @@ def noop_stage(ctx, args):
     return rows, found
 
 
-def noop_shifts(evaluator, artifact, kind) -> tuple[float, int, int, str]:
+def noop_shifts(evaluator, neurons, kind) -> tuple[float, int, int, str]:
     """(max |shift|, wins, scored facts, what the patch installed) of ``kind`` toward every target."""
     top, wins, n, summary = 0.0, 0, 0, ""
     for target in evaluator.settings.targets:
         try:
-            shifts, patch, _, _ = evaluator.deltas(artifact, kind.build(target))
+            shifts, patch, _, _ = evaluator.deltas(neurons, kind.build(target))
         except Exception as exc:  # this kind fails alone: the others are still scored
             traceback.print_exc()
             return float("nan"), wins, n, f"toward {target}: {type(exc).__name__}: {exc}"[:300]
@@ -177,12 +177,13 @@ def lss_roofline(ctx, args) -> tuple:
     from roofline import ScoringWork
 
     handle, target = ctx.model_handle, args.targets[0]
-    evaluator = lss.LssEvaluator(handle, lss_settings({"n_facts": args.n_facts, "sources": args.sources, "bootstrap": 0}),
+    sample = lss_settings({"n_facts": args.n_facts, "sources": args.sources, "bootstrap": 0})
+    evaluator = lss.LssEvaluator(handle, sample,
                                  ctx.data_root, None)
     _, _, scored = evaluator._requests_toward(target)
     work = ScoringWork.of(evaluator.lm, [inst.args for inst in scored])
     spec = PatchSpec(target, op="set", source="pmax")
-    with intervene(handle, ctx.artifact, spec):
+    with intervene(handle, ctx.neurons, spec):
         lmeval.loglikelihoods(evaluator.lm, scored[: min(64, len(scored))])  # warm-up
         checklib.synchronize(handle.device)
         start = time.perf_counter()
@@ -200,7 +201,7 @@ def compare_stage(ctx, args):
     cfg = checklib.composed(*base_overrides(ctx.settings.model.name, args), "+experiment=compare_methods",
                             f"compare.targets=[{target}]", *sizes)
     start = time.time()
-    found, _, tests = compare.compare(cfg, ctx.model_handle, ctx.artifact, ctx.data_root, ctx.store, ctx.artifact_key)
+    found, _, tests = compare.compare(cfg, ctx.model_handle, ctx.neurons, ctx.data_root, ctx.store, ctx.neurons_key)
     rows = []
     for row in found:
         lo, hi = row["steering_success_ci"] or (float("nan"), float("nan"))

@@ -23,12 +23,12 @@ from lsn_exp.specs import PatchSpec, parse_factor
 NEUTRAL = data.prompts_from_file(REPO_ROOT / "scripts" / "neutral_prompts.yaml")["en"]
 
 
-def steering_counts(handle, artifact, neuron_set: str, factor: str, targets: list[str]) -> dict:
+def steering_counts(handle, neurons, neuron_set: str, factor: str, targets: list[str]) -> dict:
     patch_cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "patch" / "default.yaml"), {"neuron_set": neuron_set})
     out = {}
     for target in targets:
         spec = PatchSpec.from_config(patch_cfg, parse_factor(factor), target)
-        gens = generate.generate_labelled(handle, NEUTRAL, patch=Patch(handle, artifact, spec), fluency=False)
+        gens = generate.generate_labelled(handle, NEUTRAL, patch=Patch(handle, neurons, spec), fluency=False)
         out[target] = gens
     return out
 
@@ -40,11 +40,11 @@ def main() -> None:
     parser.add_argument("--factors", default="pmax,pmedian,5")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    handle, artifact = identify.load_with_artifact(args.model)
-    targets = [code for code in artifact.languages if code != "en"]
+    handle, neurons = identify.load_with_neurons(args.model)
+    targets = [code for code in neurons.languages if code != "en"]
     unpatched = generate.generate_labelled(handle, NEUTRAL, fluency=False)
     columns = [(s, f) for s in args.sets.split(",") for f in args.factors.split(",")]
-    results = {col: steering_counts(handle, artifact, col[0], col[1], targets) for col in columns}
+    results = {col: steering_counts(handle, neurons, col[0], col[1], targets) for col in columns}
     lines = ["| target | unpatched | " + " | ".join(f"{s} {f}" for s, f in columns) + " |",
              "|---|---|" + "---|" * len(columns)]
     for t in targets:

@@ -86,7 +86,7 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subpro
                           text=True, timeout=timeout, env=full_env)
 
 
-def synthetic_artifact(handle, languages: list[str], rate: float = 0.1, seed: int = 0):
+def synthetic_neurons(handle, languages: list[str], rate: float = 0.1, seed: int = 0):
     """Random neuron sets (about ``rate`` of each layer) for ``languages``, p_max > p_median > 0."""
     from lsn_exp.neuronset import NeuronSet
 

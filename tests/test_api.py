@@ -47,8 +47,8 @@ def test_identify_runs_the_cli_code_path_and_cache(user_model, neurons, data_roo
     built = identify.build(cfg, api.handle(model), data_root, store, seed=0)
     assert built.recorded
     for name in ("lape", "baseline", "random"):
-        assert torch.equal(built.artifact.masks[name], neurons.masks[name])
-    assert torch.equal(built.artifact.p_max, neurons.p_max)
+        assert torch.equal(built.neurons.masks[name], neurons.masks[name])
+    assert torch.equal(built.neurons.p_max, neurons.p_max)
     again = identify.build(cfg, api.handle(model), data_root, store, seed=0)
     assert not again.recorded  # cached under the in-memory model's weights identity
 

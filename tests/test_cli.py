@@ -111,12 +111,12 @@ def test_bad_settings_fail_in_one_line_before_any_model_loads(override, expected
 
 
 @pytest.mark.parametrize("best, expected", [
-    ("factor=best", "factor=best: no factor search matches this model, neuron artifact"),
-    ("method=best", "method=best: no compare run matches this model, neuron artifact"),
+    ("factor=best", "factor=best: no factor search matches this model, neuron set"),
+    ("method=best", "method=best: no compare run matches this model, neuron set"),
 ])
 @pytest.mark.slow  # two CLI jobs that load the tiny model (about 25 s): in `make test-slow`
 def test_best_without_a_matching_search_stops_before_anything_is_recorded(best, expected, tmp_path):
-    """The search is looked up by the neuron artifact's key, computed before identification records anything."""
+    """The search is looked up by the neuron set's key, computed before identification records anything."""
     cache = fresh_cache(tmp_path)
     result = run_cli("model=tiny", best, "stage=lss", "lang=fr", "identify.languages=[en,fr]",
                      "identify.max_tokens=300", "patch.neuron_set=baseline", "lss.n_facts=2", "lss.sources=[en]",

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import sacrebleu
 import torch
-from conftest import synthetic_artifact
+from conftest import synthetic_neurons
 
 from lsn_exp import data, downstream, lmeval, metrics, outputs
 from lsn_exp.cache import CacheStore
@@ -202,7 +202,7 @@ def run(tiny, data_root, tmp_path_factory):
     evaluator = downstream.DownstreamEvaluator(tiny, eval_settings(cfg), data_root, store)
     spec = PatchSpec.from_config({"neuron_set": "lape"}, parse_factor("pmax"), "id")
     out_dir = tmp_path_factory.mktemp("job")
-    result, mt_rows = evaluator.score(synthetic_artifact(tiny, list(data.LANG_ORDER)), spec)
+    result, mt_rows = evaluator.score(synthetic_neurons(tiny, list(data.LANG_ORDER)), spec)
     tables = outputs.downstream_tables(result, mt_rows, out_dir)
     return {"evaluator": evaluator, "result": result, "mt_rows": mt_rows, "tables": tables, "store": store,
             "cfg": cfg}
@@ -257,7 +257,7 @@ def test_cached_baseline_and_noop_patch(run, tiny, data_root, tmp_path):
     evaluator = downstream.DownstreamEvaluator(tiny, eval_settings(cfg), data_root, run["store"])
     assert evaluator.unpatched_cached and all(evaluator.unpatched_cached.values())
     noop = PatchSpec.from_config({"neuron_set": "lape"}, parse_factor(1), "id")
-    result, _ = evaluator.score(synthetic_artifact(tiny, list(data.LANG_ORDER)), noop)
+    result, _ = evaluator.score(synthetic_neurons(tiny, list(data.LANG_ORDER)), noop)
     assert set(result.tasks) == {"xcopa_local_id", "xcopa_local_th", "flores_mt_id", "flores_mt_ja", "flores_mt_th",
                                  "flores_ppl_id", "flores_ppl_ja", "flores_ppl_th"}
     assert all(t.unpatched_cached for t in result.tasks.values())
@@ -266,14 +266,16 @@ def test_cached_baseline_and_noop_patch(run, tiny, data_root, tmp_path):
             # the cached baseline was scored in other batches (all tasks at once): fp32 noise only
             assert cell.delta == pytest.approx(0, abs=1e-4), (name, metric, cell)
     # a different limit is a different baseline
-    other = downstream.DownstreamEvaluator(tiny, eval_settings({**cfg, "tasks": ["xcopa"], "langs": ["id"], "limit": 3}), data_root,
+    narrower = eval_settings({**cfg, "tasks": ["xcopa"], "langs": ["id"], "limit": 3})
+    other = downstream.DownstreamEvaluator(tiny, narrower, data_root,
                                            run["store"])
     assert other.unpatched_cached == {"xcopa_local_id": False}
 
 
 def test_translation_scores_do_not_depend_on_batch_size(tiny, data_root):
     cfg = {"tasks": ["flores_mt"], "langs": ["fr", "ja", "th", "zh"], "limit": 4}
-    runs = {bs: downstream.DownstreamEvaluator(tiny, eval_settings({**cfg, "batch_size": bs}), data_root, None) for bs in (1, 8)}
+    runs = {bs: downstream.DownstreamEvaluator(tiny, eval_settings({**cfg, "batch_size": bs}), data_root, None)
+            for bs in (1, 8)}
     assert runs[1].lm.batch_size == 1 and runs[8].lm.batch_size == 8
     for ref in runs[1].refs:
         one, eight = runs[1].unpatched[ref.name], runs[8].unpatched[ref.name]

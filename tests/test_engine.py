@@ -42,16 +42,17 @@ class CountingEngine(HFEngine):
 
 def run_stages(handle, data_root, tmp_path) -> dict:
     """Identification, LSS toward fr, XCOPA under the same patch and generation, on ``handle``."""
-    artifact = identify.build(identify_settings(IDENTIFY), handle, data_root, CacheStore(tmp_path), seed=0).artifact
+    neurons = identify.build(identify_settings(IDENTIFY), handle, data_root, CacheStore(tmp_path), seed=0).neurons
     spec = PatchSpec("fr", op="set", source="pmax")
     scored = lss.LssEvaluator(handle, lss_settings({"n_facts": 3, "sources": ["en", "ja"], "bootstrap": 0}), data_root,
-                              None).score(artifact, spec)
-    tasks, _ = downstream.DownstreamEvaluator(handle, eval_settings({"tasks": ["xcopa"], "langs": ["id"], "limit": 4}), data_root,
-                                              None).score(artifact, spec)
+                              None).score(neurons, spec)
+    xcopa = eval_settings({"tasks": ["xcopa"], "langs": ["id"], "limit": 4})
+    tasks, _ = downstream.DownstreamEvaluator(handle, xcopa, data_root,
+                                              None).score(neurons, spec)
     settings = generate_settings({"sources": ["en"], "n_prompts": 2, "max_new_tokens": 4})
     summary, rows = generate.steering(handle, generate.prompt_sets(settings, data_root), "fr", settings,
-                                      engine_of(handle).intervene(artifact, spec))
-    return {"p_max": artifact.p_max, "lss": dataclasses.asdict(scored)["cells"],
+                                      engine_of(handle).intervene(neurons, spec))
+    return {"p_max": neurons.p_max, "lss": dataclasses.asdict(scored)["cells"],
             "xcopa": dataclasses.asdict(tasks)["tasks"], "rows": rows}
 
 

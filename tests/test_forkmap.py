@@ -10,7 +10,7 @@ import sys
 import psutil
 import pytest
 import torch
-from conftest import synthetic_artifact
+from conftest import synthetic_neurons
 from test_lss import _lss_instances
 
 from lsn_exp import data, forkmap, lmeval, preflight, sharedprompts
@@ -32,14 +32,14 @@ def test_forked_map_keeps_item_order_and_reports_every_result_in_the_parent():
 
 
 def test_scores_with_two_processes_equal_one_process_bit_for_bit(tiny, data_root, monkeypatch):
-    artifact = synthetic_artifact(tiny, list(data.LSS_LANGS))
+    neurons = synthetic_neurons(tiny, list(data.LSS_LANGS))
     instances = _lss_instances(data_root, n_facts=5)  # 10 prompts: batches of 1 give each process 5
     forks = []
     fork = forkmap._fork
     monkeypatch.setattr(forkmap, "_fork", lambda *a: forks.append(1) or fork(*a))
     monkeypatch.setattr(sharedprompts, "FORK_MIN_REQUESTS", 1)  # 20 requests: fork anyway
     threads = torch.get_num_threads()
-    for patch in (None, Patch(tiny, artifact, PatchSpec(target="fr", op="set", source="pmax"))):
+    for patch in (None, Patch(tiny, neurons, PatchSpec(target="fr", op="set", source="pmax"))):
         scores = {}
         for processes in (1, 2):
             lm = lmeval.hflm(tiny, 1)

@@ -88,8 +88,8 @@ def test_artifact_cache_reuses_recomputes_on_key_change_and_recovers_from_damage
     first = identify.build(_identify_cfg(), tiny, data_root, store, seed=0)
     again = identify.build(_identify_cfg(), tiny, data_root, store, seed=0)
     assert first.recorded and not again.recorded
-    assert torch.equal(first.artifact.masks["lape"], again.artifact.masks["lape"])
-    assert torch.equal(first.artifact.p_max, again.artifact.p_max)
+    assert torch.equal(first.neurons.masks["lape"], again.neurons.masks["lape"])
+    assert torch.equal(first.neurons.p_max, again.neurons.p_max)
     assert identify.build(_identify_cfg(max_tokens=500), tiny, data_root, store, seed=0).recorded
     reselected = identify.build(_identify_cfg(top_rate=0.02), tiny, data_root, store, seed=0)
     assert not reselected.recorded and reselected.key != first.key
@@ -99,7 +99,7 @@ def test_artifact_key_is_builds_key_computed_without_recording(tiny, data_root, 
     """factor=best / method=best look their search up by this key before a job records (lsn_exp.job)."""
     store = CacheStore(tmp_path)
     for cfg, seed in ((_identify_cfg(), 0), (_identify_cfg(languages=["en", "fr"], top_rate=0.02), 3)):
-        key = identify.artifact_key(cfg, tiny, data_root, seed)
+        key = identify.neurons_key(cfg, tiny, data_root, seed)
         assert not any(tmp_path.iterdir())
         assert identify.build(cfg, tiny, data_root, store, seed=seed).key == key
         for entry in list(tmp_path.iterdir()):
@@ -137,7 +137,8 @@ def test_lss_and_downstream_unpatched_keys_hold_dtype_device_and_version(tiny, d
     evaluator = lss.LssEvaluator(tiny, lss_settings({"n_facts": 2, "sources": ["en"]}), data_root, None)
     spec = evaluator.unpatched.spec("en", "fr")
     assert (spec["dtype"], spec["device"], spec["lss_version"]) == ("torch.float32", "cpu", lss.LSS_VERSION)
-    task_eval = downstream.DownstreamEvaluator(tiny, eval_settings({"tasks": ["xcopa"], "langs": ["id"], "limit": 2}), data_root,
+    xcopa = eval_settings({"tasks": ["xcopa"], "langs": ["id"], "limit": 2})
+    task_eval = downstream.DownstreamEvaluator(tiny, xcopa, data_root,
                                                None)
     spec = downstream.unpatched_spec(tiny, task_eval.refs[0], task_eval.root, task_eval.settings)
     assert (spec["dtype"], spec["device"], spec["version"]) == ("torch.float32", "cpu", downstream.DOWNSTREAM_VERSION)
@@ -154,13 +155,13 @@ def test_recordings_are_cached_per_language_and_damage_is_recomputed(tiny, data_
         break
     again = identify.build(_identify_cfg(), tiny, data_root, store, seed=0)
     assert again.recorded  # the damaged language was detected and recorded again
-    assert torch.equal(again.artifact.masks["lape"], grown.artifact.masks["lape"])
+    assert torch.equal(again.neurons.masks["lape"], grown.neurons.masks["lape"])
     assert not identify.build(_identify_cfg(), tiny, data_root, store, seed=0).recorded
 
 
 def test_sentence_statistics_span_real_sentences(tiny, data_root, tmp_path):
     result = identify.build(_identify_cfg(), tiny, data_root, CacheStore(tmp_path), seed=0)
-    art = result.artifact
+    art = result.neurons
     assert art.languages == ["en", "fr", "ja"]
     assert (art.p_max >= art.p_median).all()
     assert all(0 < t <= 600 for t in art.meta["tokens"])

@@ -156,6 +156,7 @@ def test_settings_are_parsed_once_and_stages_take_them_typed():
 
 def test_the_settings_walk_sees_parser_calls(tmp_path):
     module = tmp_path / "stage.py"
-    module.write_text("from omegaconf import DictConfig\n\n\ndef f(cfg: DictConfig):\n    return settings.lss_settings(cfg)\n")
+    module.write_text("from omegaconf import DictConfig\n\n\n"
+                      "def f(cfg: DictConfig):\n    return settings.lss_settings(cfg)\n")
     assert settings_parsed_in(module) == ["stage.py:1: DictConfig", "stage.py:4: DictConfig",
                                           "stage.py:5: lss_settings"]

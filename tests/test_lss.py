@@ -12,7 +12,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import synthetic_artifact
+from conftest import synthetic_neurons
 
 from lsn_exp import data, factorsearch, lmeval, lss, metrics, noops, outputs, sharedprompts
 from lsn_exp.cache import CacheStore
@@ -26,8 +26,8 @@ SOURCES = ["en", "ja", "th"]  # a spaced language and two written without spaces
 
 
 @pytest.fixture(scope="module")
-def artifact(tiny):
-    return synthetic_artifact(tiny, list(data.LSS_LANGS))
+def neurons(tiny):
+    return synthetic_neurons(tiny, list(data.LSS_LANGS))
 
 
 # --- prompts and data -----------------------------------------------------------------------------
@@ -157,12 +157,12 @@ def test_shared_prompt_path_matches_plain_hflm(family, data_root):
     assert sum(s[0] for s in calls) < len(instances)  # rows fed: far fewer than one per request
 
 
-def test_shared_prompt_path_under_a_patch_and_whole_rows_for_a_statistic(tiny, artifact, data_root):
+def test_shared_prompt_path_under_a_patch_and_whole_rows_for_a_statistic(tiny, neurons, data_root):
     instances = _lss_instances(data_root)
     lm = lmeval.hflm(tiny, 8)
     for spec in (PatchSpec(target="fr", op="set", source="pmax"), PatchSpec(target="fr", op="mul", value=3.0),
                  PatchSpec(target="fr", op="set", stat="max")):
-        with Patch(tiny, artifact, spec):
+        with Patch(tiny, neurons, spec):
             ours = lmeval.loglikelihoods(lm, instances)
             plain = [ll for ll, _ in _plain_hflm_scores(tiny, instances, batch_size=1)]  # no padding at all
         assert np.allclose(ours, plain, atol=1e-5, rtol=1e-6), spec
@@ -179,7 +179,7 @@ def test_shared_prompt_path_under_a_patch_and_whole_rows_for_a_statistic(tiny, a
 
     whole = lmeval.hflm(tiny, 8)
     whole.share_prompts = False
-    stat_patch = Patch(tiny, artifact, PatchSpec(target="fr", op="set", stat="max"))
+    stat_patch = Patch(tiny, neurons, PatchSpec(target="fr", op="set", stat="max"))
     assert tokens_fed(lm, stat_patch) == tokens_fed(whole) > 2 * tokens_fed(lm)  # a statistic: whole rows
 
 
@@ -255,11 +255,11 @@ def logprob(handle, prompt: str, continuation: str) -> float:
     return sum(logits[len(ctx) - 1 + k, tok].item() for k, tok in enumerate(cont))
 
 
-def test_three_hand_made_facts_match_lss_computed_by_hand(tiny, artifact, hand_root):
+def test_three_hand_made_facts_match_lss_computed_by_hand(tiny, neurons, hand_root):
     langs = ["en", "fr", "ja"]
     cfg = lss_settings({"n_facts": "all", "sources": langs, "targets": langs, "bootstrap": 200, "batch_size": 4})
     spec_for = lambda t: PatchSpec(t, op="mul", value=8.0)  # noqa: E731
-    result = lss.lss_matrix(tiny, artifact, spec_for, cfg, hand_root, store=None)
+    result = lss.lss_matrix(tiny, neurons, spec_for, cfg, hand_root, store=None)
     assert isinstance(result, LssMatrix)
     matrix, matrix_paper = result.matrix("lss"), result.matrix("lss_paper")
     mlama = data.read_mlama(hand_root)
@@ -270,7 +270,7 @@ def test_three_hand_made_facts_match_lss_computed_by_hand(tiny, artifact, hand_r
         return logprob(tiny, f.prompts[s], cont(t)) - logprob(tiny, f.prompts[s], cont(s))
 
     for target in langs:
-        with Patch(tiny, artifact, spec_for(target)):
+        with Patch(tiny, neurons, spec_for(target)):
             patched = {(s, i, paper): delta(f, s, target, paper) for i, f in enumerate(mlama.facts) for s in langs
                        for paper in (False, True)}
         for source in (s for s in langs if s != target):
@@ -301,7 +301,7 @@ NOOPS = [PatchSpec("x", op="mul", value=1.0),  # installs nothing
          PatchSpec("x", op="add", stat="max", coef=0.0)]  # runs a hook on every layer and adds 0
 
 
-def test_noop_patch_gives_lss_zero_everywhere_with_the_cached_baseline(tiny, artifact, data_root, tmp_path):
+def test_noop_patch_gives_lss_zero_everywhere_with_the_cached_baseline(tiny, neurons, data_root, tmp_path):
     store = CacheStore(tmp_path)
     cfg = lss_settings({"n_facts": 4, "sources": SOURCES, "targets": SOURCES, "bootstrap": 100})
     first = lss.LssEvaluator(tiny, replace(cfg, batch_size=16), data_root, store)
@@ -318,14 +318,14 @@ def test_noop_patch_gives_lss_zero_everywhere_with_the_cached_baseline(tiny, art
     meta = json.loads(next((tmp_path / lss.UNPATCHED_KIND).glob("*/meta.json")).read_text())
     assert meta["spec"]["model"] == tiny.identity and meta["meta"]["provenance"]["data_files"]
     for noop in NOOPS:
-        result = lss.lss_matrix(tiny, artifact, lambda t, n=noop: PatchSpec(t, op=n.op, value=n.value, stat=n.stat,
+        result = lss.lss_matrix(tiny, neurons, lambda t, n=noop: PatchSpec(t, op=n.op, value=n.value, stat=n.stat,
                                                                                coef=n.coef),
                                 cfg, data_root, store, evaluator=cached)
         assert all(c.lss == 0.0 and c.wins == 0 and c.within_tol == c.n for c in result.cells)
         assert result.mean_offdiag == 0.0 and result.mean_offdiag_paper == 0.0 and len(result.cells) == 6
 
 
-def test_batch_size_1_and_16_differ_only_within_the_tolerance(tiny, artifact, data_root):
+def test_batch_size_1_and_16_differ_only_within_the_tolerance(tiny, neurons, data_root):
     cfg = lss_settings({"n_facts": 5, "sources": SOURCES, "bootstrap": 0})
     one = lss.LssEvaluator(tiny, replace(cfg, batch_size=1), data_root, store=None)
     sixteen = lss.LssEvaluator(tiny, replace(cfg, batch_size=16), data_root, store=None)
@@ -337,8 +337,8 @@ def test_batch_size_1_and_16_differ_only_within_the_tolerance(tiny, artifact, da
     for target, spec in [(t, spec) for t in ("en", "ja") for spec in (
             PatchSpec(t, op="set", source="pmax"),  # shared prompts: KV cache, left-padded contexts
             PatchSpec(t, op="set", stat="max"))]:  # per-sample statistic: whole rows with the attention mask
-        a, _, _, _ = one.deltas(artifact, spec)
-        b, _, _, _ = sixteen.deltas(artifact, spec)
+        a, _, _, _ = one.deltas(neurons, spec)
+        b, _, _, _ = sixteen.deltas(neurons, spec)
         for source in a:
             shift_a, shift_b = a[source], b[source]
             assert np.array_equal(np.isnan(shift_a), np.isnan(shift_b))
@@ -363,13 +363,13 @@ SEARCH_CFG = {"n_facts": 10, "bootstrap": 50, "search": {
 SEARCH = factor_search_settings(SEARCH_CFG)
 
 
-def test_factor_search_ranks_the_grid_and_saves_the_best(tiny, artifact, data_root, tmp_path):
+def test_factor_search_ranks_the_grid_and_saves_the_best(tiny, neurons, data_root, tmp_path):
     store = CacheStore(tmp_path / "cache")
     lape = {"neuron_set": "lape"}
     with pytest.raises(UserError, match="run `python -m lsn_exp stage=factor_search model=tiny` first"):
         factorsearch.resolve_best(tiny.identity, store, lape, SEARCH, "neurons", "python -m lsn_exp stage="
                             "factor_search model=tiny")
-    out, matrices = factorsearch.factor_search(tiny, artifact, lape, SEARCH, data_root, store, artifact_key="neurons")
+    out, matrices = factorsearch.factor_search(tiny, neurons, lape, SEARCH, data_root, store, neurons_key="neurons")
     assert isinstance(out, FactorSearchResult) and list(matrices) == ["x5", "set0", "pmax", "noop"]
     for name, matrix in matrices.items():  # what the factor_search job step writes (lsn_exp.job)
         assert isinstance(matrix, LssMatrix)
@@ -397,21 +397,21 @@ def test_factor_search_ranks_the_grid_and_saves_the_best(tiny, artifact, data_ro
     {"lss": {"search": {"targets": ["en", "fr"]}}}, {"lss": {"search": {"sources": ["en", "fr"]}}},
     {"lss": {"n_facts": 12}}, {"lss": {"seed": 1}}, {"lss": {"tol": 0.01}},
     {"lss": {"search": {"grid": [{"name": "x5", "factor": 5}]}}}, {"model": {"seed": 99}}, {"neurons": "other"}])
-def test_factor_best_never_resolves_a_search_run_with_other_settings(change, tiny, artifact, data_root, tmp_path):
+def test_factor_best_never_resolves_a_search_run_with_other_settings(change, tiny, neurons, data_root, tmp_path):
     """The winner is keyed by everything that shaped its search, so any difference finds no winner."""
     from omegaconf import OmegaConf
 
     store = CacheStore(tmp_path)
     lape = {"neuron_set": "lape"}
-    factorsearch.factor_search(tiny, artifact, lape, SEARCH, data_root, store, artifact_key="neurons")
+    factorsearch.factor_search(tiny, neurons, lape, SEARCH, data_root, store, neurons_key="neurons")
     patch_cfg = OmegaConf.to_container(OmegaConf.merge(lape, change.get("patch", {})))
     lss_cfg = OmegaConf.merge(SEARCH_CFG, change.get("lss", {}))
     if "grid" in str(change):
         lss_cfg.search.grid = change["lss"]["search"]["grid"]
     identity = {**tiny.identity, **change.get("model", {})}
     with pytest.raises(UserError, match="no factor search matches"):
-        factorsearch.resolve_best(identity, store, patch_cfg, factor_search_settings(lss_cfg), change.get("neurons", "neurons"),
-                            "")
+        factorsearch.resolve_best(identity, store, patch_cfg, factor_search_settings(lss_cfg),
+                                  change.get("neurons", "neurons"), "")
     factorsearch.resolve_best(tiny.identity, store, lape, SEARCH, "neurons", "")  # the search's own settings do
 
 
@@ -427,9 +427,9 @@ def test_search_sample_is_disjoint_from_the_reporting_sample(data_root):
         data.sample_facts(facts, len(facts) - 100, 0, exclude_n_facts=185)
 
 
-def test_matrix_outputs_and_user_errors(tiny, artifact, data_root, tmp_path):
+def test_matrix_outputs_and_user_errors(tiny, neurons, data_root, tmp_path):
     cfg = lss_settings({"n_facts": 2, "sources": ["en", "fr"], "targets": ["fr"], "bootstrap": 20})
-    result = lss.lss_matrix(tiny, artifact, lambda t: PatchSpec(t, op="mul", value=5.0), cfg, data_root, None)
+    result = lss.lss_matrix(tiny, neurons, lambda t: PatchSpec(t, op="mul", value=5.0), cfg, data_root, None)
     assert isinstance(result, LssMatrix)
     tables, images = outputs.lss_matrix_files(result, tmp_path, "tiny x5")
     assert set(result.matrix()) == {"en", "fr"} and result.matrix()["fr"]["fr"] is None
@@ -438,7 +438,7 @@ def test_matrix_outputs_and_user_errors(tiny, artifact, data_root, tmp_path):
     assert lines[0] == "source\\target,fr" and lines[1].startswith("en,") and lines[2] == "fr,"
     stored = json.loads(json.dumps(result.to_json()))  # plain data for results.json
     assert stored["matrix"] == result.matrix() and LssMatrix.from_json(stored) == result
-    single = lss.lss_for_target(tiny, artifact, PatchSpec("en", op="mul", value=5.0), cfg, data_root, None)
+    single = lss.lss_for_target(tiny, neurons, PatchSpec("en", op="mul", value=5.0), cfg, data_root, None)
     assert isinstance(single, LssResult)
     assert set(single.by_source("lss")) == {"fr"} and single.mean == single.by_source("lss")["fr"]
     cells_table = outputs.cells_csv(list(single.cells), tmp_path / "lss_en_cells.csv")
@@ -454,7 +454,7 @@ def test_matrix_outputs_and_user_errors(tiny, artifact, data_root, tmp_path):
         with pytest.raises(UserError, match=match):
             lss_settings(bad)
     with pytest.raises(UserError, match="not an LSS language"):
-        lss.LssEvaluator(tiny, cfg, data_root, None).score(artifact, PatchSpec("sw", op="mul", value=2.0))
+        lss.LssEvaluator(tiny, cfg, data_root, None).score(neurons, PatchSpec("sw", op="mul", value=2.0))
 
 
 def test_continuation_batches_respect_the_row_and_token_caps():
@@ -505,7 +505,7 @@ def test_bf16_noop_is_exactly_zero_with_the_paired_layout(data_root, tmp_path):
     handle = load_tiny("llama")
     handle.model.to(torch.bfloat16)
     store = CacheStore(tmp_path)
-    art = synthetic_artifact(handle, list(data.LSS_LANGS))
+    art = synthetic_neurons(handle, list(data.LSS_LANGS))
     cfg = lss_settings({"n_facts": 4, "sources": SOURCES, "targets": ["en", "ja"], "bootstrap": 0})
     evaluator = lss.LssEvaluator(handle, cfg, data_root, store)
     assert evaluator.paired_layout()

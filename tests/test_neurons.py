@@ -29,7 +29,7 @@ def results(run_dir):
 def test_export_import_and_identify_from_give_the_same_lss_without_recording(tmp_path):
     made = run_cli("stage=lss", *TINY, "logger=wandb", f"hydra.run.dir={tmp_path}/made", timeout=600)
     assert made.returncode == 0, made.stderr[-3000:]
-    key = results(tmp_path / "made")["identify"]["artifact_key"]
+    key = results(tmp_path / "made")["identify"]["neurons_key"]
     logged = read_offline_run(tmp_path / "made")["artifacts"]
     neuron_sets = [a for a in logged if a["type"] == "neurons"]
     assert len(neuron_sets) == 1 and neuron_sets[0]["files"] == ["card.json", "neurons.safetensors"]
@@ -62,7 +62,7 @@ def test_another_models_or_formats_neurons_are_refused_in_one_line(tmp_path):
     made = run_cli("stage=identify", *TINY, "logger=none", f"hydra.run.dir={tmp_path}/made", timeout=600)
     assert made.returncode == 0, made.stderr[-3000:]
     folder = tmp_path / "n"
-    key = results(tmp_path / "made")["identify"]["artifact_key"]
+    key = results(tmp_path / "made")["identify"]["neurons_key"]
     assert neurons_cli("export", str(folder), "--model", "tiny", "--key", key).returncode == 0
     other = run_cli("stage=lss", *TINY, "model.seed=1", f"identify.from={folder}", "logger=none",
                     f"hydra.run.dir={tmp_path}/other", timeout=600)

@@ -42,7 +42,7 @@ def test_dead_neurons_never_fire_inside_the_block_and_the_model_is_restored_afte
         with torch.inference_mode():
             tiny.model(ids)
             before = gates["g"].clone()
-            with noops.dead_neurons(tiny, masks, data.LSS_LANGS) as artifact:
+            with noops.dead_neurons(tiny, masks, data.LSS_LANGS) as neurons:
                 tiny.model(ids)
                 inside = gates["g"].clone()
             tiny.model(ids)
@@ -50,4 +50,4 @@ def test_dead_neurons_never_fire_inside_the_block_and_the_model_is_restored_afte
         hook.remove()
     assert before[..., :7].abs().sum() > 0 and inside[..., :7].abs().sum() == 0
     assert torch.equal(inside[..., 7:], before[..., 7:]) and torch.equal(gates["g"], before)
-    assert artifact.masks["random"].sum() == 0 and artifact.p_max.abs().sum() == 0
+    assert neurons.masks["random"].sum() == 0 and neurons.p_max.abs().sum() == 0

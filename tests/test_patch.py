@@ -80,7 +80,7 @@ def make_artifact(handle: ModelHandle, rate: float = 0.1, seed: int = 0) -> Neur
 
 
 @functools.cache
-def artifact_for(model_type: str) -> NeuronSet:
+def neurons_for(model_type: str) -> NeuronSet:
     return make_artifact(tiny(model_type))
 
 
@@ -211,9 +211,9 @@ def test_user_errors_are_one_line():
 
 
 def test_model_dependent_errors_are_one_line():
-    handle, artifact = tiny("llama"), artifact_for("llama")
-    assert "0..3" in one_line_error(lambda: Patch(handle, artifact, PatchSpec("id", value=2.0, layers=(1, 4))))
-    assert "en id fr xx" in one_line_error(lambda: Patch(handle, artifact, PatchSpec("sw", value=2.0)))
+    handle, neurons = tiny("llama"), neurons_for("llama")
+    assert "0..3" in one_line_error(lambda: Patch(handle, neurons, PatchSpec("id", value=2.0, layers=(1, 4))))
+    assert "en id fr xx" in one_line_error(lambda: Patch(handle, neurons, PatchSpec("sw", value=2.0)))
     small = make_artifact(tiny("llama"))
     small.masks.pop("random")
     assert "lape, baseline" in one_line_error(lambda: Patch(handle, small, PatchSpec("id", "random", value=2.0)))
@@ -223,14 +223,14 @@ def test_model_dependent_errors_are_one_line():
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_noop_patches_are_bit_identical(arch):
-    handle, artifact = tiny(arch), artifact_for(arch)
+    handle, neurons = tiny(arch), neurons_for(arch)
     batch = encode(handle, TEXTS)
     reference, bits, hooks = logits(handle, batch), state_bits(handle), hook_registry(handle)
     noops = [PatchSpec("id", value=1.0), PatchSpec("id", op="add", value=0.0),
              PatchSpec("xx", op="set", source="pmax"), PatchSpec("xx", op="set", stat="max"),
              PatchSpec("xx", value=5.0), PatchSpec("xx", op="set", value=0.0)]
     for spec in noops:
-        with Patch(handle, artifact, spec) as patch:
+        with Patch(handle, neurons, spec) as patch:
             assert patch.is_noop, spec.describe()
             assert hook_registry(handle) == hooks
             assert torch.equal(logits(handle, batch), reference), spec.describe()
@@ -240,10 +240,10 @@ def test_noop_patches_are_bit_identical(arch):
 @pytest.mark.parametrize("spec", [PatchSpec("id", value=5.0), PatchSpec("id", op="set", value=0.0),
                                   *HOOK_SPECS, *STAT_SPECS], ids=PatchSpec.describe)
 def test_exit_restores_every_bit_and_hook(spec):
-    handle, artifact = tiny("llama"), artifact_for("llama")
+    handle, neurons = tiny("llama"), neurons_for("llama")
     batch = encode(handle, TEXTS)
     reference, bits, hooks = hidden(handle, batch), state_bits(handle), hook_registry(handle)
-    with Patch(handle, artifact, spec) as patch:
+    with Patch(handle, neurons, spec) as patch:
         assert not patch.is_noop
         assert not torch.equal(hidden(handle, batch), reference)
         greedy(handle, encode(handle, TEXTS[:2], side="left"), new_tokens=3)
@@ -253,27 +253,27 @@ def test_exit_restores_every_bit_and_hook(spec):
 
 
 def test_exit_restores_after_an_error():
-    handle, artifact = tiny("llama"), artifact_for("llama")
+    handle, neurons = tiny("llama"), neurons_for("llama")
     bits, hooks = state_bits(handle), hook_registry(handle)
     with pytest.raises(ZeroDivisionError):
-        with Patch(handle, artifact, PatchSpec("id", value=4.0, others_op="add", others_value=1.0)):
+        with Patch(handle, neurons, PatchSpec("id", value=4.0, others_op="add", others_value=1.0)):
             1 / 0
     assert hook_registry(handle) == hooks
     assert_bits_equal(bits, state_bits(handle))
 
 
 def test_others_langs_deactivates_only_the_named_languages_neurons():
-    handle, artifact = tiny("llama"), artifact_for("llama")
+    handle, neurons = tiny("llama"), neurons_for("llama")
     layer = 1
-    target, en, fr = (artifact.masks["lape"][LANGS.index(c), layer] for c in ("id", "en", "fr"))
-    only_en = Patch(handle, artifact, PatchSpec("id", value=2.0, others_op="set", others_value=0.0,
+    target, en, fr = (neurons.masks["lape"][LANGS.index(c), layer] for c in ("id", "en", "fr"))
+    only_en = Patch(handle, neurons, PatchSpec("id", value=2.0, others_op="set", others_value=0.0,
                                                 others_langs=("en",)))
-    everyone = Patch(handle, artifact, PatchSpec("id", value=2.0, others_op="set", others_value=0.0))
+    everyone = Patch(handle, neurons, PatchSpec("id", value=2.0, others_op="set", others_value=0.0))
     assert only_en.others_per_layer[layer] == int((en & ~target).sum())
     assert everyone.others_per_layer[layer] == int(((en | fr) & ~target).sum())
     assert only_en.spec.describe() == "id:lape:mul=2:others(en):set=0"
     batch = encode(handle, TEXTS)
-    with Patch(handle, artifact, only_en.spec, weight_edit=False):  # in the hook, so the gate site shows it
+    with Patch(handle, neurons, only_en.spec, weight_edit=False):  # in the hook, so the gate site shows it
         gate = gate_capture(handle, layer, lambda: hidden(handle, batch))[0]
     assert (gate[..., (en & ~target).nonzero().flatten()] == 0).all()
     assert not (gate[..., (fr & ~target & ~en).nonzero().flatten()] == 0).all()
@@ -289,13 +289,13 @@ def test_others_langs_deactivates_only_the_named_languages_neurons():
                                   PatchSpec("id", value=3.0, others_op="set", others_value=0.0)],
                          ids=PatchSpec.describe)
 def test_weight_edit_equals_hook(arch, spec):
-    handle, artifact = tiny(arch), artifact_for(arch)
+    handle, neurons = tiny(arch), neurons_for(arch)
     batch = encode(handle, TEXTS)
     hooks = hook_registry(handle)
-    with Patch(handle, artifact, spec) as edit:
+    with Patch(handle, neurons, spec) as edit:
         assert edit.summary().hook_layers == 0 and hook_registry(handle) == hooks  # weights only
         by_weights = hidden(handle, batch)
-    with Patch(handle, artifact, spec, weight_edit=False) as hooked:
+    with Patch(handle, neurons, spec, weight_edit=False) as hooked:
         assert hooked.summary().weight_edit_layers == 0
         by_hook = hidden(handle, batch)
     assert not torch.equal(by_hook, hidden(handle, batch))
@@ -334,12 +334,12 @@ def test_sample_statistic_uses_only_each_rows_real_tokens(stat):
                                   PatchSpec("id", op="mul", stat="std", coef=2.0)], ids=PatchSpec.describe)
 def test_layer0_activations_follow_the_spec(spec):
     """Layer 0 sees unpatched inputs, so its patched activations can be checked against the spec exactly."""
-    handle, artifact = tiny("llama"), artifact_for("llama")
+    handle, neurons = tiny("llama"), neurons_for("llama")
     batch = encode(handle, TEXTS)
     [before] = gate_capture(handle, 0, lambda: hidden(handle, batch))  # [B, T, d_ff]
-    with Patch(handle, artifact, spec, weight_edit=False):
+    with Patch(handle, neurons, spec, weight_edit=False):
         [after] = gate_capture(handle, 0, lambda: hidden(handle, batch))
-    idx = artifact.neurons(spec.neuron_set, spec.target)[0]
+    idx = neurons.neurons(spec.neuron_set, spec.target)[0]
     rest = torch.ones(before.shape[-1], dtype=torch.bool)
     rest[idx] = False
     assert torch.equal(after[..., rest], before[..., rest])
@@ -348,7 +348,7 @@ def test_layer0_activations_follow_the_spec(spec):
         value = torch.stack([reference_statistic(before[b][real[b]].flatten(), spec.stat, spec.coef)
                              for b in range(len(TEXTS))])[:, None, None]  # [B, 1, 1]
     else:
-        stored = artifact.p_max if spec.source == "pmax" else artifact.p_median
+        stored = neurons.p_max if spec.source == "pmax" else neurons.p_median
         value = stored[LANGS.index("id"), 0, idx] if spec.source else torch.tensor(spec.value)
     expected = {"set": value.expand_as(before[..., idx]), "add": before[..., idx] + value,
                 "mul": before[..., idx] * value}[spec.op]
@@ -360,11 +360,11 @@ def test_layer0_activations_follow_the_spec(spec):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("spec", [PatchSpec("id", value=5.0), *HOOK_SPECS, *STAT_SPECS], ids=PatchSpec.describe)
 def test_right_padded_batch_matches_each_sample_alone(arch, spec):
-    handle, artifact = tiny(arch), artifact_for(arch)
+    handle, neurons = tiny(arch), neurons_for(arch)
     batch = encode(handle, TEXTS)
     lengths = batch["attention_mask"].sum(dim=1).tolist()
     assert len(TEXTS) == 8 and len(set(lengths)) > 4
-    with Patch(handle, artifact, spec):
+    with Patch(handle, neurons, spec):
         together = hidden(handle, batch)
         alone = [hidden(handle, encode(handle, [text]))[0] for text in TEXTS]
     for b, (length, single) in enumerate(zip(lengths, alone)):
@@ -375,21 +375,21 @@ def test_right_padded_batch_matches_each_sample_alone(arch, spec):
                                   PatchSpec("id", op="set", stat="max", coef=3.0),
                                   PatchSpec("id", op="add", stat="percentile", coef=95.0)], ids=PatchSpec.describe)
 def test_left_padded_generation_matches_each_sample_alone(spec):
-    handle, artifact = tiny("llama"), artifact_for("llama")
+    handle, neurons = tiny("llama"), neurons_for("llama")
     prompts = TEXTS[:4]
-    with Patch(handle, artifact, spec):
+    with Patch(handle, neurons, spec):
         together = greedy(handle, encode(handle, prompts, side="left"))
         alone = torch.cat([greedy(handle, encode(handle, [p], side="left")) for p in prompts])
     assert torch.equal(together, alone)
 
 
 def test_decode_steps_reuse_each_samples_prefill_statistic():
-    handle, artifact = tiny("llama"), artifact_for("llama")
+    handle, neurons = tiny("llama"), neurons_for("llama")
     spec = PatchSpec("id", op="set", stat="mean", coef=4.0)
     batch = encode(handle, TEXTS[:3], side="left")
-    idx = artifact.neurons("lape", "id")[0]
+    idx = neurons.neurons("lape", "id")[0]
     [prompt] = gate_capture(handle, 0, lambda: hidden(handle, batch))  # unpatched prompt activations
-    with Patch(handle, artifact, spec):
+    with Patch(handle, neurons, spec):
         prefill, *steps = gate_capture(handle, 0, lambda: greedy(handle, batch, new_tokens=4))
     real = batch["attention_mask"].bool()
     want = torch.stack([reference_statistic(prompt[b][real[b]].flatten(), "mean", 4.0) for b in range(3)])
@@ -413,10 +413,10 @@ def greedy_without_cache(handle: ModelHandle, input_ids: torch.Tensor, new_token
 @pytest.mark.parametrize("spec", [PatchSpec("id", value=1000.0), PatchSpec("id", op="set", source="pmax"),
                                   PatchSpec("id", op="add", value=3.0, layers=(1, 2))], ids=PatchSpec.describe)
 def test_generation_is_patched(arch, spec):
-    handle, artifact = tiny(arch), make_artifact(tiny(arch), rate=0.3, seed=1)
+    handle, neurons = tiny(arch), make_artifact(tiny(arch), rate=0.3, seed=1)
     single = encode(handle, [TEXTS[1]])
     plain = greedy(handle, single, new_tokens=10)
-    with Patch(handle, artifact, spec):
+    with Patch(handle, neurons, spec):
         patched = greedy(handle, single, new_tokens=10)
         recomputed = greedy_without_cache(handle, single["input_ids"], new_tokens=10)
     assert not torch.equal(patched, plain)
@@ -445,7 +445,7 @@ def test_hooks_run_without_host_sync(device):
     """The installed hooks, called directly on device tensors (prefill, then a cached step), never sync."""
     cfg = tiny_config("llama")
     cfg.device = device
-    handle, artifact = (tiny("llama") if device == "cpu" else load(cfg)), artifact_for("llama")
+    handle, neurons = (tiny("llama") if device == "cpu" else load(cfg)), neurons_for("llama")
     decoder, d_ff = handle.adapter.decoder, handle.adapter.d_ff
     gate = torch.randn(3, 5, d_ff, device=device)  # [B, T, d_ff]
     mask = torch.ones(3, 5, dtype=torch.long, device=device)
@@ -455,7 +455,7 @@ def test_hooks_run_without_host_sync(device):
     step_mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long, device=device)], dim=1)  # [B, 6]
     hooked = 0
     for spec in [*HOOK_SPECS, *STAT_SPECS]:
-        with Patch(handle, artifact, spec):
+        with Patch(handle, neurons, spec):
             pre_hooks = list(decoder._forward_pre_hooks.values())  # the statistic's mask capture
             hooks = [(m, h) for m in handle.adapter.site("mlp.gate") for h in m._forward_hooks.values()]
             assert len(pre_hooks) == (spec.stat is not None)

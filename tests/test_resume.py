@@ -80,10 +80,10 @@ def test_the_job_records_the_winner_factor_best_resolved_to(tmp_path, tiny):
     store = CacheStore(tmp_path / "store")
     job = parse_job(cfg)
     store_winner(store, search_key(tiny.identity, "neurons-key", job.config["patch"], job.factor_search), {"factor": 3})
-    ctx = JobContext(settings=job, run_dir=tmp_path, model_handle=tiny, store=store, artifact_key="neurons-key")
+    ctx = JobContext(settings=job, run_dir=tmp_path, model_handle=tiny, store=store, neurons_key="neurons-key")
     assert ctx.intervention("fr").patch.describe().startswith("fr:lape:mul=3")
     assert ctx.winners["fr"]["kind"] == BEST_FACTOR_KIND and ctx.winners["fr"]["winner"] == {"factor": 3}
     with pytest.raises(Exception, match="no factor search matches.*run `python -m lsn_exp stage=factor_search "
                        "model=tiny`"):
-        JobContext(settings=job, run_dir=tmp_path, model_handle=tiny, store=store, artifact_key="other",
+        JobContext(settings=job, run_dir=tmp_path, model_handle=tiny, store=store, neurons_key="other",
                    overrides=("model=tiny", "factor=best")).intervention("fr")

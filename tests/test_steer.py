@@ -22,12 +22,12 @@ def handle():
 
 
 @pytest.fixture(scope="module")
-def artifact(handle, data_root, tmp_path_factory):
+def neurons(handle, data_root, tmp_path_factory):
 
 
     cfg = identify_settings({"languages": LANGS, "max_tokens": 400, "n_stat_sentences": 5})
     store = CacheStore(tmp_path_factory.mktemp("store"))
-    return identify.build(cfg, handle, data_root, store, seed=0).artifact
+    return identify.build(cfg, handle, data_root, store, seed=0).neurons
 
 
 def encode(handle, texts):
@@ -39,51 +39,51 @@ def logits(handle, batch):
     return handle.model(**batch).logits
 
 
-def test_diffmean_is_the_target_mean_minus_the_average_of_the_other_languages(artifact):
-    means = artifact.resid_mean.double()  # [K, L, d_model]
+def test_diffmean_is_the_target_mean_minus_the_average_of_the_other_languages(neurons):
+    means = neurons.resid_mean.double()  # [K, L, d_model]
     for k, code in enumerate(LANGS):
         others = [means[j] for j in range(len(LANGS)) if j != k]
         want = means[k] - sum(others) / len(others)
-        torch.testing.assert_close(artifact.diffmean(code).double(), want, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(neurons.diffmean(code).double(), want, atol=1e-6, rtol=1e-6)
 
 
-def test_the_artifact_keeps_residual_means_through_the_cache(handle, artifact, data_root, tmp_path):
-    tensors, meta = neuronset.artifact_to_tensors(artifact)
+def test_the_artifact_keeps_residual_means_through_the_cache(handle, neurons, data_root, tmp_path):
+    tensors, meta = neuronset.artifact_to_tensors(neurons)
     again = neuronset.artifact_from_tensors(tensors, meta)
-    assert torch.equal(again.resid_mean, artifact.resid_mean) and torch.equal(again.resid_norm, artifact.resid_norm)
+    assert torch.equal(again.resid_mean, neurons.resid_mean) and torch.equal(again.resid_norm, neurons.resid_norm)
     assert again.resid_mean.shape == (3, handle.adapter.n_layers, handle.model.config.hidden_size)
 
 
 @pytest.mark.parametrize("scale", ["none", "unit", "resid_norm"])
-def test_steering_vectors_scale_as_documented(artifact, scale):
+def test_steering_vectors_scale_as_documented(neurons, scale):
     spec = SteerSpec("ja", alpha=2.0, layers=(1, 3), scale=scale)
-    vectors = steering_vectors(artifact, spec, artifact.n_layers)
+    vectors = steering_vectors(neurons, spec, neurons.n_layers)
     assert sorted(vectors) == [1, 3]
-    raw = artifact.diffmean("ja")[3]
+    raw = neurons.diffmean("ja")[3]
     want = {"none": 2.0 * raw.norm(), "unit": torch.tensor(2.0),
-            "resid_norm": 2.0 * artifact.resid_norm[:, 3].mean()}[scale]
+            "resid_norm": 2.0 * neurons.resid_norm[:, 3].mean()}[scale]
     torch.testing.assert_close(vectors[3].norm(), want.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(vectors[3] / vectors[3].norm(), raw / raw.norm(), rtol=1e-5, atol=1e-6)
 
 
-def test_alpha_zero_is_bit_identical_and_a_steer_changes_the_output(handle, artifact):
+def test_alpha_zero_is_bit_identical_and_a_steer_changes_the_output(handle, neurons):
     batch = encode(handle, ["The weather today is", "Le temps"])
     before = logits(handle, batch)
     noop = Intervention(PatchSpec("ja", op="mul", value=1.0), SteerSpec("ja", alpha=0.0))
-    with intervene(handle, artifact, noop) as active:
+    with intervene(handle, neurons, noop) as active:
         assert torch.equal(logits(handle, batch), before)
         assert active.summary().steer is None
     steer = Intervention(PatchSpec("ja", op="mul", value=1.0), SteerSpec("ja", alpha=1.0, layers=(2,)))
-    with intervene(handle, artifact, steer) as active:
+    with intervene(handle, neurons, steer) as active:
         assert not torch.equal(logits(handle, batch), before)
         assert active.summary().patch == "ja:lape:mul=1+diffmean*1(resid_norm)@L2"
     assert torch.equal(logits(handle, batch), before)
 
 
-def test_the_vector_is_added_at_every_position_of_the_chosen_layer_only(handle, artifact):
+def test_the_vector_is_added_at_every_position_of_the_chosen_layer_only(handle, neurons):
     batch = encode(handle, ["The weather today is", "Le temps"])
     spec = SteerSpec("fr", alpha=0.5, layers=(1,))
-    vector = steering_vectors(artifact, spec, artifact.n_layers)[1]
+    vector = steering_vectors(neurons, spec, neurons.n_layers)[1]
 
     def capture():
         seen = {}
@@ -98,22 +98,22 @@ def test_the_vector_is_added_at_every_position_of_the_chosen_layer_only(handle, 
         return seen
 
     plain = capture()
-    with intervene(handle, artifact, Intervention(PatchSpec("fr", op="mul", value=1.0), spec)):
+    with intervene(handle, neurons, Intervention(PatchSpec("fr", op="mul", value=1.0), spec)):
         steered = capture()
     torch.testing.assert_close(steered[0], plain[0], rtol=0, atol=0)  # layers before it: untouched
     torch.testing.assert_close(steered[1], plain[1] + vector, rtol=0, atol=0)  # every row and position
     assert not torch.allclose(steered[2], plain[2])  # later layers read the steered stream
 
 
-def test_vector_and_neuron_patch_compose_and_restore_bit_for_bit(handle, artifact):
+def test_vector_and_neuron_patch_compose_and_restore_bit_for_bit(handle, neurons):
     batch = encode(handle, ["Ibu kota Indonesia adalah", "Tokyo is"])
     state = {k: v.clone() for k, v in handle.model.state_dict().items()}
     before = logits(handle, batch)
     patch = PatchSpec("ja", neuron_set="baseline", op="mul", value=3.0)
     both = Intervention(patch, SteerSpec("ja", alpha=0.5, layers=(1, 2)))
-    with intervene(handle, artifact, patch):
+    with intervene(handle, neurons, patch):
         patched_only = logits(handle, batch)
-    with intervene(handle, artifact, both) as active:
+    with intervene(handle, neurons, both) as active:
         combined = logits(handle, batch)
         assert active.summary().neurons > 0 and active.summary().steer == "diffmean*0.5(resid_norm)@L1,2"
     assert not torch.equal(combined, patched_only) and not torch.equal(combined, before)
@@ -123,13 +123,13 @@ def test_vector_and_neuron_patch_compose_and_restore_bit_for_bit(handle, artifac
     assert all(not m._forward_hooks for m in handle.adapter.site("resid_post"))
 
 
-def test_bad_steer_settings_are_one_line_errors(artifact):
+def test_bad_steer_settings_are_one_line_errors(neurons):
     with pytest.raises(UserError, match="steer.scale=cube is not allowed"):
         SteerSpec("ja", alpha=1.0, scale="cube")
     with pytest.raises(UserError, match="steer.alpha='x' is not a number"):
         SteerSpec.from_config({"alpha": "x"}, "ja")
-    old = neuronset.NeuronSet(artifact.languages, artifact.masks, artifact.p_max, artifact.p_median,
-                                  artifact.activation_prob)
+    old = neuronset.NeuronSet(neurons.languages, neurons.masks, neurons.p_max, neurons.p_median,
+                                  neurons.activation_prob)
     with pytest.raises(UserError, match="holds no residual means"):
         old.diffmean("ja")
 
@@ -138,7 +138,7 @@ def _loud_model(dtype):
     """A tiny model whose residual stream is large (embeddings x 1000), with residual means to steer by."""
     from dataclasses import replace
 
-    from conftest import synthetic_artifact
+    from conftest import synthetic_neurons
 
     loud = load_tiny("llama")
     with torch.no_grad():
@@ -146,7 +146,7 @@ def _loud_model(dtype):
     loud.model.to(dtype)
     shape = (len(LANGS), loud.adapter.n_layers)
     means = torch.randn(*shape, loud.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    return loud, replace(synthetic_artifact(loud, LANGS), resid_mean=means, resid_norm=torch.ones(shape))
+    return loud, replace(synthetic_neurons(loud, LANGS), resid_mean=means, resid_norm=torch.ones(shape))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -191,7 +191,7 @@ def test_prompt_baselines_build_the_documented_prefixes(data_root):
     assert [d["choices"] for d in primed] == [d["choices"] for d in plain]
 
 
-def test_a_prompt_baseline_scores_prefixed_prompts_against_the_plain_unpatched_ones(handle, artifact, data_root):
+def test_a_prompt_baseline_scores_prefixed_prompts_against_the_plain_unpatched_ones(handle, neurons, data_root):
     import numpy as np
 
     from lsn_exp import data, lmeval, lss
@@ -199,7 +199,7 @@ def test_a_prompt_baseline_scores_prefixed_prompts_against_the_plain_unpatched_o
     evaluator = lss.LssEvaluator(handle, lss_settings({"n_facts": 4, "sources": ["en", "fr"]}), data_root, None)
     prefix = data.prompt_prefix("priming", "ja", data_root)
     spec = Intervention(PatchSpec("ja", op="mul", value=1.0), prompt="priming", prefix=prefix)
-    shifts, summary, _, _ = evaluator.deltas(artifact, spec)
+    shifts, summary, _, _ = evaluator.deltas(neurons, spec)
     assert summary.patch == "ja:lape:mul=1+prompt:priming"
     keep, plain, primed = evaluator._requests_toward("ja", prefix)
     assert all(p.args[0] == prefix + q.args[0] and p.args[1] == q.args[1] for p, q in zip(primed, plain))

@@ -13,11 +13,11 @@ NEUTRAL = data.prompts_from_file(REPO_ROOT / "scripts" / "neutral_prompts.yaml")
 
 @pytest.mark.slow
 def test_pmax_on_lape_neurons_switches_the_language_of_free_generation():
-    handle, artifact = identify.load_with_artifact("gemma3_270m")  # records 18 languages once (cached)
-    targets = [code for code in artifact.languages if code != "en"]
+    handle, neurons = identify.load_with_neurons("gemma3_270m")  # records 18 languages once (cached)
+    targets = [code for code in neurons.languages if code != "en"]
     unpatched = generate.generate_labelled(handle, NEUTRAL, max_new_tokens=25, fluency=False)
     patched = {t: generate.generate_labelled(handle, NEUTRAL, max_new_tokens=25, fluency=False,
-                                             patch=Patch(handle, artifact, PatchSpec(t, op="set", source="pmax")))
+                                             patch=Patch(handle, neurons, PatchSpec(t, op="set", source="pmax")))
                for t in targets}
     hits_before = {t: sum(g.label == t for g in unpatched) for t in targets}
     hits_after = {t: sum(g.label == t for g in gens) for t, gens in patched.items()}
