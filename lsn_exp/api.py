@@ -97,6 +97,28 @@ def amplify(model, neurons, lang: str, factor="pmax", **options):
         yield spec
 
 
+def export_vectors(model, neurons, lang: str, path: str | Path, *, alpha: float, steer_layers=None,
+                   scale: str = "resid_norm") -> Path:
+    """The DiffMean vectors toward ``lang`` that ``amplify(..., alpha=alpha)`` adds, in a file other tools read:
+    ``.pt`` for lm-eval's ``steered`` model, ``.gguf`` for a llama.cpp control vector (``lsn_exp.vectorfiles``)."""
+    from lsn_exp import vectorfiles
+    from lsn_exp.specs import SteerSpec
+    from lsn_exp.steer import steering_vectors
+
+    own, path = handle(model), Path(path)
+    if lang not in neurons.languages:
+        raise UserError(f"lang={lang} has no vector here: the neuron set covers {' '.join(neurons.languages)}")
+    spec = SteerSpec.from_config({"alpha": alpha, "layers": steer_layers, "scale": scale}, lang)
+    vectors = steering_vectors(neurons, spec, own.adapter.n_layers)
+    if path.suffix == ".pt":
+        names = {id(module): name for name, module in own.model.base_model.named_modules()}
+        hookpoints = {layer: names[id(site)] for layer, site in enumerate(own.adapter.site("resid_post"))}
+        return vectorfiles.write_steered(vectors, path, hookpoints)
+    if path.suffix == ".gguf":
+        return vectorfiles.write_control_vector(vectors, path, own.model.config.model_type, own.adapter.n_layers)
+    raise UserError(f"{path}: name a .pt file (lm-eval steered) or a .gguf file (llama.cpp control vector)")
+
+
 def lss(model, tokenizer, neurons, target: str, factor="pmax", *, n_facts: int | str | None = None, sources="all",
         data_root=None, cache_dir=None, **options):
     """LSS(s -> target) on parallel mLAMA facts for every source s (an LssResult), the unpatched scores cached.

@@ -86,16 +86,20 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subpro
                           text=True, timeout=timeout, env=full_env)
 
 
-def synthetic_neurons(handle, languages: list[str], rate: float = 0.1, seed: int = 0):
-    """Random neuron sets (about ``rate`` of each layer) for ``languages``, p_max > p_median > 0."""
+def synthetic_neurons(handle, languages: list[str], rate: float = 0.1, seed: int = 0, vectors: bool = False):
+    """Random neuron sets (about ``rate`` of each layer) for ``languages``, p_max > p_median > 0; with ``vectors``
+    also random per-language residual means (what DiffMean reads)."""
     from lsn_exp.neuronset import NeuronSet
 
     gen = torch.Generator().manual_seed(seed)
     shape = (len(languages), handle.adapter.n_layers, handle.adapter.d_ff)
     masks = {name: torch.rand(shape, generator=gen) < rate for name in ("lape", "baseline", "random")}
     p_max = torch.rand(shape, generator=gen) + 0.5
+    means = torch.randn(len(languages), handle.adapter.n_layers, handle.model.config.hidden_size,
+                        generator=torch.Generator().manual_seed(1)) if vectors else None
     return NeuronSet(languages=list(languages), masks=masks, p_max=p_max, p_median=p_max / 3,
-                          activation_prob=torch.rand(shape, generator=gen), meta={"synthetic": True})
+                     activation_prob=torch.rand(shape, generator=gen), meta={"synthetic": True}, resid_mean=means,
+                     resid_norm=None if means is None else means.norm(dim=-1))
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -104,10 +104,9 @@ def test_compare_reports_each_domain_with_intervals_and_picks_the_winner_on_the_
                                                                                              tmp_path):
     cfg = composed("compare.methods=[{name: lape_pmax, factor: pmax},{name: diffmean, factor: 1, steer: {alpha: "
                    "0.05}, search: {path: steer.alpha, lo: 0.01, hi: 1, log: true}}]")
-    neurons = synthetic_neurons(tiny, ["en", "fr", "ja"])
+    neurons = synthetic_neurons(tiny, ["en", "fr", "ja"], vectors=True)
     store = CacheStore(tmp_path)
-    rows, curve, tests = compare.compare(parse_job(cfg), tiny, neurons_with_vectors(tiny, neurons), data_root, store,
-                                         "k")
+    rows, curve, tests = compare.compare(parse_job(cfg), tiny, neurons, data_root, store, "k")
     assert [(r["method"], r["domain"]) for r in rows] == [(m, d) for m in ("unpatched", "lape_pmax", "diffmean")
                                                           for d in ("news", "everyday")]
     for row in rows:
@@ -126,20 +125,6 @@ def test_the_winner_is_the_best_on_the_final_prompts_not_the_best_of_the_search(
     tuned = [({"name": "searched"}, 0.9, []), ({"name": "fixed"}, 0.5, [])]
     winner, ranking = compare.pick_winner(tuned, [0.2, 0.4])
     assert winner["name"] == "fixed" and ranking[0] == {"name": "fixed", "search_score": 0.5, "final_score": 0.4}
-
-
-def neurons_with_vectors(handle, neurons):
-    """The synthetic neuron set plus per-language residual means (what DiffMean reads)."""
-    import torch
-
-    from lsn_exp.neuronset import NeuronSet
-
-    gen = torch.Generator().manual_seed(1)
-    means = torch.randn(len(neurons.languages), handle.adapter.n_layers, handle.model.config.hidden_size,
-                        generator=gen)
-    return NeuronSet(languages=neurons.languages, masks=neurons.masks, p_max=neurons.p_max,
-                          p_median=neurons.p_median, activation_prob=neurons.activation_prob,
-                          meta=neurons.meta, resid_mean=means, resid_norm=means.norm(dim=-1))
 
 
 def test_the_lss_objectives_final_facts_are_fresh(data_root):
