@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 OFFLINE_MODELS := gemma3_270m smollm2_135m
 
-.PHONY: install test test-slow test-faults test-all demo report clean-cache
+.PHONY: install install-vllm test test-slow test-faults test-vllm test-all demo report clean-cache
 
 install: $(VENV)/.installed
 	$(PY) -m lsn_exp.models prepare $(OFFLINE_MODELS)
@@ -27,6 +27,16 @@ test-slow:
 # prints a table of faults injected and survived. LSN_FAULT_TRIALS / LSN_FAULT_SEED set the kill trials.
 test-faults:
 	$(PY) -m pytest -m faults -q
+
+# The optional vLLM engine (issue 25): an overlay environment beside the main one (scripts/install_vllm.sh).
+install-vllm: $(VENV)/.installed .venv-vllm/.installed
+
+.venv-vllm/.installed: requirements-vllm.txt scripts/install_vllm.sh
+	scripts/install_vllm.sh $(VENV) .venv-vllm
+	touch $@
+
+test-vllm: install-vllm
+	.venv-vllm/bin/python -m pytest -m vllm -q
 
 test-all:
 	$(PY) -m pytest -q
