@@ -215,13 +215,13 @@ class Patch:
             if torch.is_grad_enabled():  # keep autograd's saved tensors intact
                 gate = gate.clone()
             for action in actions:
-                _apply(gate, action, stat)
+                apply_action(gate, action, stat)
             return gate
 
         return hook
 
 
-def _apply(gate: torch.Tensor, action: _Action, stat: torch.Tensor | None) -> None:
+def apply_action(gate: torch.Tensor, action: _Action, stat: torch.Tensor | None) -> None:
     """In place on gate [B, T, d_ff]: op the neurons ``action.idx`` with [n] values or the [B] statistic."""
     value = action.values if action.values is not None else stat.to(gate.dtype)[:, None, None]  # [n] | [B,1,1]
     if action.op == "set":
