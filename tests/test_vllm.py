@@ -1,8 +1,8 @@
 """vLLM on CPU, the optional engine of issue 25 (`make install-vllm`, then `make test-vllm`).
 
 What holds so far: in the overlay environment both offline models load in vLLM (fp32, eager, prefix caching off)
-and decode greedily to the same tokens as our Hugging Face engine, unpatched and under the same neuron patches
-(lsn_exp.vllmpatch: set to p_max, multiply), and a patch leaves the engine as it found it.
+and decode greedily to the same tokens as our Hugging Face engine, unpatched, under the same neuron patches
+(lsn_exp.vllmpatch: set to p_max, multiply) and under a DiffMean vector, and leave the engine as they found it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from lsn_exp import CONF_DIR, data, models, vllmpatch  # noqa: E402
 from lsn_exp.engine import engine_of  # noqa: E402
 from lsn_exp.errors import UserError  # noqa: E402
-from lsn_exp.specs import PatchSpec  # noqa: E402
+from lsn_exp.specs import Intervention, PatchSpec, SteerSpec  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 NEW_TOKENS = 16
@@ -65,11 +65,13 @@ def test_vllm_decodes_the_same_greedy_tokens_as_transformers_in_fp32(engines):
     assert vllm_texts(llm, prompts) == ours and all(ours)
 
 
-@pytest.mark.parametrize("spec", [PatchSpec("fr", op="set", source="pmax"), PatchSpec("fr", op="mul", value=4.0)],
-                         ids=["set_pmax", "mul4"])
+@pytest.mark.parametrize("spec", [
+    PatchSpec("fr", op="set", source="pmax"), PatchSpec("fr", op="mul", value=4.0),
+    Intervention(PatchSpec("fr", op="mul", value=1.0), SteerSpec("fr", alpha=1.0, layers=(2, 4)))],
+    ids=["set_pmax", "mul4", "diffmean"])
 def test_a_neuron_patch_inside_vllm_decodes_as_the_same_patch_through_transformers(engines, spec):
     handle, llm, prompts = engines
-    neurons = synthetic_neurons(handle, ["en", "fr", "id"], rate=0.01)
+    neurons = synthetic_neurons(handle, ["en", "fr", "id"], rate=0.01, vectors=True)
     unpatched = hf_texts(handle, prompts)
     ours = hf_texts(handle, prompts, engine_of(handle).intervene(neurons, spec))
     with vllmpatch.patched(llm, handle, neurons, spec):
