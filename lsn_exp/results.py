@@ -144,13 +144,8 @@ class LssMatrix(Serializable):
     data: dict = field(default_factory=dict)
     patched_wall_time_s: float = 0.0
 
-    @property
-    def mean_offdiag(self) -> float:
-        return mean_over(self.cells, "lss")
-
-    @property
-    def mean_offdiag_paper(self) -> float:
-        return mean_over(self.cells, "lss_paper")
+    mean_offdiag = LssResult.mean  # over the scored cells: the diagonal is never scored
+    mean_offdiag_paper = LssResult.mean_paper
 
     def weakest(self, k: int) -> list[LssCell]:
         """The ``k`` scored cells with the lowest LSS (ties by source, then target)."""

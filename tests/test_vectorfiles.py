@@ -40,6 +40,7 @@ def test_a_control_vector_refuses_layer_0_and_a_file_names_its_format(model_and_
         vectorfiles.read_steered(tmp_path / "clamp.pt")
 
 
+@pytest.mark.slow  # two lm-eval model loads: about 20 s
 def test_lm_evals_steered_model_scores_exactly_as_our_vector_path(model_and_neurons, tmp_path):
     """The same lm-eval scorer (HFLM) with our steer installed and lm-eval's SteeredModel reading our file give the
     same log-likelihoods bit for bit; without the vector they differ."""
