@@ -73,12 +73,16 @@ def intervention(neurons, lang: str, factor="pmax", *, alpha: float = 0.0, steer
     """The Intervention (neuron patch, DiffMean vector, prompt baseline) toward ``lang``, as the CLI builds it."""
     from lsn_exp.specs import Intervention, parse_factor
 
-    if lang not in neurons.languages:
-        raise UserError(f"lang={lang} has no neurons here: the neuron set covers {' '.join(neurons.languages)}")
+    _require_lang(neurons, lang)
     patch_cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "patch" / "default.yaml"), patch)
     steer = {"alpha": alpha, "layers": steer_layers, "scale": scale}
     root = data.resolve_root(data_root) if prompt != "none" else None
     return Intervention.from_settings(lang, parse_factor(factor), patch_cfg, steer, {"mode": prompt}, root)
+
+
+def _require_lang(neurons, lang: str) -> None:
+    if lang not in neurons.languages:
+        raise UserError(f"lang={lang} has no neurons here: the neuron set covers {' '.join(neurons.languages)}")
 
 
 @contextmanager
@@ -106,8 +110,7 @@ def export_vectors(model, neurons, lang: str, path: str | Path, *, alpha: float,
     from lsn_exp.steer import steering_vectors
 
     own, path = handle(model), Path(path)
-    if lang not in neurons.languages:
-        raise UserError(f"lang={lang} has no vector here: the neuron set covers {' '.join(neurons.languages)}")
+    _require_lang(neurons, lang)
     spec = SteerSpec.from_config({"alpha": alpha, "layers": steer_layers, "scale": scale}, lang)
     vectors = steering_vectors(neurons, spec, own.adapter.n_layers)
     if path.suffix == ".pt":

@@ -213,14 +213,14 @@ def scoring_processes(raw, device: str) -> int | None:
 
 # --- groups ------------------------------------------------------------------------------------------------
 
-def check_job(cfg: dict) -> None:
-    """The job's own keys: dry_run, force, seed, method_name, cache_dir, data.root."""
+def check_job(cfg: dict) -> Path | None:
+    """The job's own keys: dry_run, force, seed, method_name, cache_dir, data.root. The data root, resolved."""
     flag("dry_run", cfg.get("dry_run", False))
     flag("force", cfg.get("force", False))
     whole("seed", cfg.get("seed", 0))
     text("method_name", cfg.get("method_name", "neurons"), pattern=NAME, hint=NAME_HINT)
     writable_dir("cache_dir", cfg.get("cache_dir"), "set cache_dir=<a writable dir> or LSN_CACHE")
-    data.resolve_root((cfg.get("data") or {}).get("root"))
+    return data.resolve_root((cfg.get("data") or {}).get("root"))
 
 
 def check_model(cfg: dict, architectures) -> None:
@@ -310,12 +310,9 @@ METHOD_KEYS = ("name", "factor", "patch", "steer", "prompt", "search")
 
 
 def check_compare_sizes(cfg: dict) -> list[dict]:
-    """``compare``'s targets and sample sizes, and the shape of ``compare.methods`` (the search settings:
-    coefsearch.check_compare; each method's intervention: preflight.validate). The method entries."""
-    lang_codes("compare.targets", cfg.get("targets"))
-    n_facts("compare.lss_n_facts", cfg.get("lss_n_facts", 20))
-    positive_int("compare.n_prompts", cfg.get("n_prompts", 32))
-    whole("compare.xcopa_limit", cfg.get("xcopa_limit", 0))  # 0 skips XCOPA
+    """The shape of ``compare.domains``, the search's sizes and ``compare.methods`` (the targets and sample sizes:
+    settings.compare_settings; the search settings: coefsearch.check_compare; each method's intervention:
+    preflight.validate). The method entries."""
     domains = cfg.get("domains")
     if not isinstance(domains, list) or not all(isinstance(d, str) for d in domains):
         raise UserError(f"compare.domains={shown(domains)} is not allowed: use a list of prompt domains, e.g. "

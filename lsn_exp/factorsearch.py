@@ -2,7 +2,7 @@
 
 The search scores every entry of ``lss.search.grid`` on the mean off-diagonal LSS of a sample of facts drawn
 disjoint from the reporting sample (``lss.n_facts`` with ``lss.seed``), ranks them and saves the winner under
-a key made of everything that shaped the search: model, neuron set, neuron set, layers, the other
+a key made of everything that shaped the search: model, neuron set (its key), `patch.neuron_set`, layers, the other
 languages' op, the grid, the sample, sources, targets and tolerance. ``factor=best`` recomputes that key from
 its own config, so it only ever resolves a search run with the same settings.
 """

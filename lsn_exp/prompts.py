@@ -105,7 +105,7 @@ def prompt_split(settings, root: Path | None, domain: str | None = None, n_repor
 
 def check_blocks(settings, root: Path | None, compare) -> None:
     """A compare run's prompt blocks (``compare``: settings.CompareSettings) exist and do not overlap; read from
-    the local data only (offline, before any model loads). The sizes themselves are checks.check_compare_sizes'."""
+    the local data only (offline, before any model loads). The sizes themselves are settings.compare_settings'."""
     if root is None and settings.prompts is None and settings.prompts_file is None:
         return
     for domain in dict.fromkeys([*compare.domains, compare.search.domain]):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from lsn_exp import CONF_DIR, checks, data, lid
+from lsn_exp import CONF_DIR, checks, lid
 from lsn_exp.checks import n_facts, positive_int, rate, whole
 from lsn_exp.coefsearch import SearchSettings, check_compare
 from lsn_exp.data import LANG_ORDER, MT_PROMPTS
@@ -107,7 +107,9 @@ def lss_settings(lss_cfg, key: str = "lss") -> LssSettings:
     """``cfg.lss`` (conf/lss/default.yaml); ``key`` names the settings in messages (lss.search for its sample)."""
     cfg = with_defaults("lss", lss_cfg)
     tol = cfg["tol"]
-    if tol is not None and str(tol).lower() != "auto":
+    if tol is None or str(tol).lower() == "auto":
+        tol = None  # resolved by the model's dtype (at_dtype)
+    else:
         try:
             tol = float(tol)
         except (TypeError, ValueError):
@@ -117,7 +119,7 @@ def lss_settings(lss_cfg, key: str = "lss") -> LssSettings:
     return LssSettings(n_facts=n_facts(f"{key}.n_facts", cfg["n_facts"]), seed=whole("lss.seed", cfg["seed"]),
                        sources=checks.lss_langs(cfg["sources"], f"{key}.sources"),
                        targets=checks.lss_langs(cfg["targets"], f"{key}.targets"),
-                       tol=None if tol is None or isinstance(tol, str) else tol,
+                       tol=tol,
                        batch_size=positive_int("lss.batch_size", cfg["batch_size"], allow_none=True),
                        bootstrap=whole("lss.bootstrap", cfg["bootstrap"]), weakest=whole("lss.weakest", cfg["weakest"]))
 
@@ -289,14 +291,15 @@ def compare_settings(compare_cfg) -> CompareSettings:
     """``cfg.compare`` (conf/compare/default.yaml): sizes, methods, search (each method's intervention is checked
     against the job's patch / steer / prompt by preflight)."""
     cfg = with_defaults("compare", compare_cfg)
+    targets = tuple(checks.lang_codes("compare.targets", cfg["targets"]))
+    lss_n_facts = n_facts("compare.lss_n_facts", cfg["lss_n_facts"])
+    n_prompts = positive_int("compare.n_prompts", cfg["n_prompts"])
+    xcopa_limit = whole("compare.xcopa_limit", cfg["xcopa_limit"])  # 0 skips XCOPA
     methods = checks.check_compare_sizes(cfg)
     search = check_compare(cfg, PROMPT_DOMAINS)
-    xcopa_limit = whole("compare.xcopa_limit", cfg["xcopa_limit"])
-    return CompareSettings(targets=tuple(checks.lang_codes("compare.targets", cfg["targets"])),
-                           methods=tuple(methods), search=search,
-                           n_prompts=positive_int("compare.n_prompts", cfg["n_prompts"]),
+    return CompareSettings(targets=targets, methods=tuple(methods), search=search, n_prompts=n_prompts,
                            n_final=int(cfg["final"]["n_prompts"]), domains=tuple(cfg["domains"]),
-                           lss_n_facts=n_facts("compare.lss_n_facts", cfg["lss_n_facts"]),
+                           lss_n_facts=lss_n_facts,
                            xcopa=eval_settings({"tasks": ["xcopa"], "limit": xcopa_limit, "bootstrap": 0})
                            if xcopa_limit else None)
 
@@ -338,7 +341,7 @@ def parse_job(cfg) -> JobSettings:
     """The composed job config as typed settings: every group parsed, each mistake one UserError. Checks that need
     the model's config, a neuron folder or lm-eval's task index are preflight's."""
     job = plain(cfg)
-    checks.check_job(job)
+    data_root = checks.check_job(job)
     device = str((job.get("model") or {}).get("device", "auto"))
     processes = job.get("scoring_processes", "auto")
     checks.scoring_processes(processes, device)
@@ -359,4 +362,4 @@ def parse_job(cfg) -> JobSettings:
         eval=eval_settings(job["eval"]), generate=generate_settings(job.get("generate")),
         compare=compare_settings(job["compare"]), threads=checks.threads(job.get("threads")),
         scoring_processes=processes, cache_dir=job.get("cache_dir"),
-        data_root=data.resolve_root((job.get("data") or {}).get("root")))
+        data_root=data_root)
