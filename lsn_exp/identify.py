@@ -99,7 +99,8 @@ IDENTIFY_VERSION = 2  # bump when selection (LAPE, baseline, random) or the neur
 
 def recording_spec(handle, settings, prefix) -> dict:
     """What a recording depends on, besides its language and corpus: the cache key's shared part."""
-    return {"model": handle.identity, "dtype": str(handle.model.dtype).replace("torch.", ""), **device_key(handle),
+    return {"model": handle.identity, "dtype": str(handle.model.dtype).replace("torch.", ""),
+            **device_key(handle, transformers=True),  # recording runs on transformers whatever the engine
             "record_version": record.RECORD_VERSION, "split": settings.split,
             "max_tokens": settings.max_tokens or "all",
             "n_stat_sentences": settings.n_stat_sentences, "prefix": prefix.as_meta()}

@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lsn_exp import data, models, outputs, preflight, resume
+from lsn_exp.errors import UserError
 from lsn_exp.files import cache_root, store_dir
 from lsn_exp.results import LssResult, Skipped, StageOutput
 from lsn_exp.resume import completed, config_hash
@@ -110,8 +111,20 @@ def load_model(ctx: JobContext) -> StageOutput:
     processes = processes_for(job.scoring_processes, models.resolve_device(job.model.device))
     ctx.model_handle = models.load(job.model, job.cache_dir)
     ctx.model_handle.scoring_processes = processes
+    if job.engine.name == "vllm":
+        ctx.model_handle.engine = start_vllm(ctx.model_handle, job)
     ctx.store = CacheStore.for_model(job.model.name, job.cache_dir)
     return StageOutput()
+
+
+def start_vllm(handle, job: JobSettings):
+    """engine=vllm: a vLLM engine beside the transformers model (lsn_exp.vllmengine; optional install)."""
+    try:
+        from lsn_exp import vllmengine  # imports vLLM: only when a job asks for it
+    except ImportError as error:
+        raise UserError(f"engine=vllm needs the optional vLLM install (`make install-vllm`, then run with "
+                        f".venv-vllm/bin/python): {error}") from None
+    return vllmengine.start(handle, job.model, job.engine, job.cache_dir)
 
 
 def identify_neurons(ctx: JobContext) -> StageOutput:

@@ -92,19 +92,19 @@ class ModelHandle:
         return any(getattr(hook, "reads_whole_rows", False) for hook in self.hooked)
 
 
-def device_key(handle: ModelHandle) -> dict:
-    """The device part of every cache key. fp32: the device kind only (as ever: fp32 caches stay valid). 16-bit:
-    also the accelerator's model and the torch (CUDA, cuDNN) versions, whose kernels round differently, so a
-    paired unpatched entry written on one card is never read on another."""
+def device_key(handle: ModelHandle, transformers: bool = False) -> dict:
+    """The device part of every cache key: the device kind (fp32 caches stay valid); in 16 bits the card and torch
+    (CUDA, cuDNN) versions, whose kernels round; the engine, unless ``transformers`` ran it anyway (recording)."""
     kind = getattr(handle.device, "type", str(handle.device))
+    engine = {} if transformers else getattr(handle.engine, "cache_key", {})
     if handle.model.dtype.itemsize >= 4:
-        return {"device": kind}
+        return {"device": kind, **engine}
     import torch
 
     kernels = {"name": handle.device_name or accelerator_name(str(handle.device)), "torch": torch.__version__}
     if kind == "cuda":
         kernels.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
-    return {"device": kind, "kernels": kernels}
+    return {"device": kind, "kernels": kernels, **engine}
 
 
 @functools.cache

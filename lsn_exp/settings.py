@@ -273,6 +273,38 @@ def generate_settings(generate_cfg) -> GenerateSettings:
         lid=checks.choice("generate.lid", cfg["lid"], lid.IDENTIFIERS))
 
 
+# --- engine ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What runs the model (conf/engine): ``hf`` (transformers in memory) or ``vllm`` (lsn_exp.vllmengine)."""
+
+    name: str = "hf"
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = False
+    max_model_len: int = 2048
+    max_num_seqs: int = 64
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.5
+
+
+def engine_settings(engine_cfg) -> EngineSettings:
+    """``cfg.engine`` (conf/engine/*.yaml), every mistake as a one-line UserError."""
+    cfg = dict(engine_cfg or {"name": "hf"})
+    name = checks.choice("engine.name", cfg.pop("name", "hf"), ("hf", "vllm"))
+    unknown = set(cfg) - set(EngineSettings.__dataclass_fields__)
+    if unknown:
+        raise UserError(f"engine.{sorted(unknown)[0]} is not an engine setting: "
+                        f"{', '.join(EngineSettings.__dataclass_fields__)}")
+    ints = {key: positive_int(f"engine.{key}", cfg[key]) for key in
+            ("max_model_len", "max_num_seqs", "tensor_parallel_size") if key in cfg}
+    flags = {key: checks.flag(f"engine.{key}", cfg[key]) for key in ("enforce_eager", "enable_prefix_caching")
+             if key in cfg}
+    memory = {} if "gpu_memory_utilization" not in cfg else {
+        "gpu_memory_utilization": checks.share("engine.gpu_memory_utilization", cfg["gpu_memory_utilization"])}
+    return EngineSettings(name=name, **ints, **flags, **memory)
+
+
 # --- compare -----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -326,6 +358,7 @@ class JobSettings:
     eval: EvalSettings
     generate: GenerateSettings
     compare: CompareSettings
+    engine: EngineSettings
     threads: int | None
     scoring_processes: int | str  # auto or a number (forkmap.processes_for decides on the resolved device)
     cache_dir: str | None
@@ -360,6 +393,6 @@ def parse_job(cfg) -> JobSettings:
         identify=identify_settings(job["identify"]), neurons_from=folder,
         lss=lss_settings(job["lss"]), factor_search=factor_search_settings(job["lss"]),
         eval=eval_settings(job["eval"]), generate=generate_settings(job.get("generate")),
-        compare=compare_settings(job["compare"]), threads=checks.threads(job.get("threads")),
-        scoring_processes=processes, cache_dir=job.get("cache_dir"),
+        compare=compare_settings(job["compare"]), engine=engine_settings(job.get("engine")),
+        threads=checks.threads(job.get("threads")), scoring_processes=processes, cache_dir=job.get("cache_dir"),
         data_root=data_root)

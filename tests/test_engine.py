@@ -87,3 +87,52 @@ def test_no_stage_reaches_past_the_engine():
             elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "model":
                 bad.append(f"{name} calls .model(...) at line {node.lineno}")
     assert not bad, "\n".join(bad)
+
+
+# --- engine=vllm without vLLM: what runs in the main environment ------------------------------------------
+
+def test_the_vllm_buffers_do_a_layers_actions_as_the_transformers_hook_does():
+    """vllmpatch folds a layer's actions (in order) into scale / shift / set / value rows; the plugin's fused-op
+    wrapper then gives what patch.apply_action gives on act(gate), times up. Identity rows are exact."""
+    from lsn_exp.patch import _Action, apply_action
+    from lsn_exp.vllmpatch import fold_actions
+    from lsn_exp.vllmplugin import SteerableActAndMul
+
+    class SiluAndMul(torch.nn.Module):  # vLLM's op, as its forward_native computes it
+        def forward(self, x):
+            d = x.shape[-1] // 2
+            return torch.nn.functional.silu(x[..., :d]) * x[..., d:]
+
+    width, generator = 64, torch.Generator().manual_seed(0)
+    x = torch.randn(5, 2 * width, generator=generator)
+    idx = [torch.randperm(width, generator=generator)[:12] for _ in range(3)]
+    actions = [_Action(idx[0], "set", torch.randn(12, generator=generator)),
+               _Action(idx[1], "mul", torch.full((12,), 3.0)), _Action(idx[2], "add", torch.randn(12, generator=generator))]
+    wrapped = SteerableActAndMul(SiluAndMul(), width, torch.float32, torch.device("cpu"))
+    assert torch.equal(wrapped(x), SiluAndMul()(x))  # identity buffers: bit for bit
+    for name, row in fold_actions(actions, width, torch.float32).items():
+        getattr(wrapped, name).copy_(row)
+    gate = torch.nn.functional.silu(x[:, :width])[None]
+    for action in actions:
+        apply_action(gate, action, None)
+    torch.testing.assert_close(wrapped(x), gate[0] * x[:, width:], rtol=1e-6, atol=1e-6)
+
+
+def test_engine_vllm_without_the_optional_install_stops_in_one_line(tmp_path):
+    import importlib.util
+
+    import pytest
+
+    from lsn_exp import job
+    from lsn_exp.errors import UserError
+    from lsn_exp.settings import engine_settings
+
+    assert engine_settings({"name": "vllm", "enforce_eager": False}).enforce_eager is False
+    with pytest.raises(UserError, match="engine.name"):
+        engine_settings({"name": "sglang"})
+    with pytest.raises(UserError, match="not an engine setting"):
+        engine_settings({"name": "vllm", "eager": True})
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed in this environment: make test-vllm runs the engine itself")
+    with pytest.raises(UserError, match="make install-vllm"):
+        job.start_vllm(None, None)

@@ -144,6 +144,17 @@ TABLE = [
     ("generate.repetition_n", ["generate.repetition_n=0"], "generate.repetition_n=0 is not allowed"),
     ("generate.max_repetition", ["generate.max_repetition=abc"], "generate.max_repetition='abc' is not allowed"),
     ("generate.max_repetition", ["generate.max_repetition=2"], "generate.max_repetition=2 is not allowed"),
+    # the engine
+    ("engine.name", ["engine.name=sglang"], "engine.name=sglang is not allowed: use one of hf, vllm"),
+    ("engine.enforce_eager", ["engine=vllm", "engine.enforce_eager=maybe"], "engine.enforce_eager=maybe is not"),
+    ("engine.enable_prefix_caching", ["engine=vllm", "engine.enable_prefix_caching=2"],
+     "engine.enable_prefix_caching=2 is not"),
+    ("engine.max_model_len", ["engine=vllm", "engine.max_model_len=0"], "engine.max_model_len=0 is not allowed"),
+    ("engine.max_num_seqs", ["engine=vllm", "engine.max_num_seqs=-1"], "engine.max_num_seqs=-1 is not allowed"),
+    ("engine.tensor_parallel_size", ["engine=vllm", "engine.tensor_parallel_size=0.5"],
+     "engine.tensor_parallel_size=0.5 is not allowed"),
+    ("engine.gpu_memory_utilization", ["engine=vllm", "engine.gpu_memory_utilization=1.5"],
+     "engine.gpu_memory_utilization=1.5 is not allowed"),
     ("generate.lid", ["generate.lid=cld9"], "generate.lid=cld9 is not allowed: use one of py3langid, lingua"),
     ("generate.lid", ["generate.lid=fasttext"], "generate.lid=fasttext is not allowed: use one of py3langid"),
     # compare (checked whatever the stage: a sweep never carries a bad compare setting)

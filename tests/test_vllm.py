@@ -1,14 +1,19 @@
-"""vLLM on CPU, the optional engine of issue 25 (`make install-vllm`, then `make test-vllm`).
+"""engine=vllm on the CPU (`make install-vllm`, then `make test-vllm`): the engine seam on vLLM gives what the
+transformers engine gives, for both offline models, unpatched and under every intervention kind.
 
-What holds so far: in the overlay environment both offline models load in vLLM (fp32, eager, prefix caching off)
-and decode greedily to the same tokens as our Hugging Face engine, unpatched, under the same neuron patches
-(lsn_exp.vllmpatch: set to p_max, multiply) and under a DiffMean vector, and leave the engine as they found it.
+fp32: identical greedy tokens and continuation log-probs within FP32_NLL (mean NLL per token); a no-op is exact.
+An LSS cell and a steering row agree across engines. One compiled engine (enforce_eager=False, prefix caching on)
+shows that the plugin's buffers reach compiled graphs and that no pre-patch KV is served.
 """
 
 from __future__ import annotations
 
+import gc
 import os
+from contextlib import contextmanager
+from dataclasses import asdict, replace
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process: one model load
@@ -18,13 +23,25 @@ vllm = pytest.importorskip("vllm", reason="vLLM is an optional install: `make in
 from conftest import synthetic_neurons  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from lsn_exp import CONF_DIR, data, models, vllmpatch  # noqa: E402
-from lsn_exp.engine import engine_of  # noqa: E402
+from lsn_exp import CONF_DIR, data, downstream, generate, lss, metrics, models, vllmengine  # noqa: E402
+from lsn_exp.engine import HFEngine, engine_of  # noqa: E402
 from lsn_exp.errors import UserError  # noqa: E402
+from lsn_exp.settings import EngineSettings, eval_settings, generate_settings, lss_settings  # noqa: E402
 from lsn_exp.specs import Intervention, PatchSpec, SteerSpec  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 NEW_TOKENS = 16
+FP32_NLL = 1e-4  # mean NLL per token, vLLM vs transformers (measured: under 1e-5; benchmarks/vllm_equivalence.py)
+
+KINDS = {  # every intervention kind, toward fr, on a random 1 % of each layer's neurons
+    "set_pmax": PatchSpec("fr", op="set", source="pmax"),
+    "set_pmedian": PatchSpec("fr", op="set", source="pmedian"),
+    "mul4": PatchSpec("fr", op="mul", value=4.0),
+    "add": PatchSpec("fr", op="add", value=0.5),
+    "set0_others": PatchSpec("fr", op="mul", value=2.0, others_op="set", others_value=0.0, layers=(1, 2, 3)),
+    "diffmean": Intervention(PatchSpec("fr", op="mul", value=1.0), SteerSpec("fr", alpha=1.0, layers=(2, 4))),
+    "neurons_diffmean": Intervention(PatchSpec("fr", op="set", source="pmax"), SteerSpec("fr", alpha=0.5)),
+}
 
 
 def openings(root, langs=("en", "fr", "id"), per_lang: int = 4, words: int = 6) -> list[str]:
@@ -33,51 +50,128 @@ def openings(root, langs=("en", "fr", "id"), per_lang: int = 4, words: int = 6) 
             for sentence in data.flores(root, lang, "devtest").sentences[:per_lang]]
 
 
+def start(name: str, **engine) -> tuple:
+    """(the model through transformers, the same model's vLLM engine), fp32 on the CPU."""
+    cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml"), {"dtype": "float32", "device": "cpu"})
+    handle = models.load(cfg)
+    return handle, vllmengine.start(handle, cfg, EngineSettings(name="vllm", max_model_len=512, **engine))
+
+
 @pytest.fixture(scope="module", params=["smollm2_135m", "gemma3_270m"])
 def engines(request, data_root):
-    """(the model through transformers, the same model in vLLM, the prompts), fp32 on the CPU."""
-    cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "model" / f"{request.param}.yaml"),
-                          {"dtype": "float32", "device": "cpu"})
-    handle = models.load(cfg)
-    llm = vllm.LLM(model=str(models.converted_dir(cfg)), dtype="float32", enforce_eager=True,
-                   enable_prefix_caching=False, max_model_len=256, seed=0)
-    return handle, llm, openings(data_root)
+    handle, engine = start(request.param)
+    yield handle, engine, openings(data_root), synthetic_neurons(handle, ["en", "fr", "id"], rate=0.01, vectors=True)
+    del engine
+    gc.collect()
 
 
-def hf_texts(handle, prompts, active=None) -> list[str]:
-    """Greedy continuations through our engine, one prompt at a time (no padding), under ``active`` if given."""
-    def run():
-        return [engine_of(handle).generate([prompt], NEW_TOKENS).texts[0] for prompt in prompts]
-    if active is None:
-        return run()
-    with active:
-        return run()
+def run(engine, prompts, active=None) -> tuple[list[str], list[float]]:
+    """Greedy continuations (one prompt at a time: no padding) and their mean NLL, under ``active`` if given."""
+    with active if active is not None else _nothing():
+        found = [engine.generate([prompt], NEW_TOKENS) for prompt in prompts]
+        nll = [engine.continuation_nll([prompt], out)[0] for prompt, out in zip(prompts, found)]
+    return [out.texts[0] for out in found], nll
 
 
-def vllm_texts(llm, prompts) -> list[str]:
-    found = llm.generate(prompts, vllm.SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS), use_tqdm=False)
-    return [out.outputs[0].text.strip() for out in found]
+@contextmanager
+def _nothing():
+    yield
 
 
-def test_vllm_decodes_the_same_greedy_tokens_as_transformers_in_fp32(engines):
-    handle, llm, prompts = engines
-    ours = hf_texts(handle, prompts)
-    assert vllm_texts(llm, prompts) == ours and all(ours)
+def test_unpatched_vllm_decodes_and_scores_as_transformers(engines):
+    handle, engine, prompts, _ = engines
+    hf_texts, hf_nll = run(HFEngine(handle), prompts)
+    texts, nll = run(engine, prompts)
+    assert texts == hf_texts and all(texts)
+    assert np.abs(np.array(nll) - hf_nll).max() < FP32_NLL
 
 
-@pytest.mark.parametrize("spec", [
-    PatchSpec("fr", op="set", source="pmax"), PatchSpec("fr", op="mul", value=4.0),
-    Intervention(PatchSpec("fr", op="mul", value=1.0), SteerSpec("fr", alpha=1.0, layers=(2, 4)))],
-    ids=["set_pmax", "mul4", "diffmean"])
-def test_a_neuron_patch_inside_vllm_decodes_as_the_same_patch_through_transformers(engines, spec):
-    handle, llm, prompts = engines
-    neurons = synthetic_neurons(handle, ["en", "fr", "id"], rate=0.01, vectors=True)
-    unpatched = hf_texts(handle, prompts)
-    ours = hf_texts(handle, prompts, engine_of(handle).intervene(neurons, spec))
-    with vllmpatch.patched(llm, handle, neurons, spec):
-        theirs = vllm_texts(llm, prompts)
-    assert theirs == ours and ours != unpatched  # the patch changes continuations, the same way in both engines
-    assert vllm_texts(llm, prompts) == unpatched  # and leaves the engine as it found it
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_intervention_kind_inside_vllm_matches_transformers(engines, kind):
+    handle, engine, prompts, neurons = engines
+    spec, hf = KINDS[kind], HFEngine(handle)
+    before = run(engine, prompts)
+    hf_texts, hf_nll = run(hf, prompts, hf.intervene(neurons, spec))
+    with engine.intervene(neurons, spec) as active:
+        texts, nll = run(engine, prompts)
+        assert active.summary().neurons == hf.intervene(neurons, spec).summary().neurons
+    assert texts == hf_texts and texts != before[0]  # the intervention changes continuations, alike in both
+    assert np.abs(np.array(nll) - hf_nll).max() < FP32_NLL
+    assert run(engine, prompts) == before  # and leaves the engine exactly as it found it
+
+
+def test_a_noop_is_exact_and_refusals_are_one_line(engines):
+    handle, engine, prompts, neurons = engines
+    before = run(engine, prompts)
+    for noop in (PatchSpec("fr", op="mul", value=1.0), PatchSpec("fr", op="add", value=0.0),
+                 Intervention(PatchSpec("fr", op="mul", value=1.0), SteerSpec("fr", alpha=0.0))):
+        assert run(engine, prompts, engine.intervene(neurons, noop)) == before  # bit for bit
     with pytest.raises(UserError, match="does not run inside vLLM"):
-        with vllmpatch.patched(llm, handle, neurons, PatchSpec("fr", op="set", stat="max")):
-            pass
+        engine.intervene(neurons, PatchSpec("fr", op="set", stat="max"))
+    with engine.intervene(neurons, KINDS["mul4"]):
+        with pytest.raises(UserError, match="one intervention at a time"):
+            with engine.intervene(neurons, KINDS["add"]):
+                pass
+    assert run(engine, prompts) == before
+
+
+@contextmanager
+def on(handle, engine):
+    """The stages see ``engine`` as the handle's engine inside the block (engine_of(handle))."""
+    saved, handle.engine = handle.engine, engine
+    try:
+        yield handle
+    finally:
+        handle.engine = saved
+
+
+def test_an_lss_cell_and_a_steering_row_agree_across_engines(engines, data_root):
+    handle, engine, _, neurons = engines
+    spec, settings = KINDS["set_pmax"], lss_settings({"n_facts": 8, "sources": ["en", "id"], "bootstrap": 0})
+    cells, rows = {}, {}
+    gen = generate_settings({"sources": ["en", "id"], "n_prompts": 3, "max_new_tokens": 12})
+    prompts = generate.prompt_sets(gen, data_root)
+    for name, chosen in (("hf", None), ("vllm", engine)):
+        with on(handle, chosen):
+            evaluator = lss.LssEvaluator(handle, replace(settings, batch_size=8), data_root, store=None)
+            shifts = evaluator.deltas(neurons, spec)[0]
+            cells[name] = {s: metrics.lss_cell(s, "fr", shift, settings.tol, 0, 0) for s, shift in shifts.items()}
+            rows[name] = generate.steering(handle, prompts, "fr", gen, engine_of(handle).intervene(neurons, spec))
+    for source, cell in cells["hf"].items():
+        assert abs(cells["vllm"][source].lss - cell.lss) <= 1 / cell.n, source  # at most one fact flips
+    assert [row[5] for row in rows["vllm"][1]] == [row[5] for row in rows["hf"][1]]  # the patched continuations
+    assert rows["vllm"][0]["all"]["patched"]["target_share"] == rows["hf"][0]["all"]["patched"]["target_share"]
+
+
+def test_lm_evals_own_vllm_class_runs_downstream_tasks_under_the_patch_as_transformers_does(engines, data_root):
+    """FLORES MT (generate_until) and XCOPA (log-likelihoods) through lm-eval's vLLM model class (EngineVLLM)."""
+    handle, engine, _, neurons = engines
+    settings = eval_settings({"tasks": ["flores_mt", "xcopa"], "langs": ["id"], "limit": 3, "bootstrap": 0})
+    found = {}
+    for name, chosen in (("hf", None), ("vllm", engine)):
+        with on(handle, chosen):
+            result, _ = downstream.DownstreamEvaluator(handle, settings, data_root, None).score(neurons, KINDS["set_pmax"])
+        found[name] = asdict(result)["tasks"]
+    assert found["vllm"].keys() == found["hf"].keys() and {t["family"] for t in found["hf"].values()} == {
+        "flores_mt", "xcopa"}
+    for task, ours in found["hf"].items():
+        for metric, delta in ours["metrics"].items():
+            theirs = found["vllm"][task]["metrics"][metric]
+            assert (theirs["value"], theirs["base"]) == pytest.approx((delta["value"], delta["base"]), abs=1e-3), metric
+
+
+def test_a_compiled_engine_with_prefix_caching_is_patched_and_never_serves_pre_patch_kv(data_root):
+    """Compilation (enforce_eager=False) runs the model as a graph built at start-up: the buffers reach it.
+    A long prompt scored unpatched first would fill the prefix cache; the patch resets it."""
+    handle, engine = start("smollm2_135m", enforce_eager=False, enable_prefix_caching=True)
+    neurons = synthetic_neurons(handle, ["en", "fr", "id"], rate=0.01, vectors=True)
+    long_prompt = " ".join(data.flores(data_root, "en", "devtest").sentences[:12])  # ~300 tokens
+    prompts = [long_prompt] + openings(data_root, per_lang=2)
+    hf = HFEngine(handle)
+    before = run(engine, prompts)
+    for kind in ("set_pmax", "diffmean"):
+        expected = run(hf, prompts, hf.intervene(neurons, KINDS[kind]))
+        texts, nll = run(engine, prompts, engine.intervene(neurons, KINDS[kind]))
+        assert texts == expected[0] and texts != before[0]
+        assert np.abs(np.array(nll) - expected[1]).max() < FP32_NLL
+    assert run(engine, prompts) == before
