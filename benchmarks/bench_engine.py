@@ -34,7 +34,8 @@ PATCHES = {"unpatched": None, "set pmax": PatchSpec("id", op="set", source="pmax
 
 
 def prompts(batch: int, words: int = 6) -> list[str]:
-    sentences = data.flores(REPO_ROOT.parent / "shared" / "data", "en", "devtest").sentences[:batch]
+    english = data.languages(["en"])[0]
+    sentences = data.flores(REPO_ROOT.parent / "shared" / "data", english, "devtest").sentences[:batch]
     return [" ".join(sentence.split()[:words]) for sentence in sentences]
 
 

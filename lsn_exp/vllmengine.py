@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 import vllm
-from lm_eval.models.vllm_causallms import VLLM
 from lm_eval.models.utils import configure_pad_token
+from lm_eval.models.vllm_causallms import VLLM
 from vllm.inputs import TokensPrompt
 
 from lsn_exp import decoding

@@ -66,7 +66,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name in args.models:
         for dtype in args.dtypes:
-            cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml"), {"dtype": dtype, "device": "cpu"})
+            cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml"),
+                                  {"dtype": dtype, "device": "cpu"})
             handle = models.load(cfg)
             engine = vllmengine.start(handle, cfg, EngineSettings(name="vllm", max_model_len=512))
             neurons = synthetic_neurons(handle, ["en", "fr", "id"], rate=0.01, vectors=True)

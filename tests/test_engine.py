@@ -107,7 +107,8 @@ def test_the_vllm_buffers_do_a_layers_actions_as_the_transformers_hook_does():
     x = torch.randn(5, 2 * width, generator=generator)
     idx = [torch.randperm(width, generator=generator)[:12] for _ in range(3)]
     actions = [_Action(idx[0], "set", torch.randn(12, generator=generator)),
-               _Action(idx[1], "mul", torch.full((12,), 3.0)), _Action(idx[2], "add", torch.randn(12, generator=generator))]
+               _Action(idx[1], "mul", torch.full((12,), 3.0)),
+               _Action(idx[2], "add", torch.randn(12, generator=generator))]
     wrapped = SteerableActAndMul(SiluAndMul(), width, torch.float32, torch.device("cpu"))
     assert torch.equal(wrapped(x), SiluAndMul()(x))  # identity buffers: bit for bit
     for name, row in fold_actions(actions, width, torch.float32).items():

@@ -3,7 +3,8 @@ transformers engine gives, for both offline models, unpatched and under every in
 
 fp32: identical greedy tokens and continuation log-probs within FP32_NLL (mean NLL per token); a no-op is exact.
 An LSS cell and a steering row agree across engines. One compiled engine (enforce_eager=False, prefix caching on)
-shows that the plugin's buffers reach compiled graphs and that no pre-patch KV is served.
+shows that the plugin's buffers reach compiled graphs and that no pre-patch KV is served; one multi-process engine
+that they reach a model in another process.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def on(handle, engine):
 
 def test_an_lss_cell_and_a_steering_row_agree_across_engines(engines, data_root):
     handle, engine, _, neurons = engines
-    spec, settings = KINDS["set_pmax"], lss_settings({"n_facts": 8, "sources": ["en", "id"], "bootstrap": 0})
+    spec, settings = KINDS["set_pmax"], lss_settings({"n_facts": 12, "sources": ["en", "id"], "bootstrap": 0})
     cells, rows = {}, {}
     gen = generate_settings({"sources": ["en", "id"], "n_prompts": 3, "max_new_tokens": 12})
     prompts = generate.prompt_sets(gen, data_root)
@@ -135,7 +136,8 @@ def test_an_lss_cell_and_a_steering_row_agree_across_engines(engines, data_root)
         with on(handle, chosen):
             evaluator = lss.LssEvaluator(handle, replace(settings, batch_size=8), data_root, store=None)
             shifts = evaluator.deltas(neurons, spec)[0]
-            cells[name] = {s: metrics.lss_cell(s, "fr", shift, settings.tol, 0, 0) for s, shift in shifts.items()}
+            tol = evaluator.settings.tol  # lss.tol auto, resolved for the model's dtype
+            cells[name] = {s: metrics.lss_cell(s, "fr", shift, tol, 0, 0) for s, shift in shifts.items()}
             rows[name] = generate.steering(handle, prompts, "fr", gen, engine_of(handle).intervene(neurons, spec))
     for source, cell in cells["hf"].items():
         assert abs(cells["vllm"][source].lss - cell.lss) <= 1 / cell.n, source  # at most one fact flips
@@ -150,7 +152,8 @@ def test_lm_evals_own_vllm_class_runs_downstream_tasks_under_the_patch_as_transf
     found = {}
     for name, chosen in (("hf", None), ("vllm", engine)):
         with on(handle, chosen):
-            result, _ = downstream.DownstreamEvaluator(handle, settings, data_root, None).score(neurons, KINDS["set_pmax"])
+            evaluator = downstream.DownstreamEvaluator(handle, settings, data_root, None)
+            result, _ = evaluator.score(neurons, KINDS["set_pmax"])
         found[name] = asdict(result)["tasks"]
     assert found["vllm"].keys() == found["hf"].keys() and {t["family"] for t in found["hf"].values()} == {
         "flores_mt", "xcopa"}
@@ -165,7 +168,8 @@ def test_a_compiled_engine_with_prefix_caching_is_patched_and_never_serves_pre_p
     A long prompt scored unpatched first would fill the prefix cache; the patch resets it."""
     handle, engine = start("smollm2_135m", enforce_eager=False, enable_prefix_caching=True)
     neurons = synthetic_neurons(handle, ["en", "fr", "id"], rate=0.01, vectors=True)
-    long_prompt = " ".join(data.flores(data_root, "en", "devtest").sentences[:12])  # ~300 tokens
+    english = data.languages(["en"])[0]
+    long_prompt = " ".join(data.flores(data_root, english, "devtest").sentences[:12])  # ~300 tokens
     prompts = [long_prompt] + openings(data_root, per_lang=2)
     hf = HFEngine(handle)
     before = run(engine, prompts)
@@ -175,3 +179,20 @@ def test_a_compiled_engine_with_prefix_caching_is_patched_and_never_serves_pre_p
         assert texts == expected[0] and texts != before[0]
         assert np.abs(np.array(nll) - expected[1]).max() < FP32_NLL
     assert run(engine, prompts) == before
+
+
+def test_the_multiprocess_engine_is_patched_through_its_own_process(data_root, monkeypatch):
+    """vLLM's default engine runs the model in another process: the plugin builds the buffers there and the
+    buffer writer travels to it (LLM.apply_model)."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    handle, engine = start("smollm2_135m")
+    neurons = synthetic_neurons(handle, ["en", "fr", "id"], rate=0.01, vectors=True)
+    prompts, hf = openings(data_root, per_lang=2), HFEngine(handle)
+    before = run(engine, prompts)
+    for kind in ("set_pmax", "diffmean"):
+        expected = run(hf, prompts, hf.intervene(neurons, KINDS[kind]))
+        texts, nll = run(engine, prompts, engine.intervene(neurons, KINDS[kind]))
+        assert texts == expected[0] and texts != before[0]
+        assert np.abs(np.array(nll) - expected[1]).max() < FP32_NLL
+    assert run(engine, prompts) == before
+    engine.llm.llm_engine.engine_core.shutdown()
