@@ -5,7 +5,8 @@
 
 Each engine decodes the same batch of FLORES devtest openings greedily through its ``generate`` (the path the
 generate stage runs), unpatched and under neuron patches on ~1 % of each layer's neurons (set to p_max; multiply
-by 4). Throughput = new tokens kept / wall seconds. Rounds interleave every (engine, variant) in rotating order;
+by 4), and on vLLM's own model without lsn_exp's buffers (the plugin off: what the buffers cost unpatched).
+Throughput = new tokens kept / wall seconds. Rounds interleave every (engine, variant) in rotating order;
 each ratio is the median over rounds of the two runs in the same round, so drift on a shared CPU cancels.
 The goal (issue 25): vLLM patched / unpatched >= 0.8 at batch 32. Prints a markdown table and the CPU's name.
 """
@@ -62,9 +63,11 @@ def main() -> None:
                           {"dtype": args.dtype, "device": "cpu"})
     handle = models.load(cfg)
     settings = EngineSettings(name="vllm", enforce_eager=not args.compiled, max_num_seqs=args.batch)
-    engines = {"hf": HFEngine(handle), "vllm": vllmengine.start(handle, cfg, settings)}
+    engines = {"hf": HFEngine(handle), "vllm (no buffers)": vllmengine.start(handle, cfg, settings, steerable=False),
+               "vllm": vllmengine.start(handle, cfg, settings)}
     neurons, batch = synthetic_neurons(handle, rate=0.01), prompts(args.batch)
-    runs = [(engine, variant) for engine in engines for variant in PATCHES]
+    runs = [(engine, variant) for engine in engines for variant in PATCHES if engine != "vllm (no buffers)" or
+            variant == "unpatched"]
     for engine in engines.values():  # warm-up: first-call allocations out of the timings
         timed(engine, neurons, None, batch, 4)
     speed: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
@@ -74,12 +77,14 @@ def main() -> None:
             speed[engine, variant].append(timed(engines[engine], neurons, PATCHES[variant], batch, args.new_tokens))
     print(f"\n{args.model} {args.dtype}, batch {args.batch}, {args.new_tokens} new tokens, {args.rounds} rounds, "
           f"vLLM {'compiled' if args.compiled else 'eager'}; CPU: {models.accelerator_name('cpu')}\n")
-    print("| engine | variant | tokens/s (median) | ÷ same engine unpatched | ÷ transformers unpatched |")
-    print("|---|---|---|---|---|")
+    print("| engine | variant | tokens/s (median) | ÷ same engine unpatched | ÷ vLLM without buffers "
+          "| ÷ transformers unpatched |")
+    print("|---|---|---|---|---|---|")
     for engine, variant in runs:
-        own = statistics.median(a / b for a, b in zip(speed[engine, variant], speed[engine, "unpatched"]))
-        hf = statistics.median(a / b for a, b in zip(speed[engine, variant], speed["hf", "unpatched"]))
-        print(f"| {engine} | {variant} | {statistics.median(speed[engine, variant]):.1f} | {own:.2f} | {hf:.2f} |")
+        ratios = [statistics.median(a / b for a, b in zip(speed[engine, variant], speed[base, "unpatched"]))
+                  for base in (engine, "vllm (no buffers)", "hf")]
+        print(f"| {engine} | {variant} | {statistics.median(speed[engine, variant]):.1f} | "
+              + " | ".join(f"{r:.2f}" for r in ratios) + " |")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ No stage runs the model itself. It asks ``engine_of(handle)`` to
 - ``record`` one language's site statistics (gate activations, residual stream) over sentences;
 - ``intervene``: apply an intervention (neuron patch, steering vector) for the length of a ``with`` block.
 
-``HFEngine`` runs a transformers model in memory: today's code. Another engine (a serving engine) implements
-the same methods and its loader sets ``handle.engine``; nothing above this module changes.
+``HFEngine`` runs a transformers model in memory. ``lsn_exp.vllmengine.VLLMEngine`` (engine=vllm) implements the
+same methods on a vLLM engine and the job sets ``handle.engine``; nothing in the stages changes.
 """
 
 from __future__ import annotations

@@ -43,9 +43,11 @@ def weights_dir(model_cfg, cache_dir: str | None) -> str:
     raise UserError(f"engine=vllm loads a checkpoint folder or a hub id: model.source={source} has neither")
 
 
-def start(handle: ModelHandle, model_cfg, settings: EngineSettings, cache_dir: str | None = None) -> VLLMEngine:
-    """A vLLM engine on the same weights and dtype as ``handle``, its models steerable (lsn_exp.vllmplugin)."""
-    os.environ[ENABLE] = "1"  # read by the plugin in this process and in every process vLLM starts
+def start(handle: ModelHandle, model_cfg, settings: EngineSettings, cache_dir: str | None = None,
+          steerable: bool = True) -> VLLMEngine:
+    """A vLLM engine on the same weights and dtype as ``handle``, its model steerable (lsn_exp.vllmplugin) unless
+    ``steerable`` is False (vLLM's own model: benchmarks/bench_engine.py's baseline)."""
+    os.environ[ENABLE] = "1" if steerable else "0"  # read by the plugin here and in every process vLLM starts
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model sends our buffer writer to
     # the engine's own processes (cloudpickle); nothing from outside this job crosses that boundary
     dtype = str(handle.model.dtype).removeprefix("torch.")

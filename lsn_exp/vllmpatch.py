@@ -102,6 +102,6 @@ class VllmIntervention:
         written = self.llm.apply_model(partial(write, rows=rows))
         if not all(written):
             raise UserError("this vLLM engine's model has no lsn_exp buffers: start it with lsn_exp.vllmengine.start "
-                            "(LSN_VLLM_STEERABLE=1, lsn_exp installed where vLLM runs)")
+                            "(lsn_exp installed where vLLM runs), on a model whose MLP is SiluAndMul or GeluAndMul")
         if self.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching:
             self.llm.reset_prefix_cache()  # KV computed under the previous buffers must not be served

@@ -29,13 +29,7 @@ from lsn_exp.settings import EngineSettings  # noqa: E402
 
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 from conftest import synthetic_neurons  # noqa: E402
-from test_vllm import KINDS, NEW_TOKENS, openings  # noqa: E402
-
-
-def as_ids(generated: Generated) -> list[list[int]]:
-    """The transformers engine's continuations as token-id lists (what VLLMEngine.continuation_nll reads)."""
-    new_tokens, kept = generated.tokens
-    return [row[:n] for row, n in zip(new_tokens.tolist(), kept.sum(dim=1).tolist())]
+from test_vllm import KINDS, NEW_TOKENS, as_ids, openings  # noqa: E402
 
 
 def compare(hf: HFEngine, engine, neurons, spec, prompts: list[str]) -> tuple[float, float, int]:
